@@ -1,0 +1,37 @@
+"""Per-task gradient norms n_i = ||grad_W L_i||_2 at the shared layer, without touching ``.grad``.
+
+All T vector-Jacobian products run in one batched autograd call (``is_grads_batched``: a vmap over the
+backward from the losses to W only, so the trunk below W is never visited). Where an operator has no
+batching rule the call falls back, once and for good, to a loop of T calls.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+class GradNormMeter:
+    """Measures the unweighted per-task gradient norms at one parameter."""
+
+    def __init__(self, parameter: Tensor, batched: bool = True) -> None:
+        self.parameter = parameter
+        self.batched = batched
+
+    def __call__(self, losses: Sequence[Tensor]) -> Tensor:
+        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        if self.batched:
+            try:
+                eye = torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype)
+                (grads,) = torch.autograd.grad(stacked, self.parameter, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
+                return grads.flatten(1).norm(dim=1)
+            except RuntimeError as exc:
+                self.batched = False
+                warnings.warn(f"gradnorm: batched gradient norms unavailable for this model ({exc}); using one backward per task", RuntimeWarning)
+        norms = []
+        for loss in losses:
+            (grad,) = torch.autograd.grad(loss, self.parameter, retain_graph=True)
+            norms.append(grad.norm())
+        return torch.stack(norms)

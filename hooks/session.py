@@ -1,0 +1,187 @@
+"""Attach a balancer and the recorder to a training loop you already have.
+
+    session = hooks.attach(model.trunk[-1], toolkit.GradNorm(alpha=0.12), runs_root="runs")
+    for x, y in loader:
+        loss = session.loss({"depth": l_depth, "normals": l_normals})
+        opt.zero_grad(); loss.backward(); opt.step()
+    session.close()
+
+``loss()`` measures the per-task gradient norms at the shared layer, returns sum_i w_i(t) L_i with the
+weights detached (no gradient of the network's loss reaches w), and updates w to w(t+1). Because it
+does no backward of the total loss itself, it also works where a framework calls ``backward()``.
+Shadow mode (``shadow=True``) keeps the user's own fixed weights for training and records what the
+balancer would have set.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from toolkit import runs
+from toolkit.balancers import Balancer, EqualWeights, StaticWeights, stats_matrix
+from toolkit.recorder import DEFAULT_FLUSH_EVERY, Recorder
+
+from .grad_norms import GradNormMeter
+from .shared_layer import SharedLayer, reaches, resolve_shared_layer
+
+Losses = Union[Mapping[str, Tensor], Sequence[Tensor]]
+
+
+class Session:
+    """A balancer, a gradient-norm meter at the shared layer and (optionally) a recorder, for one run."""
+
+    def __init__(
+        self,
+        shared: SharedLayer,
+        balancer: Optional[Balancer] = None,
+        *,
+        runs_root: Optional[Union[str, Path]] = None,
+        run_name: Optional[str] = None,
+        tasks: Optional[Sequence[str]] = None,
+        shadow: bool = False,
+        weights: Optional[Union[Mapping[str, float], Sequence[float]]] = None,
+        flush_every: int = DEFAULT_FLUSH_EVERY,
+        measure_grad_norms: bool = True,
+        config: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        self.layer = resolve_shared_layer(shared)
+        self.balancer = balancer if balancer is not None else EqualWeights()
+        self.shadow = shadow
+        if weights is not None and not shadow:
+            raise ValueError("weights= sets the user's own weights in shadow mode; pass shadow=True (or use StaticWeights)")
+        self._user_weights = weights
+        self._applied: Optional[Tensor] = None
+        self.measure = measure_grad_norms or self.balancer.needs_grad_norms
+        self.meter = GradNormMeter(self.layer.parameter)
+        self.tasks: Optional[list[str]] = list(tasks) if tasks is not None else None
+        self.step_index = 0
+        self.runs_root = None if runs_root is None else Path(runs_root)
+        self.run_name = run_name or time.strftime(f"{self.balancer.name}-%Y%m%d-%H%M%S")
+        self.flush_every = flush_every
+        self.user_config = dict(config or {})
+        self.run_path: Optional[Path] = None
+        self.recorder: Optional[Recorder] = None
+        self.closed = False
+
+    # -- public API ------------------------------------------------------------------------------
+    def loss(self, losses: Losses, *, epoch: Optional[int] = None, step: Optional[int] = None) -> Tensor:
+        """The weighted loss sum_i w_i L_i of this step (shadow mode: with the user's weights)."""
+        names, values = self._split(losses)
+        stacked = torch.stack([v.reshape(()) for v in values])
+        self._bind(names, stacked)
+        applied = self._applied if self.shadow else self.balancer.weights()
+        total = (applied.to(stacked.dtype) * stacked).sum()
+        self._observe(values, stacked, applied, epoch, step)
+        return total
+
+    def observe(self, losses: Losses, *, epoch: Optional[int] = None, step: Optional[int] = None) -> None:
+        """Shadow mode for loops that build their own total loss: measure and record, change nothing."""
+        if not self.shadow:
+            raise RuntimeError("observe() is for shadow mode (attach(..., shadow=True)); use loss() to balance")
+        names, values = self._split(losses)
+        stacked = torch.stack([v.reshape(()) for v in values])
+        self._bind(names, stacked)
+        self._observe(values, stacked, self._applied, epoch, step)
+
+    def weights(self) -> dict[str, float]:
+        """The balancer's current weights by task (a host copy: call it outside the hot path)."""
+        if not self.balancer.bound:
+            return {}
+        return dict(zip(self.balancer.tasks, self.balancer.weights().tolist()))
+
+    def log_validation(self, losses: Mapping[str, Union[float, Tensor]], *, step: Optional[int] = None, epoch: Optional[int] = None) -> None:
+        """Record validation losses by task (they feed the overfitting view)."""
+        if self.recorder is None:
+            return
+        self.recorder.record_validation(self.step_index if step is None else step, losses, epoch=epoch)
+
+    def close(self, status: str = runs.FINISHED) -> None:
+        """Flush every record and mark the run ``finished`` (or ``failed``)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.recorder is not None:
+            self.recorder.close(status=status)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.close(status=runs.FAILED if kind is not None else runs.FINISHED)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _split(self, losses: Losses) -> tuple[list[str], list[Tensor]]:
+        if isinstance(losses, Mapping):
+            names, values = [str(k) for k in losses.keys()], list(losses.values())
+        elif isinstance(losses, (list, tuple)):
+            values = list(losses)
+            names = self.tasks if self.tasks is not None and len(self.tasks) == len(values) else [f"task{i}" for i in range(len(values))]
+        else:
+            raise TypeError(f"losses must be a dict name -> loss or a sequence of losses, got {type(losses).__name__}")
+        if len(values) < 2:
+            raise ValueError(f"GradNorm balances two or more task losses; got {len(values)} ({names})")
+        for name, value in zip(names, values):
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise TypeError(f"loss of task {name!r} must be a scalar tensor, got {type(value).__name__}{'' if not isinstance(value, Tensor) else tuple(value.shape)}")
+            if self.measure and not value.requires_grad:
+                raise ValueError(f"loss of task {name!r} does not require grad: it is not connected to the model")
+        if self.tasks is not None and names != self.tasks:
+            missing = [t for t in self.tasks if t not in names]
+            extra = [t for t in names if t not in self.tasks]
+            detail = f"missing {missing}, unexpected {extra}" if (missing or extra) else f"order {names} vs {self.tasks}"
+            raise ValueError(f"task names changed at step {self.step_index}: {detail}; every step must hand the same tasks in the same order")
+        return names, values
+
+    def _bind(self, names: list[str], stacked: Tensor) -> None:
+        if self.balancer.bound:
+            return
+        self.tasks = names
+        self.balancer.bind(names, stacked.device, stacked.dtype if stacked.dtype.is_floating_point else torch.float32)
+        if self.shadow:
+            user = EqualWeights() if self._user_weights is None else StaticWeights(self._user_weights)
+            user.bind(names, stacked.device, self.balancer.weights().dtype)
+            self._applied = user.weights()
+        if self.runs_root is not None:
+            meta = {
+                "tasks": names,
+                "balancer": self.balancer.config(),
+                "shared_layer": self.layer.config(),
+                "mode": "shadow" if self.shadow else "balance",
+                "grad_norm_path": "autograd-batched" if self.meter.batched else "autograd-loop",
+                "flush_every": self.flush_every,
+                "config": self.user_config,
+            }
+            if self.shadow:
+                meta["applied_weights"] = dict(zip(names, self._applied.tolist()))
+            self.run_path = runs.create_run(self.runs_root, self.run_name, meta)
+            self.recorder = Recorder(self.run_path, names, flush_every=self.flush_every)
+
+    def _observe(self, values: list[Tensor], stacked: Tensor, applied: Tensor, epoch: Optional[int], step: Optional[int]) -> None:
+        if self.closed:
+            raise RuntimeError("session is closed")
+        if self.step_index == 0 and self.measure:
+            for name, value in zip(self.tasks, values):
+                if not reaches(value, self.layer.parameter):
+                    raise ValueError(
+                        f"the shared layer {self.layer.description} receives no gradient from task {name!r}: "
+                        "choose a layer that every task's loss depends on (the last shared trunk layer)"
+                    )
+        norms = self.meter(values) if self.measure else None
+        stats = self.balancer.update(stacked.detach(), norms, applied=applied)
+        if self.recorder is not None:
+            matrix, defined = stats_matrix(stats, len(self.tasks))
+            self.recorder.record(self.step_index if step is None else step, matrix, defined, epoch=epoch)
+        self.step_index += 1
+
+
+def attach(shared: SharedLayer, balancer: Optional[Balancer] = None, **options: Any) -> Session:
+    """Attach ``balancer`` (default: equal weights, monitor only) at the shared layer ``shared``.
+
+    Options: ``runs_root``/``run_name`` (write records there), ``shadow``/``weights`` (record without
+    changing training), ``flush_every``, ``tasks``, ``config`` (saved in ``run.json``).
+    """
+    return Session(shared, balancer, **options)

@@ -1,0 +1,318 @@
+"""Per-step records: device buffer -> one host copy every N steps -> background Parquet writer.
+
+The training thread only writes a (T, columns) tensor into a preallocated device buffer (no host sync);
+every ``flush_every`` steps the filled block is copied to the host in one transfer (asynchronously into
+pinned memory on CUDA) and handed to a writer thread. The writer builds an Arrow table and writes a
+complete part file under a temporary name, then renames it: a reader never sees half a file, and a crash
+loses at most the unflushed tail.
+
+A write that fails (disk full, directory unwritable) does not stop training: the recorder warns once with
+the path and the reason, keeps the batch and retries it with the next one; rows it finally has to drop
+(beyond ``max_pending_rows``) are counted in ``run.json`` as ``rows_lost``.
+"""
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import queue
+import sys
+import threading
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from . import runs, schema
+from .balancers.base import RECORDED_FIELDS
+
+DEFAULT_FLUSH_EVERY = 100
+
+
+@dataclass
+class _Batch:
+    """Rows waiting for the writer; ``values`` may still be in flight from the device."""
+
+    steps: list[int]
+    epochs: list[Optional[int]]
+    wall_times: list[float]
+    values: Optional[Tensor]  # (n, T, len(RECORDED_FIELDS)) on the host
+    defined: frozenset[str]
+    ready: Any = None  # a CUDA event to wait on before reading ``values``
+    validation: list[tuple[int, Optional[int], float, str, float]] = field(default_factory=list)
+
+    def num_rows(self, num_tasks: int) -> int:
+        return len(self.steps) * num_tasks + len(self.validation)
+
+
+class Recorder:
+    """Writes one rank's records of a run. Thread-safe for one training thread plus its own writer."""
+
+    def __init__(
+        self,
+        run_path: str | os.PathLike,
+        tasks: Sequence[str],
+        flush_every: int = DEFAULT_FLUSH_EVERY,
+        rank: Optional[int] = None,
+        max_pending_rows: int = 5_000_000,
+    ) -> None:
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        self.run_path = Path(run_path)
+        self.tasks = list(tasks)
+        self.flush_every = int(flush_every)
+        self.rank = _default_rank() if rank is None else int(rank)
+        self.max_pending_rows = int(max_pending_rows)
+        self.directory = self.run_path / schema.METRICS_DIR / schema.rank_dir_name(self.rank)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._sequence = _last_sequence(self.directory)
+        self._buffer: Optional[Tensor] = None
+        self._filled = 0
+        self._defined: frozenset[str] = frozenset()
+        self._steps: list[int] = []
+        self._epochs: list[Optional[int]] = []
+        self._wall: list[float] = []
+        self._validation: list[tuple[int, Optional[int], float, str, float]] = []
+        self._queue: "queue.Queue[Optional[_Batch]]" = queue.Queue()
+        self._pending: list[_Batch] = []  # batches whose write failed, retried first
+        self.rows_written = 0
+        self.rows_lost = 0
+        self.write_errors = 0
+        self.skipped_updates = 0
+        self._warned_write = False
+        self._warned_skip = False
+        self.closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._write_loop, name=f"gradnorm-recorder-{self.run_path.name}", daemon=True)
+        self._thread.start()
+        _OPEN_RECORDERS.add(self)
+
+    # -- training thread ------------------------------------------------------------------------
+    def record(self, step: int, matrix: Tensor, defined: frozenset[str], epoch: Optional[int] = None) -> None:
+        """Store one training step's (T, columns) values; copies to the host every ``flush_every`` steps."""
+        if self.closed:
+            raise RuntimeError(f"recorder of {self.run_path} is closed")
+        if self._buffer is None or self._buffer.device != matrix.device:
+            self._flush_buffer()
+            self._buffer = torch.empty((self.flush_every,) + tuple(matrix.shape), dtype=torch.float64, device=matrix.device)
+        if defined != self._defined and self._filled:
+            self._flush_buffer()
+        self._defined = defined
+        self._buffer[self._filled].copy_(matrix, non_blocking=True)
+        self._steps.append(int(step))
+        self._epochs.append(None if epoch is None else int(epoch))
+        self._wall.append(time.time())
+        self._filled += 1
+        if self._filled == self.flush_every:
+            self._flush_buffer()
+
+    def record_validation(self, step: int, losses: Mapping[str, float], epoch: Optional[int] = None) -> None:
+        """Store validation losses of some tasks (rows with split ``val``); written with the next flush."""
+        if self.closed:
+            raise RuntimeError(f"recorder of {self.run_path} is closed")
+        unknown = sorted(set(losses) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"validation losses for unknown tasks {unknown}; the run's tasks are {self.tasks}")
+        now = time.time()
+        for task, value in losses.items():
+            value = float(value.detach().item()) if isinstance(value, Tensor) else float(value)
+            self._validation.append((int(step), None if epoch is None else int(epoch), now, task, value))
+
+    def flush(self) -> None:
+        """Hand everything buffered to the writer now (it still writes in the background)."""
+        self._flush_buffer(force=True)
+
+    def wait(self) -> None:
+        """Block until the writer has handled everything handed to it so far."""
+        self.flush()
+        self._queue.join()
+
+    def close(self, status: str = runs.FINISHED) -> None:
+        """Flush, stop the writer and set the run's status and row counts in ``run.json``."""
+        if self.closed:
+            return
+        self.flush()
+        self.closed = True
+        self._queue.put(None)
+        self._thread.join()
+        _OPEN_RECORDERS.discard(self)
+        try:
+            runs.update_run_json(
+                self.run_path,
+                status=status,
+                finished=time.time(),
+                rows_written=self.rows_written,
+                rows_lost=self.rows_lost,
+                write_errors=self.write_errors,
+                skipped_updates=self.skipped_updates,
+            )
+        except OSError as exc:
+            warnings.warn(f"gradnorm recorder: could not update {self.run_path / schema.RUN_FILE}: {exc}", RuntimeWarning, stacklevel=2)
+
+    def _flush_buffer(self, force: bool = False) -> None:
+        if not self._filled and not (force and self._validation):
+            return
+        values = None
+        ready = None
+        if self._filled:
+            block = self._buffer[: self._filled]
+            if block.is_cuda:
+                values = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
+                values.copy_(block, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                values = block.clone()
+        batch = _Batch(self._steps, self._epochs, self._wall, values, self._defined, ready, self._validation)
+        self._steps, self._epochs, self._wall, self._validation = [], [], [], []
+        self._filled = 0
+        self._queue.put(batch)
+
+    # -- writer thread ------------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                if batch is None:
+                    self._retry_pending()
+                    return
+                self._pending.append(batch)
+                self._retry_pending()
+            except Exception as exc:  # never let the writer die silently
+                self.write_errors += 1
+                warnings.warn(f"gradnorm recorder: unexpected writer error: {exc!r}", RuntimeWarning)
+            finally:
+                self._queue.task_done()
+
+    def _retry_pending(self) -> None:
+        while self._pending:
+            batch = self._pending[0]
+            table = self._table(batch)
+            try:
+                self._write_table(table)
+            except OSError as exc:
+                self.write_errors += 1
+                if not self._warned_write:
+                    self._warned_write = True
+                    warnings.warn(
+                        f"gradnorm recorder: cannot write records to {self.directory} ({exc.strerror or exc}); "
+                        "training goes on, rows are kept and retried with the next flush",
+                        RuntimeWarning,
+                    )
+                self._drop_excess()
+                return
+            self._pending.pop(0)
+            self.rows_written += table.num_rows
+            self._note_skips(batch)
+
+    def _drop_excess(self) -> None:
+        num_tasks = len(self.tasks)
+        while len(self._pending) > 1 and sum(b.num_rows(num_tasks) for b in self._pending) > self.max_pending_rows:
+            dropped = self._pending.pop(0)
+            self.rows_lost += dropped.num_rows(num_tasks)
+
+    def _note_skips(self, batch: _Batch) -> None:
+        if batch.values is None or "step_update_skipped" not in batch.defined:
+            return
+        column = RECORDED_FIELDS.index("step_update_skipped")
+        skipped_steps = [s for s, flag in zip(batch.steps, batch.values[:, 0, column].tolist()) if flag > 0.5]
+        self.skipped_updates += len(skipped_steps)
+        if skipped_steps and not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(
+                f"gradnorm: non-finite loss or gradient norm at step {skipped_steps[0]} of run "
+                f"{self.run_path.name!r}; the weight update was skipped (recorded as step_update_skipped; "
+                "warned once)",
+                RuntimeWarning,
+            )
+
+    def _table(self, batch: _Batch) -> pa.Table:
+        columns: dict[str, list] = {name: [] for name in schema.COLUMNS}
+        num_tasks = len(self.tasks)
+        if batch.values is not None:
+            if batch.ready is not None:
+                batch.ready.synchronize()
+            values = batch.values.numpy()
+            n = len(batch.steps)
+            columns["step"] = np.repeat(np.asarray(batch.steps, dtype=np.int64), num_tasks).tolist()
+            columns["epoch"] = [e for e in batch.epochs for _ in range(num_tasks)]
+            columns["wall_time"] = np.repeat(np.asarray(batch.wall_times, dtype=np.float64), num_tasks).tolist()
+            columns["split"] = [schema.TRAIN] * (n * num_tasks)
+            columns["task"] = self.tasks * n
+            flat = values.reshape(n * num_tasks, len(RECORDED_FIELDS))
+            for index, name in enumerate(RECORDED_FIELDS):
+                if name not in batch.defined:
+                    columns[name] = [None] * (n * num_tasks)
+                elif name == "step_update_skipped":
+                    columns[name] = (flat[:, index] > 0.5).tolist()
+                else:
+                    columns[name] = flat[:, index].tolist()
+        for step, epoch, wall, task, loss in batch.validation:
+            columns["step"].append(step)
+            columns["epoch"].append(epoch)
+            columns["wall_time"].append(wall)
+            columns["split"].append(schema.VALIDATION)
+            columns["task"].append(task)
+            for name in schema.COLUMNS[5:]:
+                columns[name].append(loss if name == "loss" else None)
+        return pa.table(columns, schema=schema.METRICS_SCHEMA)
+
+    def _write_table(self, table: pa.Table) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = schema.part_file_name(self._sequence + 1)
+        final = self.directory / name
+        temporary = self.directory / f".{name}.tmp"
+        try:
+            pq.write_table(table, temporary, compression="zstd")
+            os.replace(temporary, final)
+        except BaseException:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise
+        self._sequence += 1
+
+
+def _default_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def _last_sequence(directory: Path) -> int:
+    last = 0
+    for entry in directory.glob(f"{schema.PART_PREFIX}*{schema.PART_SUFFIX}"):
+        digits = entry.name[len(schema.PART_PREFIX) : -len(schema.PART_SUFFIX)]
+        if digits.isdigit():
+            last = max(last, int(digits))
+    return last
+
+
+_OPEN_RECORDERS: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+_uncaught: list[BaseException] = []
+_previous_excepthook = sys.excepthook
+
+
+def _note_uncaught(kind, value, traceback) -> None:
+    _uncaught.append(value)
+    _previous_excepthook(kind, value, traceback)
+
+
+sys.excepthook = _note_uncaught
+
+
+@atexit.register
+def _close_open_recorders() -> None:
+    """At interpreter exit, flush every open recorder; an uncaught exception marks its runs failed."""
+    status = runs.FAILED if _uncaught else runs.FINISHED
+    for recorder in list(_OPEN_RECORDERS):
+        recorder.close(status=status)

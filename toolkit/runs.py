@@ -1,0 +1,155 @@
+"""One run = one directory: ``<root>/<run_id>/run.json`` plus Parquet parts under ``metrics/``.
+
+``run.json`` is always replaced atomically (write a temporary file, then ``os.replace``), so a reader
+never sees half of it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import schema
+
+RUNNING = "running"
+FINISHED = "finished"
+FAILED = "failed"
+INTERRUPTED = "interrupted"
+STATUSES = (RUNNING, FINISHED, FAILED, INTERRUPTED)
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,127}$")
+
+
+class RunError(ValueError):
+    """A run directory or its ``run.json`` is missing, malformed or would be overwritten."""
+
+
+def validate_run_id(run_id: str) -> str:
+    """Accept plain names only, so a run id can never escape its runs root (``../x``, ``/etc``)."""
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
+        raise RunError(
+            f"invalid run name {run_id!r}: use letters, digits, '.', '_', '=' and '-' "
+            "(at most 128 characters, not starting with '.' and without '..')"
+        )
+    return run_id
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that decide how a run's numbers were produced."""
+    import pyarrow
+    import torch
+
+    from . import __version__
+
+    return {
+        "toolkit": __version__,
+        "torch": torch.__version__,
+        "pyarrow": pyarrow.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class RunInfo:
+    """What ``run.json`` says about a run."""
+
+    run_id: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        return str(self.meta.get("status", "unknown"))
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.meta.get("tasks", []))
+
+
+def create_run(root: str | os.PathLike, run_id: str, meta: Mapping[str, Any]) -> Path:
+    """Create ``<root>/<run_id>`` and its ``run.json`` with status ``running``.
+
+    Raises :class:`RunError` if the run already exists: records are never overwritten.
+    """
+    validate_run_id(run_id)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / run_id
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise RunError(
+            f"run {run_id!r} already exists under {root}: choose another name or remove it first"
+        ) from None
+    (path / schema.METRICS_DIR).mkdir()
+    now = time.time()
+    payload = dict(meta)
+    payload.update(
+        run_id=run_id,
+        schema_version=schema.SCHEMA_VERSION,
+        status=RUNNING,
+        created=now,
+        updated=now,
+        versions=library_versions(),
+    )
+    write_json_atomic(path / schema.RUN_FILE, payload)
+    return path
+
+
+def read_run_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a run's ``run.json``; a clear :class:`RunError` if it is missing or malformed."""
+    file = Path(path) / schema.RUN_FILE
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RunError(f"{file} does not exist: {Path(path).name!r} is not a run directory") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(meta, dict):
+        raise RunError(f"{file} must hold a JSON object, found {type(meta).__name__}")
+    tasks = meta.get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise RunError(f"{file} lacks a 'tasks' list of names")
+    if meta.get("status") not in STATUSES:
+        raise RunError(f"{file} has status {meta.get('status')!r}; expected one of {STATUSES}")
+    return meta
+
+
+def update_run_json(path: str | os.PathLike, **changes: Any) -> dict[str, Any]:
+    """Merge ``changes`` into ``run.json`` (atomically) and return the new content."""
+    meta = read_run_json(path)
+    meta.update(changes)
+    meta["updated"] = time.time()
+    write_json_atomic(Path(path) / schema.RUN_FILE, meta)
+    return meta
+
+
+def load_run(path: str | os.PathLike) -> RunInfo:
+    path = Path(path)
+    return RunInfo(run_id=path.name, path=path, meta=read_run_json(path))
