@@ -1,0 +1,1 @@
+"""The Streamlit app: balance and overfitting views over recorded runs."""
