@@ -190,21 +190,29 @@ class Balancer(ABC):
 RECORDED_FIELDS: tuple[str, ...] = schema.TASK_METRICS + schema.STEP_METRICS
 
 
-def stats_matrix(stats: StepStats, num_tasks: int, dtype: torch.dtype = torch.float64) -> tuple[Tensor, frozenset[str]]:
+def stats_matrix(stats: StepStats, num_tasks: int, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, frozenset[str]]:
     """Pack a :class:`StepStats` into a (T, len(RECORDED_FIELDS)) device tensor in schema order.
 
     Returns the matrix and the names of the fields the balancer defined; the others hold NaN in the
-    matrix and are written as null, so "not applicable" never reads as a measured NaN.
+    matrix and are written as null, so "not applicable" never reads as a measured NaN. The matrix keeps
+    the losses' floating dtype unless ``dtype`` is given (the recorder's buffer converts on copy), so the
+    hot path costs one stack and no per-field conversions.
     """
-    device = stats.loss.device
-    nan = torch.full((num_tasks,), float("nan"), device=device, dtype=dtype)
+    reference = stats.loss
+    target = dtype or (reference.dtype if reference.dtype.is_floating_point else torch.float32)
     parts = []
     defined = set()
+    nan: Optional[Tensor] = None
     for name in RECORDED_FIELDS:
         value = getattr(stats, name)
         if value is None:
+            if nan is None:
+                nan = torch.full((num_tasks,), float("nan"), device=reference.device, dtype=target)
             parts.append(nan)
-        else:
-            defined.add(name)
-            parts.append(value.detach().to(dtype).expand(num_tasks))
+            continue
+        defined.add(name)
+        value = value.detach()
+        if value.dtype != target:
+            value = value.to(target)
+        parts.append(value.expand(num_tasks))
     return torch.stack(parts, dim=1), frozenset(defined)
