@@ -7,8 +7,15 @@ complete part file under a temporary name, then renames it: a reader never sees 
 loses at most the unflushed tail.
 
 A write that fails (disk full, directory unwritable) does not stop training: the recorder warns once with
-the path and the reason, keeps the batch and retries it with the next one; rows it finally has to drop
-(beyond ``max_pending_rows``) are counted in ``run.json`` as ``rows_lost``.
+the path and the reason, keeps the batch and retries it with the next flush or heartbeat, so writing
+resumes by itself when space comes back; rows it finally has to drop (beyond ``max_pending_rows``, or
+still unwritable when the run closes) are counted in ``run.json`` as ``rows_lost``, never dropped silently.
+
+While it lives, the writer thread refreshes ``heartbeat`` in ``run.json`` (after a write, at most once a
+second, and every ``heartbeat_interval`` seconds when idle): a run killed with SIGKILL keeps status
+``running`` but stops beating, and :func:`toolkit.runs.effective_status` shows it as ``interrupted``.
+A recorder refuses to start on a run that is not ``running`` or whose rank another live process is
+writing (:class:`toolkit.runs.WriterLock`), so records are never mixed or overwritten.
 """
 from __future__ import annotations
 
@@ -35,6 +42,9 @@ from . import runs, schema
 from .balancers.base import RECORDED_FIELDS
 
 DEFAULT_FLUSH_EVERY = 100
+#: A write refreshes the heartbeat at most this often: ``run.json`` is fsynced, and a run flushing
+#: every few milliseconds should not pay that on each flush.
+MIN_BEAT_SPACING = 1.0
 
 
 @dataclass
@@ -63,16 +73,23 @@ class Recorder:
         flush_every: int = DEFAULT_FLUSH_EVERY,
         rank: Optional[int] = None,
         max_pending_rows: int = 5_000_000,
+        heartbeat_interval: float = runs.HEARTBEAT_INTERVAL,
     ) -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        if not (heartbeat_interval > 0 and math.isfinite(heartbeat_interval)):
+            raise ValueError(f"heartbeat_interval must be a positive number of seconds, got {heartbeat_interval!r}")
         self.run_path = Path(run_path)
+        runs.check_writable(self.run_path)
+        self.heartbeat_interval = float(heartbeat_interval)
         self.tasks = list(tasks)
         self.flush_every = int(flush_every)
         self.rank = _default_rank() if rank is None else int(rank)
         self.max_pending_rows = int(max_pending_rows)
         self.directory = self.run_path / schema.METRICS_DIR / schema.rank_dir_name(self.rank)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_file = runs.WriterLock(self.directory)
+        self._lock_file.acquire()
         self._sequence = _last_sequence(self.directory)
         self._buffer: Optional[Tensor] = None
         self._filled = 0
@@ -87,6 +104,8 @@ class Recorder:
         self.rows_lost = 0
         self.write_errors = 0
         self.skipped_updates = 0
+        self.heartbeat_errors = 0
+        self._last_beat = 0.0
         self._warned_write = False
         self._warned_skip = False
         self.closed = False
@@ -145,17 +164,20 @@ class Recorder:
         self._thread.join()
         _OPEN_RECORDERS.discard(self)
         try:
-            runs.update_run_json(
-                self.run_path,
-                status=status,
-                finished=time.time(),
-                rows_written=self.rows_written,
-                rows_lost=self.rows_lost,
-                write_errors=self.write_errors,
-                skipped_updates=self.skipped_updates,
-            )
-        except OSError as exc:
+            runs.update_run_json(self.run_path, status=status, finished=time.time(), **self.counts())
+        except (OSError, runs.RunError) as exc:
             warnings.warn(f"gradnorm recorder: could not update {self.run_path / schema.RUN_FILE}: {exc}", RuntimeWarning, stacklevel=2)
+        finally:
+            self._lock_file.release()
+
+    def counts(self) -> dict[str, int]:
+        """Rows written and lost, failed writes and skipped weight updates so far (saved in ``run.json``)."""
+        return {
+            "rows_written": self.rows_written,
+            "rows_lost": self.rows_lost,
+            "write_errors": self.write_errors,
+            "skipped_updates": self.skipped_updates,
+        }
 
     def _flush_buffer(self, force: bool = False) -> None:
         if not self._filled and not (force and self._validation):
@@ -178,40 +200,94 @@ class Recorder:
 
     # -- writer thread ------------------------------------------------------------------------
     def _write_loop(self) -> None:
+        self._beat(force=True)
         while True:
-            batch = self._queue.get()
+            try:
+                batch = self._queue.get(timeout=self.heartbeat_interval)
+            except queue.Empty:
+                # Idle: beat, and retry what failed so writing resumes once the disk has room again.
+                self._guarded(self._retry_pending)
+                self._beat(force=True)
+                continue
             try:
                 if batch is None:
-                    self._retry_pending()
+                    self._guarded(self._retry_pending)
+                    self._give_up_pending()
                     return
                 self._pending.append(batch)
-                self._retry_pending()
-            except Exception as exc:  # never let the writer die silently
-                self.write_errors += 1
-                warnings.warn(f"gradnorm recorder: unexpected writer error: {exc!r}", RuntimeWarning)
+                self._guarded(self._retry_pending)
+                self._beat(force=False)
             finally:
                 self._queue.task_done()
 
+    def _guarded(self, action) -> None:
+        try:
+            action()
+        except Exception as exc:  # never let the writer die silently
+            self.write_errors += 1
+            warnings.warn(f"gradnorm recorder: unexpected writer error in {self.directory}: {exc!r}", RuntimeWarning)
+
+    def _beat(self, force: bool) -> None:
+        """Refresh ``heartbeat`` and the row counts in ``run.json``; only rank 0 does, so ranks never race."""
+        now = time.time()
+        if self.rank != 0 or (not force and now - self._last_beat < MIN_BEAT_SPACING):
+            return
+        self._last_beat = now
+        try:
+            runs.beat(self.run_path, now, **self.counts())
+        except (OSError, runs.RunError) as exc:
+            self.heartbeat_errors += 1
+            self._warn_write_once(self.run_path / schema.RUN_FILE, exc)
+
+    def _warn_write_once(self, path: Path, exc: BaseException) -> None:
+        if self._warned_write:
+            return
+        self._warned_write = True
+        reason = getattr(exc, "strerror", None) or str(exc)
+        warnings.warn(
+            f"gradnorm recorder: cannot write to {path} ({reason}); training goes on, rows are kept and "
+            "retried with the next flush; rows that cannot be kept are counted in run.json as rows_lost "
+            "(warned once)",
+            RuntimeWarning,
+        )
+
     def _retry_pending(self) -> None:
+        num_tasks = len(self.tasks)
         while self._pending:
             batch = self._pending[0]
-            table = self._table(batch)
+            try:
+                table = self._table(batch)
+            except Exception as exc:
+                # A batch that cannot become a table never will: drop it, counted, instead of
+                # blocking every later batch behind it.
+                self._pending.pop(0)
+                self.rows_lost += batch.num_rows(num_tasks)
+                self.write_errors += 1
+                warnings.warn(f"gradnorm recorder: dropped {batch.num_rows(num_tasks)} rows of {self.run_path.name!r}: {exc!r}", RuntimeWarning)
+                continue
             try:
                 self._write_table(table)
             except OSError as exc:
                 self.write_errors += 1
-                if not self._warned_write:
-                    self._warned_write = True
-                    warnings.warn(
-                        f"gradnorm recorder: cannot write records to {self.directory} ({exc.strerror or exc}); "
-                        "training goes on, rows are kept and retried with the next flush",
-                        RuntimeWarning,
-                    )
+                self._warn_write_once(self.directory, exc)
                 self._drop_excess()
                 return
             self._pending.pop(0)
             self.rows_written += table.num_rows
             self._note_skips(batch)
+
+    def _give_up_pending(self) -> None:
+        """At close: rows that still cannot be written are lost; count them and say so."""
+        if not self._pending:
+            return
+        lost = sum(b.num_rows(len(self.tasks)) for b in self._pending)
+        self._pending.clear()
+        self.rows_lost += lost
+        warnings.warn(
+            f"gradnorm recorder: {lost} rows of run {self.run_path.name!r} could not be written to {self.directory} "
+            "before the run closed; counted in run.json as rows_lost",
+            RuntimeWarning,
+        )
 
     def _drop_excess(self) -> None:
         num_tasks = len(self.tasks)

@@ -2,6 +2,10 @@
 
 ``run.json`` is always replaced atomically (write a temporary file, then ``os.replace``), so a reader
 never sees half of it.
+
+A process killed with SIGKILL cannot mark its run: ``run.json`` keeps saying ``running``. The recorder
+therefore refreshes a ``heartbeat`` time in it while it lives, and :func:`effective_status` reads a
+``running`` run whose heartbeat is older than a threshold as ``interrupted``.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from . import schema
 
@@ -22,6 +26,13 @@ FINISHED = "finished"
 FAILED = "failed"
 INTERRUPTED = "interrupted"
 STATUSES = (RUNNING, FINISHED, FAILED, INTERRUPTED)
+
+#: Seconds without a heartbeat after which a ``running`` run is read as ``interrupted``. The recorder
+#: beats every ``HEARTBEAT_INTERVAL`` seconds from its own thread (independent of the training step's
+#: length), so only a dead or frozen process misses eight beats in a row.
+HEARTBEAT_INTERVAL = 15.0
+STALE_AFTER = 120.0
+STALE_AFTER_ENV = "GRADNORM_STALE_AFTER"
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,127}$")
 
@@ -147,6 +158,96 @@ def update_run_json(path: str | os.PathLike, **changes: Any) -> dict[str, Any]:
     meta.update(changes)
     meta["updated"] = time.time()
     write_json_atomic(Path(path) / schema.RUN_FILE, meta)
+    return meta
+
+
+def beat(path: str | os.PathLike, now: Optional[float] = None, **counts: Any) -> None:
+    """Refresh a ``running`` run's ``heartbeat`` (and counts); a closed run's ``run.json`` is left alone."""
+    meta = read_run_json(path)
+    if meta["status"] != RUNNING:
+        return
+    meta.update(counts)
+    meta["heartbeat"] = time.time() if now is None else float(now)
+    write_json_atomic(Path(path) / schema.RUN_FILE, meta)
+
+
+def stale_after_default() -> float:
+    """The stale-heartbeat threshold: ``$GRADNORM_STALE_AFTER`` seconds if set, else :data:`STALE_AFTER`."""
+    text = os.environ.get(STALE_AFTER_ENV)
+    if text is None:
+        return STALE_AFTER
+    try:
+        value = float(text)
+    except ValueError:
+        raise RunError(f"{STALE_AFTER_ENV}={text!r} is not a number of seconds") from None
+    if not (value > 0 and value != float("inf")):
+        raise RunError(f"{STALE_AFTER_ENV}={text!r} must be a positive, finite number of seconds")
+    return value
+
+
+def effective_status(meta: Mapping[str, Any], now: Optional[float] = None, stale_after: Optional[float] = None) -> str:
+    """The status to show for a run: ``interrupted`` for a ``running`` run whose writer stopped beating.
+
+    The last sign of life is ``heartbeat`` (written by the recorder), else ``updated``, else ``created``;
+    a ``running`` run without any of them, or with a non-numeric one, is also ``interrupted`` because
+    nothing shows it is alive. Other statuses are returned unchanged.
+    """
+    status = str(meta.get("status", "unknown"))
+    if status != RUNNING:
+        return status
+    now = time.time() if now is None else float(now)
+    limit = stale_after_default() if stale_after is None else float(stale_after)
+    beats = [meta.get(key) for key in ("heartbeat", "updated", "created")]
+    beats = [float(b) for b in beats if isinstance(b, (int, float)) and not isinstance(b, bool)]
+    if not beats or now - max(beats) > limit:
+        return INTERRUPTED
+    return RUNNING
+
+
+class WriterLock:
+    """An exclusive lock on one rank's records of a run, held by the writing process while it lives.
+
+    ``flock`` on ``<rank dir>/.writer.lock``: the kernel drops it when the process dies (even by
+    SIGKILL), so a dead writer never blocks anyone, while a second live process is refused at once.
+    On systems without ``fcntl`` the lock is a no-op and only the status check protects the run.
+    """
+
+    FILE_NAME = ".writer.lock"
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / self.FILE_NAME
+        self._handle = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise RunError(
+                f"another process is writing records to {self.path.parent}: two writers of the same run "
+                "and rank would mix their records; use another run name"
+            ) from None
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the descriptor releases the flock
+            self._handle = None
+
+
+def check_writable(path: str | os.PathLike) -> dict[str, Any]:
+    """Refuse to add records to a run that is not ``running`` (finished, failed or interrupted)."""
+    meta = read_run_json(path)
+    if meta["status"] != RUNNING:
+        raise RunError(
+            f"run {Path(path).name!r} under {Path(path).parent} has status {meta['status']!r}: its records "
+            "are closed and new ones would be mixed into them; start a new run with another name"
+        )
     return meta
 
 
