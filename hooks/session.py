@@ -27,6 +27,7 @@ from toolkit.recorder import DEFAULT_FLUSH_EVERY, Recorder
 
 from .grad_norms import GradNormMeter
 from .shared_layer import SharedLayer, reaches, resolve_shared_layer
+from .task_gradients import RepresentationCapture, reweight_representation, step_weights
 
 Losses = Union[Mapping[str, Tensor], Sequence[Tensor]]
 
@@ -57,6 +58,10 @@ class Session:
         self._applied: Optional[Tensor] = None
         self.measure = measure_grad_norms or self.balancer.needs_grad_norms
         self.meter = GradNormMeter(self.layer.parameter)
+        # Methods that need gradients at the shared representation see its output through a forward hook.
+        needs_capture = self.balancer.task_gradients == "representation"
+        self.capture = RepresentationCapture(self.layer.module, self.layer.description) if needs_capture else None
+        self._step_norms: Optional[Tensor] = None
         self.tasks: Optional[list[str]] = list(tasks) if tasks is not None else None
         self.step_index = 0
         self.runs_root = None if runs_root is None else Path(runs_root)
@@ -74,7 +79,11 @@ class Session:
         stacked = torch.stack([v.reshape(()) for v in values])
         self._bind(names, stacked)
         applied = self._applied if self.shadow else self.balancer.weights()
-        total = (applied.to(stacked.dtype) * stacked).sum()
+        if self.balancer.uses_current_step:
+            applied = self._current_step_weights(values, stacked, applied)
+        # Gradient surgery acts on Z's gradient; the heads then train on unit-weighted losses.
+        loss_weights = torch.ones_like(applied) if self.balancer.weights_act_on_representation and not self.shadow else applied
+        total = (loss_weights.to(stacked.dtype) * stacked).sum()
         self._observe(values, stacked, applied, epoch, step)
         return total
 
@@ -85,6 +94,8 @@ class Session:
         names, values = self._split(losses)
         stacked = torch.stack([v.reshape(()) for v in values])
         self._bind(names, stacked)
+        if self.balancer.uses_current_step:
+            self._current_step_weights(values, stacked, self._applied)
         self._observe(values, stacked, self._applied, epoch, step)
 
     def weights(self) -> dict[str, float]:
@@ -136,6 +147,17 @@ class Session:
             raise ValueError(f"task names changed at step {self.step_index}: {detail}; every step must hand the same tasks in the same order")
         return names, values
 
+    def _current_step_weights(self, values: list[Tensor], stacked: Tensor, applied: Tensor) -> Tensor:
+        """Weights of a method that reads this step's own losses or gradients (MGDA, PCGrad, 1/L, 1/||g||)."""
+        meter = self.meter if self.measure else None
+        own, self._step_norms, grads = step_weights(self.balancer, values, stacked, meter, self.layer.parameter, self.capture)
+        if self.shadow:
+            return applied
+        if self.balancer.weights_act_on_representation:
+            assert self.capture is not None and grads is not None
+            reweight_representation(self.capture, grads, own)
+        return own
+
     def _bind(self, names: list[str], stacked: Tensor) -> None:
         if self.balancer.bound:
             return
@@ -170,7 +192,8 @@ class Session:
                         f"the shared layer {self.layer.description} receives no gradient from task {name!r}: "
                         "choose a layer that every task's loss depends on (the last shared trunk layer)"
                     )
-        norms = self.meter(values) if self.measure else None
+        norms = self._step_norms if self._step_norms is not None else (self.meter(values) if self.measure else None)
+        self._step_norms = None
         stats = self.balancer.update(stacked.detach(), norms, applied=applied)
         if self.recorder is not None:
             matrix, defined = stats_matrix(stats, len(self.tasks))

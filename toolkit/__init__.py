@@ -6,6 +6,19 @@ export and the command line. The hook layer that attaches to a model lives in th
 __version__ = "0.1.0"
 
 from .balancers import Balancer, EqualWeights, GradNorm, StaticWeights, StepStats  # noqa: E402
+from .balancers import (  # noqa: E402
+    MGDA,
+    DirectGradNorm,
+    DynamicWeightAverage,
+    InitialLossWeights,
+    PCGrad,
+    PriorLossWeights,
+    RealTimeLossWeights,
+    UncertaintyWeighting,
+)
 from .recorder import Recorder  # noqa: E402
 
-__all__ = ["Balancer", "EqualWeights", "GradNorm", "StaticWeights", "StepStats", "Recorder", "__version__"]
+__all__ = ["Balancer", "EqualWeights", "GradNorm", "StaticWeights", "StepStats", "Recorder", "__version__",
+    "MGDA", "DirectGradNorm", "DynamicWeightAverage", "InitialLossWeights", "PCGrad", "PriorLossWeights",
+    "RealTimeLossWeights", "UncertaintyWeighting",
+]

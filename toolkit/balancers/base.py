@@ -121,6 +121,16 @@ class Balancer(ABC):
 
     name: str = "balancer"
     needs_grad_norms: bool = False
+    #: Where the method needs this step's per-task gradients before the total loss is formed: None,
+    #: ``"shared_layer"`` (grad_W L_i at the shared layer W) or ``"representation"`` (grad_Z L_i at the
+    #: shared layer's output Z, the MGDA-UB bound of Sener & Koltun, 2018, section 3.3).
+    task_gradients: Optional[str] = None
+    #: True for methods whose weights depend on this step's own losses or gradients (see
+    #: :meth:`step_weights`); the hook layer then asks for them before it forms the total loss.
+    uses_current_step: bool = False
+    #: True for gradient surgery (PCGrad): the loss is summed with unit weights and the step weights are
+    #: applied to the gradient at the shared representation only, so the heads see their own gradients.
+    weights_act_on_representation: bool = False
 
     def __init__(self, initial_loss: InitialLossSpec = "first") -> None:
         self.tasks: list[str] = []
@@ -158,6 +168,15 @@ class Balancer(ABC):
     def config(self) -> dict[str, Any]:
         """Name and hyperparameters, written to ``run.json``."""
         return {"name": self.name, "initial_loss": self.initial_loss.config()}
+
+    def step_weights(self, losses: Tensor, grad_norms: Optional[Tensor], task_grads: Optional[Tensor]) -> Tensor:
+        """The weights applied in this step, for methods with ``uses_current_step``.
+
+        ``losses`` are this step's detached losses (T,), ``grad_norms`` the unweighted ||grad_W L_i||
+        when measured, ``task_grads`` the (T, D) per-task gradients in the space ``task_gradients``
+        names. The result becomes :meth:`weights` until the next step. Other methods keep w(t).
+        """
+        return self.weights()
 
     # -- per step ---------------------------------------------------------------------------------
     def update(self, losses: Tensor, grad_norms: Optional[Tensor] = None, applied: Optional[Tensor] = None) -> StepStats:

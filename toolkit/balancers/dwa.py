@@ -1,0 +1,58 @@
+"""Dynamic weight averaging (Liu, Johns and Davison, "End-to-End Multi-Task Learning with Attention",
+CVPR 2019, eq. 7).
+
+    w_i(t) = T exp(r_i(t-1) / K) / sum_j exp(r_j(t-1) / K),    r_i(t-1) = L_i(t-1) / L_i(t-2),
+
+with temperature K (paper: 2) and w_i = 1 for the first two periods. The paper's period is an epoch and
+L_i is the loss averaged over it; here a period is ``window`` consecutive steps (window=1: per step, the
+common iteration-level variant), and the weights stay fixed within a period.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .base import Balancer, StepStats
+from .checks import require_positive_losses
+
+
+def dwa_weights(previous: Tensor, before_previous: Tensor, temperature: float) -> Tensor:
+    """Liu et al.'s eq. 7 from the mean losses of the last two periods."""
+    rate = previous / before_previous
+    return rate.numel() * torch.softmax(rate / temperature, dim=0)
+
+
+class DynamicWeightAverage(Balancer):
+    """DWA weights from the rate of change of each task's loss over the last two periods."""
+
+    name = "dwa"
+
+    def __init__(self, temperature: float = 2.0, window: int = 1) -> None:
+        super().__init__()
+        if not (temperature > 0):
+            raise ValueError(f"{self.name}: temperature must be positive, got {temperature!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"{self.name}: window must be an int >= 1 (steps per period), got {window!r}")
+        self.temperature = float(temperature)
+        self.window = window
+        self._sum: Optional[Tensor] = None
+        self._count = 0
+        self._history: list[Tensor] = []  # mean losses of the last two completed periods
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        cfg.update(temperature=self.temperature, window=self.window)
+        return cfg
+
+    def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:
+        require_positive_losses(self.tasks, losses, self.name)
+        self._sum = losses.clone() if self._sum is None else self._sum + losses
+        self._count += 1
+        if self._count == self.window:
+            self._history = (self._history + [self._sum / self.window])[-2:]
+            self._sum, self._count = None, 0
+            if len(self._history) == 2:
+                self._weights = dwa_weights(self._history[1], self._history[0], self.temperature)
+        return StepStats(loss=losses, loss_ratio=loss_ratio, inverse_rate=inverse_rate, weight=weights)

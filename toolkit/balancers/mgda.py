@@ -1,0 +1,99 @@
+"""MGDA: multitask learning as multi-objective optimisation (Sener and Koltun, NeurIPS 2018; survey section 3).
+
+Each step solves min_{alpha in simplex} ||sum_i alpha_i g_i||^2 over the per-task gradients g_i with the
+Frank-Wolfe solver (Sener and Koltun, Algorithm 2; survey section 3, steps 1-3) and trains on
+sum_i alpha_i L_i, as the authors' code does. ``space="shared_layer"`` takes g_i = grad_W L_i at the
+shared layer W; ``space="representation"`` takes g_i = grad_Z L_i at the shared layer's output Z, the
+MGDA-UB upper bound (section 3.3) that needs no gradient over the shared parameters.
+
+Recording: the min-norm coefficients alpha_i(t) are the effective weights; they are written in the
+``weight`` column (they sum to 1, not T).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .base import Balancer, StepStats
+from .checks import require_choice, require_positive_losses
+
+SPACES = ("shared_layer", "representation")
+NORMALISATIONS = ("none", "l2", "loss", "loss+")
+
+
+def min_norm_coefficients(gram: Tensor, max_iter: int = 250, tol: float = 1e-7) -> Tensor:
+    """Frank-Wolfe on the simplex for min_alpha alpha^T M alpha, M the Gram matrix g_i . g_j.
+
+    Starts from the uniform point; each iteration moves towards the vertex e_t with t = argmin_r (M alpha)_r
+    by the exact line-search step (Sener and Koltun, Algorithm 1). Works in float64 for stability.
+    """
+    gram = gram.double()
+    count = gram.shape[0]
+    alpha = torch.full((count,), 1.0 / count, dtype=torch.float64, device=gram.device)
+    for _ in range(max_iter):
+        m_alpha = gram @ alpha
+        t = int(torch.argmin(m_alpha))
+        vv = alpha @ m_alpha
+        ve = m_alpha[t]
+        ee = gram[t, t]
+        denominator = vv - 2 * ve + ee
+        if denominator <= 0:
+            break
+        gamma = float(((vv - ve) / denominator).clamp(0.0, 1.0))
+        step = -gamma * alpha
+        step[t] += gamma
+        alpha = alpha + step
+        if float(step.abs().sum()) < tol:
+            break
+    return alpha
+
+
+class MGDA(Balancer):
+    """Min-norm (MGDA) effective weights from this step's per-task gradients.
+
+    Args:
+        space: ``"shared_layer"`` (gradients at W) or ``"representation"`` (MGDA-UB, gradients at Z).
+        normalisation: how the gradients are scaled before the solve, as in the authors' code:
+            ``"none"``, ``"l2"`` (g / ||g||), ``"loss"`` (g / L), ``"loss+"`` (g / (L ||g||)).
+        max_iter: Frank-Wolfe iterations at most.
+    """
+
+    name = "mgda"
+    uses_current_step = True
+
+    def __init__(self, space: str = "shared_layer", normalisation: str = "none", max_iter: int = 250) -> None:
+        super().__init__()
+        require_choice("space", space, SPACES, self.name)
+        require_choice("normalisation", normalisation, NORMALISATIONS, self.name)
+        if max_iter < 1:
+            raise ValueError(f"{self.name}: max_iter must be >= 1, got {max_iter}")
+        self.space = space
+        self.task_gradients = space
+        self.normalisation = normalisation
+        self.max_iter = max_iter
+        self.name = "mgda-ub" if space == "representation" else "mgda"
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        cfg.update(space=self.space, normalisation=self.normalisation, max_iter=self.max_iter, solver="frank-wolfe")
+        cfg["recorded_weight"] = "effective: the min-norm coefficients alpha_i (sum to 1) applied to the losses"
+        return cfg
+
+    def step_weights(self, losses: Tensor, grad_norms: Optional[Tensor], task_grads: Optional[Tensor]) -> Tensor:
+        if task_grads is None:
+            raise RuntimeError(f"{self.name} needs this step's per-task gradients ({self.space})")
+        grads = task_grads.detach().flatten(1).double()
+        if self.normalisation in ("loss", "loss+"):
+            require_positive_losses(self.tasks, losses, f"{self.name} (normalisation={self.normalisation!r})")
+            grads = grads / losses.double().unsqueeze(1)
+        if self.normalisation in ("l2", "loss+"):
+            grads = grads / grads.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        gram = grads @ grads.T
+        alpha = min_norm_coefficients(gram, self.max_iter)
+        self._weights = alpha.to(losses.dtype)
+        return self._weights
+
+    def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:
+        return StepStats(loss=losses, loss_ratio=loss_ratio, inverse_rate=inverse_rate, weight=weights)
