@@ -1,0 +1,332 @@
+"""Fault scenarios of the recorder, and the figures they establish.
+
+Each scenario returns a dict of figures; ``tests/test_faults.py`` runs the same functions and asserts on
+them, and ``python benchmarks/reliability_figures.py`` runs them once more and writes
+``benchmarks/results/reliability.md`` (machine, date, figures).
+
+- :func:`kill_scenario`: a child process trains through :func:`hooks.attach` and is killed with SIGKILL
+  after a few flushes. Figures: steps the child finished vs steps read back from the part files.
+- :func:`disk_full_scenario`: part-file writes fail with ENOSPC for a stretch of flushes, then work again.
+  Figures: rows recorded, rows read back, rows lost, failed writes, warnings.
+- :func:`overflow_scenario`: writes keep failing past ``max_pending_rows`` and through the close; every
+  dropped row is counted in ``run.json``.
+- :func:`tmpfs_scenario`: a real 64 KiB tmpfs fills up (needs the right to mount; skipped otherwise).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pyarrow.parquet as pq
+import torch
+
+from toolkit import recorder as recorder_module
+from toolkit import runs, schema
+from toolkit.balancers import EqualWeights, GradNorm, stats_matrix
+from toolkit.recorder import Recorder
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results" / "reliability.md"
+
+# The child of the kill scenario: a small two-task network trained through hooks.attach, one line on
+# stdout per finished step: the step and how many rows the recorder had confirmed written (renamed into
+# place) by then, so the parent knows what ran and what was on disk before the kill.
+KILL_CHILD = r"""
+import sys, time, torch
+from torch import nn
+import hooks
+from toolkit import GradNorm
+root, name, flush_every = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.manual_seed(0)
+trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+heads = nn.ModuleList([nn.Linear(16, 1) for _ in range(2)])
+opt = torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=1e-2)
+session = hooks.attach(trunk[-1], GradNorm(alpha=0.12), runs_root=root, run_name=name, flush_every=flush_every)
+step = 0
+while True:
+    x = torch.randn(32, 8)
+    h = trunk(x)
+    losses = {"a": heads[0](h).pow(2).mean() + 1.0, "b": (heads[1](h) - 3).pow(2).mean() + 1.0}
+    loss = session.loss(losses)
+    opt.zero_grad(); loss.backward(); opt.step()
+    print(step, session.recorder.rows_written, flush=True)
+    step += 1
+    time.sleep(0.002)
+"""
+
+
+def read_back(run_path: Path) -> "Any":
+    """Every complete part file of a run, read in full (a damaged one raises); returns one Arrow table."""
+    import pyarrow as pa
+
+    parts = sorted((run_path / schema.METRICS_DIR).glob(f"rank=*/{schema.PART_PREFIX}*{schema.PART_SUFFIX}"))
+    tables = [pq.read_table(p) for p in parts]
+    return pa.concat_tables(tables) if tables else schema.METRICS_SCHEMA.empty_table()
+
+
+def kill_scenario(root: Path, flush_every: int = 10, min_parts: int = 4, timeout: float = 60.0) -> dict[str, Any]:
+    """Kill a training child with SIGKILL once ``min_parts`` part files exist; compare what it did with what reads back."""
+    root = Path(root)
+    name = "killed-run"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILL_CHILD, str(root), name, str(flush_every)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    rank_dir = root / name / schema.METRICS_DIR / schema.rank_dir_name(0)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if child.poll() is not None:
+                raise RuntimeError(f"training child exited early with {child.returncode}: {child.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {min_parts} part files under {rank_dir} after {timeout} s")
+            if rank_dir.is_dir() and len(list(rank_dir.glob("part-*.parquet"))) >= min_parts:
+                break
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        out, _ = child.communicate(timeout=30)
+    lines = [line.split() for line in out.splitlines() if line.strip()]
+    steps_done = len(lines)
+    confirmed_rows = max((int(parts[1]) for parts in lines), default=0)
+    run_path = root / name
+    table = read_back(run_path)
+    import pyarrow.compute as pc
+
+    train = table.filter(pc.equal(table.column("split"), schema.TRAIN))
+    steps_read = sorted(set(train.column("step").to_pylist()))
+    meta = runs.read_run_json(run_path)
+    heartbeat = float(meta.get("heartbeat", meta["updated"]))
+    return {
+        "flush_every": flush_every,
+        "return_code": child.returncode,
+        "steps_done": steps_done,
+        "steps_read_back": len(steps_read),
+        "steps_contiguous": steps_read == list(range(len(steps_read))),
+        "rows_read_back": train.num_rows,
+        "rows_per_step": len(meta["tasks"]),
+        "steps_lost": steps_done - len(steps_read),
+        "steps_confirmed_written": confirmed_rows // len(meta["tasks"]),
+        "part_files": len(list(rank_dir.glob("part-*.parquet"))),
+        "temporary_files_left": len(list(rank_dir.glob(".*.tmp"))),
+        "status_in_run_json": meta["status"],
+        "status_while_fresh": runs.effective_status(meta, now=heartbeat + 1.0, stale_after=60.0),
+        "status_once_stale": runs.effective_status(meta, now=heartbeat + 61.0, stale_after=60.0),
+        "heartbeat": heartbeat,
+    }
+
+
+def _record_steps(rec: Recorder, steps: range, tasks: list[str]) -> None:
+    """Feed ``rec`` real balancer records (GradNorm on synthetic losses and norms)."""
+    balancer = GradNorm(alpha=0.5)
+    balancer.bind(tasks, torch.device("cpu"), torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for step in steps:
+        losses = torch.rand(len(tasks), generator=gen, dtype=torch.float64) + 0.5
+        norms = torch.rand(len(tasks), generator=gen, dtype=torch.float64) + 0.1
+        matrix, defined = stats_matrix(balancer.update(losses, norms), len(tasks))
+        rec.record(step, matrix, defined)
+
+
+class FailingWrites:
+    """Makes the recorder's Parquet writes raise ``OSError(ENOSPC)`` while ``failing`` is true."""
+
+    def __init__(self) -> None:
+        self.failing = False
+        self.failures = 0
+        self._real = recorder_module.pq.write_table
+
+    def __call__(self, table, where, *args, **kwargs):
+        if self.failing:
+            self.failures += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+        return self._real(table, where, *args, **kwargs)
+
+    def install(self) -> Callable[[], None]:
+        recorder_module.pq.write_table = self
+        def restore() -> None:
+            recorder_module.pq.write_table = self._real
+        return restore
+
+
+def _new_run(root: Path, name: str, tasks: list[str]) -> Path:
+    return runs.create_run(root, name, {"tasks": tasks, "balancer": {"name": "gradnorm"}, "mode": "balance"})
+
+
+def disk_full_scenario(root: Path, steps: int = 200, flush_every: int = 10, fail_from: int = 50, fail_until: int = 120) -> dict[str, Any]:
+    """Writes fail with ENOSPC for the steps in [fail_from, fail_until), then work again."""
+    tasks = ["depth", "normals", "semantic"]
+    run_path = _new_run(Path(root), "disk-full", tasks)
+    injector = FailingWrites()
+    restore = injector.install()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rec = Recorder(run_path, tasks, flush_every=flush_every)
+            _record_steps(rec, range(0, fail_from), tasks)
+            rec.wait()
+            injector.failing = True
+            _record_steps(rec, range(fail_from, fail_until), tasks)
+            rec.wait()
+            injector.failing = False
+            _record_steps(rec, range(fail_until, steps), tasks)
+            rec.close()
+    finally:
+        restore()
+    table = read_back(run_path)
+    meta = runs.read_run_json(run_path)
+    messages = [str(w.message) for w in caught if "cannot write" in str(w.message)]
+    return {
+        "steps": steps,
+        "failing_steps": fail_until - fail_from,
+        "rows_recorded": steps * len(tasks),
+        "rows_read_back": table.num_rows,
+        "steps_read_back": sorted(set(table.column("step").to_pylist())),
+        "rows_lost": meta["rows_lost"],
+        "rows_written_in_run_json": meta["rows_written"],
+        "failed_writes": injector.failures,
+        "write_errors_in_run_json": meta["write_errors"],
+        "write_warnings": messages,
+        "status": meta["status"],
+    }
+
+
+def overflow_scenario(root: Path, steps: int = 100, flush_every: int = 10, max_pending_rows: int = 60) -> dict[str, Any]:
+    """Writes fail from the start to the close; only ``max_pending_rows`` are kept, all are counted."""
+    tasks = ["a", "b"]
+    run_path = _new_run(Path(root), "overflow", tasks)
+    injector = FailingWrites()
+    restore = injector.install()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rec = Recorder(run_path, tasks, flush_every=flush_every, max_pending_rows=max_pending_rows)
+            injector.failing = True
+            _record_steps(rec, range(steps), tasks)
+            rec.close()
+    finally:
+        restore()
+    meta = runs.read_run_json(run_path)
+    return {
+        "rows_recorded": steps * len(tasks),
+        "rows_read_back": read_back(run_path).num_rows,
+        "rows_lost": meta["rows_lost"],
+        "rows_written_in_run_json": meta["rows_written"],
+        "warnings": [str(w.message) for w in caught if "gradnorm recorder" in str(w.message)],
+    }
+
+
+def tmpfs_scenario(mount_point: Path, steps: int = 400, flush_every: int = 20) -> Optional[dict[str, Any]]:
+    """A real 1 MiB tmpfs: the run fills it, space is freed, writing resumes. None if mounting is not allowed."""
+    mount_point = Path(mount_point)
+    mount_point.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        return None
+    try:
+        tasks = [f"task{i}" for i in range(10)]
+        run_path = _new_run(mount_point, "tmpfs-run", tasks)
+        ballast = mount_point / "ballast"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rec = Recorder(run_path, tasks, flush_every=flush_every)
+            try:
+                # Fill the file system to the last byte so that the next part file cannot be written.
+                with open(ballast, "wb", buffering=0) as handle:
+                    try:
+                        while True:
+                            handle.write(b"\0" * 512)
+                    except OSError:
+                        pass
+                _record_steps(rec, range(0, steps // 2), tasks)
+                rec.wait()
+                written_while_full = rec.rows_written
+                errors_while_full = rec.write_errors
+                ballast.unlink()
+                _record_steps(rec, range(steps // 2, steps), tasks)
+            finally:
+                rec.close()
+        table = read_back(run_path)
+        meta = runs.read_run_json(run_path)
+        return {
+            "rows_recorded": steps * len(tasks),
+            "rows_read_back": table.num_rows,
+            "rows_written_while_full": written_while_full,
+            "write_errors_while_full": errors_while_full,
+            "rows_lost": meta["rows_lost"],
+            "write_warnings": [str(w.message) for w in caught if "cannot write" in str(w.message)],
+        }
+    finally:
+        subprocess.run(["umount", str(mount_point)], capture_output=True)
+
+
+def write_results(path: Path = RESULTS) -> str:
+    """Run every scenario in a temporary folder and write the figures as Markdown."""
+    with tempfile.TemporaryDirectory(prefix="gradnorm-reliability-") as tmp:
+        tmp = Path(tmp)
+        kill = kill_scenario(tmp / "kill")
+        full = disk_full_scenario(tmp / "full")
+        over = overflow_scenario(tmp / "overflow")
+        fs = tmpfs_scenario(tmp / "tmpfs")
+    lines = [
+        "# Reliability figures",
+        "",
+        f"Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}), "
+        f"Python {platform.python_version()}, torch {torch.__version__}.",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Written by `python benchmarks/reliability_figures.py`; "
+        "`tests/test_faults.py` runs the same scenarios and asserts on them.",
+        "",
+        "## SIGKILL in the middle of a run",
+        f"A child process trains a two-task network through `hooks.attach` (GradNorm, flush every {kill['flush_every']} steps) "
+        f"and is killed with SIGKILL once {kill['part_files']} part files exist.",
+        "",
+        f"- steps finished before the kill: {kill['steps_done']}",
+        f"- steps read back: {kill['steps_read_back']} (steps 0..{kill['steps_read_back'] - 1}, contiguous: {kill['steps_contiguous']}), "
+        f"{kill['rows_read_back']} train rows",
+        f"- steps the recorder had confirmed written before the kill: {kill['steps_confirmed_written']} (all read back)",
+        f"- steps lost (the unflushed tail: the device buffer plus batches still queued for the writer): {kill['steps_lost']}",
+        f"- temporary files left by the kill: {kill['temporary_files_left']} (never read: readers take `part-*.parquet` only)",
+        f"- status in run.json: `{kill['status_in_run_json']}`; shown as `{kill['status_while_fresh']}` while the heartbeat is fresh, "
+        f"`{kill['status_once_stale']}` once it is older than the threshold",
+        "",
+        "## Disk full (injected ENOSPC on part-file writes)",
+        f"- {full['steps']} steps x 3 tasks = {full['rows_recorded']} rows recorded; writes failed for {full['failing_steps']} steps "
+        f"({full['failed_writes']} failed write attempts)",
+        f"- rows read back: {full['rows_read_back']}; rows lost: {full['rows_lost']} (kept in memory and written once writes worked again)",
+        f"- warnings: {len(full['write_warnings'])} (`{full['write_warnings'][0] if full['write_warnings'] else ''}`)",
+        "",
+        "## Writes failing until the close, with a small pending-rows cap",
+        f"- rows recorded: {over['rows_recorded']}; rows read back: {over['rows_read_back']}; rows counted lost in run.json: "
+        f"{over['rows_lost']} (recorded = read back + lost: {over['rows_recorded'] == over['rows_read_back'] + over['rows_lost']})",
+        "",
+        "## A real full file system (1 MiB tmpfs)",
+    ]
+    if fs is None:
+        lines.append("- not run: mounting a tmpfs needs privileges this machine does not grant")
+    else:
+        lines += [
+            f"- rows recorded: {fs['rows_recorded']}; written while the disk was full: {fs['rows_written_while_full']} "
+            f"({fs['write_errors_while_full']} failed writes); rows read back after space was freed: {fs['rows_read_back']}; rows lost: {fs['rows_lost']}",
+            f"- warnings: {len(fs['write_warnings'])}",
+        ]
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+if __name__ == "__main__":
+    print(write_results())
