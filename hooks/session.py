@@ -62,6 +62,7 @@ class Session:
         needs_capture = self.balancer.task_gradients == "representation"
         self.capture = RepresentationCapture(self.layer.module, self.layer.description) if needs_capture else None
         self._step_norms: Optional[Tensor] = None
+        self._surgery: Optional[tuple[Tensor, Tensor]] = None
         self.tasks: Optional[list[str]] = list(tasks) if tasks is not None else None
         self.step_index = 0
         self.runs_root = None if runs_root is None else Path(runs_root)
@@ -85,6 +86,10 @@ class Session:
         loss_weights = torch.ones_like(applied) if self.balancer.weights_act_on_representation and not self.shadow else applied
         total = (loss_weights.to(stacked.dtype) * stacked).sum()
         self._observe(values, stacked, applied, epoch, step)
+        if self._surgery is not None:
+            # Registered last, so that the gradient-norm measurement above does not pass through it.
+            reweight_representation(self.capture, *self._surgery)
+            self._surgery = None
         return total
 
     def observe(self, losses: Losses, *, epoch: Optional[int] = None, step: Optional[int] = None) -> None:
@@ -155,7 +160,7 @@ class Session:
             return applied
         if self.balancer.weights_act_on_representation:
             assert self.capture is not None and grads is not None
-            reweight_representation(self.capture, grads, own)
+            self._surgery = (grads, own)
         return own
 
     def _bind(self, names: list[str], stacked: Tensor) -> None:

@@ -81,4 +81,11 @@ def step_weights(
 def reweight_representation(capture: RepresentationCapture, grads: Tensor, weights: Tensor) -> None:
     """Make the gradient reaching Z equal sum_j w_j grad_Z L_j (plus any non-task term the user adds)."""
     extra = ((weights.to(grads.dtype) - 1.0).view(-1, *([1] * (grads.dim() - 1))) * grads).sum(dim=0)
-    capture.current().register_hook(lambda grad: grad + extra.to(grad.dtype))
+    handle = None
+
+    def once(grad: Tensor) -> Tensor:
+        # Only the first backward through Z after the step's loss() is the user's training backward.
+        handle.remove()
+        return grad + extra.to(grad.dtype)
+
+    handle = capture.current().register_hook(once)

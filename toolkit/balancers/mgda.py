@@ -23,15 +23,58 @@ SPACES = ("shared_layer", "representation")
 NORMALISATIONS = ("none", "l2", "loss", "loss+")
 
 
+def _pair_min_norm(gram: Tensor, i: int, j: int) -> tuple[float, float]:
+    """min over gamma in [0, 1] of ||gamma g_i + (1 - gamma) g_j||^2 (Sener and Koltun, Algorithm 1)."""
+    denominator = gram[i, i] - 2 * gram[i, j] + gram[j, j]
+    gamma = 0.5 if denominator <= 0 else float(((gram[j, j] - gram[i, j]) / denominator).clamp(0.0, 1.0))
+    value = gamma**2 * gram[i, i] + 2 * gamma * (1 - gamma) * gram[i, j] + (1 - gamma) ** 2 * gram[j, j]
+    return gamma, float(value)
+
+
+def _polish_on_support(gram: Tensor, alpha: Tensor, threshold: float = 1e-4) -> Tensor:
+    """Exact minimiser on the support Frank-Wolfe found, kept only if it satisfies the KKT conditions.
+
+    Frank-Wolfe converges sublinearly when the optimum lies inside a face; on the right face the problem
+    is an equality-constrained quadratic with a closed-form solution.
+    """
+    support = (alpha > threshold).nonzero().flatten()
+    k = support.numel()
+    system = torch.zeros(k + 1, k + 1, dtype=gram.dtype, device=gram.device)
+    system[:k, :k] = gram[support][:, support]
+    system[:k, k] = 1.0
+    system[k, :k] = 1.0
+    rhs = torch.zeros(k + 1, dtype=gram.dtype, device=gram.device)
+    rhs[k] = 1.0
+    solution = torch.linalg.lstsq(system, rhs.unsqueeze(1)).solution.flatten()[:k]
+    if not bool(torch.isfinite(solution).all()) or bool((solution < 0).any()):
+        return alpha
+    candidate = torch.zeros_like(alpha)
+    candidate[support] = solution / solution.sum()
+    value = candidate @ gram @ candidate
+    scale = float(gram.diagonal().max()) or 1.0
+    optimal = bool(((gram @ candidate) >= value - 1e-9 * scale).all())
+    return candidate if optimal and value <= alpha @ gram @ alpha else alpha
+
+
 def min_norm_coefficients(gram: Tensor, max_iter: int = 250, tol: float = 1e-7) -> Tensor:
     """Frank-Wolfe on the simplex for min_alpha alpha^T M alpha, M the Gram matrix g_i . g_j.
 
-    Starts from the uniform point; each iteration moves towards the vertex e_t with t = argmin_r (M alpha)_r
-    by the exact line-search step (Sener and Koltun, Algorithm 1). Works in float64 for stability.
+    As in the authors' solver, starts from the best pair of tasks (closed form) and moves, at each
+    iteration, towards the vertex e_t with t = argmin_r (M alpha)_r by the exact line-search step (Sener
+    and Koltun, Algorithm 2; survey section 3, steps 1-3); then polishes on the support it found. Works
+    in float64 for stability.
     """
     gram = gram.double()
     count = gram.shape[0]
-    alpha = torch.full((count,), 1.0 / count, dtype=torch.float64, device=gram.device)
+    alpha = torch.zeros(count, dtype=torch.float64, device=gram.device)
+    best = None
+    for i in range(count):
+        for j in range(i + 1, count):
+            gamma, value = _pair_min_norm(gram, i, j)
+            if best is None or value < best[0]:
+                best = (value, i, j, gamma)
+    _, i, j, gamma = best
+    alpha[i], alpha[j] = gamma, 1.0 - gamma
     for _ in range(max_iter):
         m_alpha = gram @ alpha
         t = int(torch.argmin(m_alpha))
@@ -47,7 +90,7 @@ def min_norm_coefficients(gram: Tensor, max_iter: int = 250, tol: float = 1e-7) 
         alpha = alpha + step
         if float(step.abs().sum()) < tol:
             break
-    return alpha
+    return _polish_on_support(gram, alpha)
 
 
 class MGDA(Balancer):
