@@ -1,0 +1,174 @@
+"""Property tests: whatever the losses and gradient norms, the weights stay finite, positive and sum to T.
+
+GradNorm renormalises to sum_i w_i = T after every update (paper 3.1, end); the survey's fixed-weight
+baselines (survey 1.1) keep their weights. A non-finite loss or norm must skip the update (weights and
+optimiser state untouched) and say so in ``step_update_skipped``. Hypothesis draws task counts, losses
+and norms including zeros, huge and tiny values; expected values come from plain Python arithmetic.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from toolkit.balancers import EqualWeights, GradNorm, StaticWeights
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Positive magnitudes spanning the float64 range a real loss or norm can take, edges included.
+positive = st.one_of(
+    st.floats(min_value=1e-300, max_value=1e300, allow_nan=False, allow_infinity=False),
+    st.sampled_from([1e-300, 1e-30, 1e-8, 1.0, 1e8, 1e30, 1e300]),
+)
+non_negative = st.one_of(st.just(0.0), positive)
+non_finite = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+
+
+@st.composite
+def gradnorm_runs(draw):
+    """A task count, a GradNorm configuration and a few steps of (losses, unweighted norms)."""
+    num_tasks = draw(st.integers(min_value=2, max_value=12))
+    steps = draw(st.integers(min_value=1, max_value=6))
+    first = draw(st.lists(positive, min_size=num_tasks, max_size=num_tasks))
+    later = [draw(st.lists(non_negative, min_size=num_tasks, max_size=num_tasks)) for _ in range(steps - 1)]
+    norms = [draw(st.lists(non_negative, min_size=num_tasks, max_size=num_tasks)) for _ in range(steps)]
+    options = dict(
+        alpha=draw(st.sampled_from([0.0, 0.12, 1.5, 3.0])),
+        lr=draw(st.sampled_from([1e-3, 0.025, 1.0, 100.0])),
+        optimizer=draw(st.sampled_from(["adam", "sgd"])),
+        reduction=draw(st.sampled_from(["mean", "sum"])),
+    )
+    dtype = draw(st.sampled_from([torch.float64, torch.float32]))
+    if dtype == torch.float32:
+        # Keep the draws representable: a float64 1e300 would already be inf as float32.
+        first, later, norms = _to_float32_range(first), [_to_float32_range(v) for v in later], [_to_float32_range(v) for v in norms]
+    return num_tasks, [first] + later, norms, options, dtype
+
+
+def _to_float32_range(values: list[float]) -> list[float]:
+    return [0.0 if v == 0 else min(max(v, 1e-37), 1e37) for v in values]
+
+
+def _weights_ok(weights: torch.Tensor, num_tasks: int) -> None:
+    values = weights.double().tolist()
+    assert all(math.isfinite(w) for w in values), values
+    assert all(w > 0 for w in values), values
+    assert math.isclose(sum(values), num_tasks, rel_tol=1e-4), (sum(values), values)
+
+
+@SETTINGS
+@given(gradnorm_runs())
+def test_gradnorm_weights_stay_finite_positive_and_sum_to_T(case):
+    num_tasks, losses, norms, options, dtype = case
+    balancer = GradNorm(**options)
+    tasks = [f"t{i}" for i in range(num_tasks)]
+    balancer.bind(tasks, torch.device("cpu"), dtype)
+    for step_losses, step_norms in zip(losses, norms):
+        stats = balancer.update(torch.tensor(step_losses, dtype=dtype), torch.tensor(step_norms, dtype=dtype))
+        _weights_ok(balancer.weights(), num_tasks)
+        _weights_ok(stats.weight, num_tasks)
+
+
+@SETTINGS
+@given(gradnorm_runs(), st.data())
+def test_a_non_finite_loss_or_norm_skips_the_update_and_is_recorded(case, data):
+    num_tasks, losses, norms, options, dtype = case
+    balancer = GradNorm(**options)
+    balancer.bind([f"t{i}" for i in range(num_tasks)], torch.device("cpu"), dtype)
+    for step_losses, step_norms in zip(losses, norms):
+        balancer.update(torch.tensor(step_losses, dtype=dtype), torch.tensor(step_norms, dtype=dtype))
+    before = balancer.weights().clone()
+    state_before = [None if t is None else t.clone() for t in (balancer.optimizer._exp_avg, balancer.optimizer._exp_avg_sq, balancer.optimizer._steps)]
+    bad_losses = list(data.draw(st.lists(positive, min_size=num_tasks, max_size=num_tasks)))
+    bad_norms = list(data.draw(st.lists(positive, min_size=num_tasks, max_size=num_tasks)))
+    where = data.draw(st.sampled_from(["loss", "norm"]))
+    index = data.draw(st.integers(min_value=0, max_value=num_tasks - 1))
+    (bad_losses if where == "loss" else bad_norms)[index] = data.draw(non_finite)
+    stats = balancer.update(torch.tensor(bad_losses, dtype=dtype), torch.tensor(bad_norms, dtype=dtype))
+    assert bool(stats.step_update_skipped) is True
+    assert torch.equal(balancer.weights(), before)
+    state_after = (balancer.optimizer._exp_avg, balancer.optimizer._exp_avg_sq, balancer.optimizer._steps)
+    for old, new in zip(state_before, state_after):
+        assert old is None or torch.equal(old, new)
+    # The next finite step updates again and keeps the invariants.
+    stats = balancer.update(torch.tensor([1.0] * num_tasks, dtype=dtype), torch.tensor([1.0] * num_tasks, dtype=dtype))
+    assert bool(stats.step_update_skipped) is False
+    _weights_ok(balancer.weights(), num_tasks)
+
+
+@SETTINGS
+@given(
+    st.integers(min_value=2, max_value=12).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.lists(positive, min_size=n, max_size=n),
+            st.lists(st.one_of(non_negative, non_finite), min_size=n, max_size=n),
+        )
+    )
+)
+def test_equal_weights_are_ones_whatever_the_later_losses(case):
+    num_tasks, first, later = case
+    balancer = EqualWeights()
+    balancer.bind([f"t{i}" for i in range(num_tasks)], torch.device("cpu"), torch.float64)
+    balancer.update(torch.tensor(first, dtype=torch.float64))
+    stats = balancer.update(torch.tensor(later, dtype=torch.float64))
+    assert balancer.weights().tolist() == [1.0] * num_tasks
+    assert stats.weight.tolist() == [1.0] * num_tasks
+    # Loss ratios are plain division by the first step's losses.
+    for got, value, reference in zip(stats.loss_ratio.tolist(), later, first):
+        expected = value / reference
+        assert (math.isnan(got) and math.isnan(expected)) or got == expected
+
+
+@SETTINGS
+@given(st.integers(min_value=2, max_value=12).flatmap(lambda n: st.lists(positive, min_size=n, max_size=n)))
+def test_static_weights_are_kept_exactly(weights):
+    tasks = [f"t{i}" for i in range(len(weights))]
+    balancer = StaticWeights(dict(zip(tasks, weights)))
+    balancer.bind(tasks, torch.device("cpu"), torch.float64)
+    balancer.update(torch.ones(len(tasks), dtype=torch.float64))
+    balancer.update(torch.full((len(tasks),), 0.5, dtype=torch.float64))
+    assert balancer.weights().tolist() == weights
+
+
+@SETTINGS
+@given(
+    st.integers(min_value=2, max_value=8).flatmap(
+        lambda n: st.tuples(st.just(n), st.integers(min_value=0, max_value=n - 1), st.one_of(non_finite, st.just(0.0), st.floats(max_value=-1e-300, min_value=-1e300)))
+    )
+)
+def test_static_weights_refuse_non_positive_or_non_finite_values_naming_the_task(case):
+    num_tasks, index, bad = case
+    tasks = [f"t{i}" for i in range(num_tasks)]
+    weights = {t: 1.0 for t in tasks}
+    weights[tasks[index]] = bad
+    balancer = StaticWeights(weights)
+    try:
+        balancer.bind(tasks, torch.device("cpu"), torch.float64)
+    except ValueError as exc:
+        assert f"static weight of task {tasks[index]!r} is {bad!r}" in str(exc)
+    else:
+        raise AssertionError(f"weight {bad!r} was accepted")
+
+
+@SETTINGS
+@given(
+    st.integers(min_value=2, max_value=8).flatmap(
+        lambda n: st.tuples(st.just(n), st.integers(min_value=0, max_value=n - 1), st.one_of(non_finite, st.just(0.0), st.floats(max_value=-1e-300, min_value=-1e300)))
+    )
+)
+def test_a_bad_first_loss_is_refused_naming_the_task_and_value(case):
+    num_tasks, index, bad = case
+    tasks = [f"t{i}" for i in range(num_tasks)]
+    losses = [1.0] * num_tasks
+    losses[index] = bad
+    balancer = GradNorm()
+    balancer.bind(tasks, torch.device("cpu"), torch.float64)
+    try:
+        balancer.update(torch.tensor(losses, dtype=torch.float64), torch.ones(num_tasks, dtype=torch.float64))
+    except ValueError as exc:
+        assert f"initial loss L(0) of task {tasks[index]!r} is {bad!r}" in str(exc)
+    else:
+        raise AssertionError(f"L(0) = {bad!r} was accepted")
