@@ -138,6 +138,10 @@ def read_run_json(path: str | os.PathLike) -> dict[str, Any]:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RunError(f"{file} does not exist: {Path(path).name!r} is not a run directory") from None
+    except UnicodeDecodeError as exc:
+        raise RunError(f"{file} is not valid UTF-8 text (byte {exc.start}), so not a run.json") from None
+    except OSError as exc:
+        raise RunError(f"{file} cannot be read ({exc.strerror or exc})") from None
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as exc:
