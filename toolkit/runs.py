@@ -43,7 +43,7 @@ class RunError(ValueError):
 
 def validate_run_id(run_id: str) -> str:
     """Accept plain names only, so a run id can never escape its runs root (``../x``, ``/etc``)."""
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
         raise RunError(
             f"invalid run name {run_id!r}: use letters, digits, '.', '_', '=' and '-' "
             "(at most 128 characters, not starting with '.' and without '..')"
