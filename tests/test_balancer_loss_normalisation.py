@@ -93,3 +93,11 @@ def test_unsupported_options_are_errors():
         prior_cross_entropy(torch.tensor([0, 1]), 2, prior="median")
     with pytest.raises(ValueError, match="labels"):
         prior_cross_entropy(torch.tensor([0, 3]), 2)
+
+
+def test_real_time_zero_loss_uses_the_floor_not_infinity():
+    from toolkit.balancers.checks import LOSS_FLOOR
+
+    balancer = bound(RealTimeLossWeights())
+    weights = balancer.step_weights(torch.tensor([0.0, 2.0, 4.0], dtype=torch.float64), None, None)
+    np.testing.assert_allclose(weights.numpy(), [1 / LOSS_FLOOR, 0.5, 0.25])

@@ -83,3 +83,20 @@ def test_unsupported_options():
         PCGrad(space="shared_layer")
     with pytest.raises(ValueError, match="reduction"):
         PCGrad(reduction="max")
+
+
+def test_recorded_gradient_norms_are_effective_weight_times_task_norm(tmp_path):
+    import pyarrow.dataset as ds
+
+    model = TinyNet(num_tasks=3)
+    x, y = batch(num_tasks=3, seed=7)
+    session = hooks.attach(model.shared, PCGrad(seed=1), runs_root=tmp_path, run_name="pc")
+    losses = task_losses(model, x, y)
+    norms = [torch.autograd.grad(v, model.shared.weight, retain_graph=True)[0].norm().item() for v in losses.values()]
+    session.loss(losses).backward()
+    beta = session.balancer.weights().tolist()
+    session.close()
+    rows = ds.dataset(tmp_path / "pc" / "metrics", format="parquet", partitioning="hive").to_table().to_pandas()
+    rows = rows.set_index("task").loc[list(losses)]
+    np.testing.assert_allclose(rows["weight"], beta, rtol=1e-6)
+    np.testing.assert_allclose(rows["grad_norm"], np.array(beta) * np.array(norms), rtol=1e-5)

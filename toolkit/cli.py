@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 COMMAND_MODULES = (
     "toolkit.commands.demo",
+    "toolkit.commands.compare",
 )
 
 

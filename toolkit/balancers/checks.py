@@ -7,19 +7,24 @@ import torch
 from torch import Tensor
 
 
-def require_positive_losses(tasks: Sequence[str], losses: Tensor, method: str) -> None:
-    """Fail, naming the task, when a loss is negative, zero or non-finite.
+#: Divisions by a loss use max(L, LOSS_FLOOR): a task fitted exactly (a saturated cross-entropy reads 0.0
+#: in float32) must not turn a weight into inf or NaN.
+LOSS_FLOOR = 1e-8
 
-    Loss ratios, 1/L and log L are only meaningful for positive losses; a negative loss (a log-likelihood
-    with a constant dropped, a reward) would flip the sign of a weight and train the task backwards. This
-    is one host synchronisation per step, the price of failing at the step where it happens.
+
+def require_non_negative_losses(tasks: Sequence[str], losses: Tensor, method: str) -> None:
+    """Fail, naming the task, when a loss is negative or non-finite.
+
+    Loss ratios, 1/L and log L are only meaningful for non-negative losses; a negative loss (a
+    log-likelihood with a constant dropped, a reward) would flip the sign of a weight and train the task
+    backwards. This is one host synchronisation per step, the price of failing at the step where it happens.
     """
-    bad = ~(torch.isfinite(losses) & (losses > 0))
+    bad = ~(torch.isfinite(losses) & (losses >= 0))
     if bool(bad.any()):
         index = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"{method}: loss of task {tasks[index]!r} is {float(losses[index])!r}; this method needs finite, "
-            "strictly positive losses (it divides by the loss or takes its logarithm). Shift or rescale that loss"
+            "non-negative losses (it divides by the loss or takes its logarithm). Shift or rescale that loss"
         )
 
 

@@ -13,14 +13,14 @@ from typing import Any, Optional
 from torch import Tensor
 
 from .base import Balancer, StepStats
-from .checks import require_positive_losses
+from .checks import LOSS_FLOOR, require_non_negative_losses
 
 
 class DirectGradNorm(Balancer):
     """w_i(t) = r_i(t)^alpha / ||grad_W L_i(t)|| from this step's own gradient norms.
 
     ``eps`` guards a task whose gradient at W vanishes (w_i = r_i^alpha / (n_i + eps)). alpha > 0 uses
-    loss ratios, so it needs positive losses; a negative one is an error naming the task.
+    loss ratios, so it needs non-negative losses; a negative one is an error naming the task.
     """
 
     name = "direct-gradnorm"
@@ -46,9 +46,11 @@ class DirectGradNorm(Balancer):
             raise RuntimeError(f"{self.name} needs the per-task gradient norms at the shared layer")
         scale = grad_norms.detach() + self.eps
         if self.alpha:
-            require_positive_losses(self.tasks, losses, self.name)
-            ratio = losses / self.initial_loss.observe(self.tasks, losses) if self.initial_loss.value is None else losses / self.initial_loss.value
-            self._weights = (ratio / ratio.mean()).pow(self.alpha) / scale
+            require_non_negative_losses(self.tasks, losses, self.name)
+            # The base class observes L(0) again in update(); for 'first' the second call changes nothing.
+            reference = self.initial_loss.value if self.initial_loss.value is not None else self.initial_loss.observe(self.tasks, losses)
+            ratio = losses / reference
+            self._weights = (ratio / ratio.mean().clamp_min(LOSS_FLOOR)).pow(self.alpha) / scale
         else:
             self._weights = 1.0 / scale
         return self._weights

@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 
 from .base import Balancer, StepStats
-from .checks import require_positive_losses
+from .checks import LOSS_FLOOR, require_non_negative_losses
 
 
 def dwa_weights(previous: Tensor, before_previous: Tensor, temperature: float) -> Tensor:
     """Liu et al.'s eq. 7 from the mean losses of the last two periods."""
-    rate = previous / before_previous
+    rate = previous / before_previous.clamp_min(LOSS_FLOOR)
     return rate.numel() * torch.softmax(rate / temperature, dim=0)
 
 
@@ -47,7 +47,7 @@ class DynamicWeightAverage(Balancer):
         return cfg
 
     def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:
-        require_positive_losses(self.tasks, losses, self.name)
+        require_non_negative_losses(self.tasks, losses, self.name)
         self._sum = losses.clone() if self._sum is None else self._sum + losses
         self._count += 1
         if self._count == self.window:

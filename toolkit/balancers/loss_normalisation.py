@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import Balancer, InitialLossSpec, StepStats, check_initial_losses
-from .checks import require_positive_losses
+from .checks import LOSS_FLOOR, require_non_negative_losses
 
 
 def prior_cross_entropy(labels: Tensor, num_classes: int, prior: str = "entropy") -> float:
@@ -98,16 +98,16 @@ class PriorLossWeights(_FixedReferenceWeights):
 class RealTimeLossWeights(Balancer):
     """w_i(t) = 1 / stopgrad(L_i(t)) (survey 1.3): each task contributes grad L_i / L_i.
 
-    The weight uses this step's own loss, so every weighted loss equals 1. Losses must be positive; a
-    negative or zero loss is an error naming the task.
+    The weight uses this step's own loss, so every weighted loss equals 1. A negative loss is an error
+    naming the task; a loss of exactly 0 divides by ``LOSS_FLOOR`` instead.
     """
 
     name = "real-time-loss"
     uses_current_step = True
 
     def step_weights(self, losses: Tensor, grad_norms: Optional[Tensor], task_grads: Optional[Tensor]) -> Tensor:
-        require_positive_losses(self.tasks, losses, self.name)
-        self._weights = 1.0 / losses.detach()
+        require_non_negative_losses(self.tasks, losses, self.name)
+        self._weights = 1.0 / losses.detach().clamp_min(LOSS_FLOOR)
         return self._weights
 
     def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:

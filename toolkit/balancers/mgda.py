@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .base import Balancer, StepStats
-from .checks import require_choice, require_positive_losses
+from .checks import LOSS_FLOOR, require_choice, require_non_negative_losses
 
 SPACES = ("shared_layer", "representation")
 NORMALISATIONS = ("none", "l2", "loss", "loss+")
@@ -129,8 +129,8 @@ class MGDA(Balancer):
             raise RuntimeError(f"{self.name} needs this step's per-task gradients ({self.space})")
         grads = task_grads.detach().flatten(1).double()
         if self.normalisation in ("loss", "loss+"):
-            require_positive_losses(self.tasks, losses, f"{self.name} (normalisation={self.normalisation!r})")
-            grads = grads / losses.double().unsqueeze(1)
+            require_non_negative_losses(self.tasks, losses, f"{self.name} (normalisation={self.normalisation!r})")
+            grads = grads / losses.double().clamp_min(LOSS_FLOOR).unsqueeze(1)
         if self.normalisation in ("l2", "loss+"):
             grads = grads / grads.norm(dim=1, keepdim=True).clamp_min(1e-30)
         gram = grads @ grads.T

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .base import Balancer, StepStats
-from .checks import require_choice, require_positive_losses
+from .checks import require_choice, require_non_negative_losses
 from .weight_optim import WeightOptimizer
 
 REGULARISERS = ("log", "log1p")
@@ -65,8 +65,8 @@ class UncertaintyWeighting(Balancer):
         initial_state: s_i(0) (``"log"``, default 0, i.e. w = 1) or sigma_i(0) (``"log1p"``, default 1 as in
             the survey's code).
 
-    ``run.json`` records ``trainable_state`` (what the state is and its optimiser); losses must be
-    positive (the optimum s = log L does not exist otherwise), a negative loss is an error naming the task.
+    ``run.json`` records ``trainable_state`` (what the state is and its optimiser); losses must be non-
+    negative (log L is the optimum of s), a negative loss is an error naming the task.
     """
 
     name = "uncertainty"
@@ -96,7 +96,7 @@ class UncertaintyWeighting(Balancer):
         return uncertainty_weights(self.state, self.regulariser)
 
     def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:
-        require_positive_losses(self.tasks, losses, self.name)
+        require_non_negative_losses(self.tasks, losses, self.name)
         assert self.state is not None
         grad = uncertainty_state_grad(self.state, losses, self.regulariser)
         finite = torch.isfinite(grad).all()
