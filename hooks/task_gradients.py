@@ -67,11 +67,14 @@ def step_weights(
     capture: Optional[RepresentationCapture],
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """This step's weights from a ``uses_current_step`` balancer; returns (weights, norms at W, grads)."""
-    norms = meter(values) if meter is not None else None
+    norms = None
     grads = None
     if balancer.task_gradients == "shared_layer":
         grads = per_task_gradients(stacked, parameter)
-    elif balancer.task_gradients == "representation":
+        norms = grads.flatten(1).norm(dim=1)  # the meter's quantity, without a second backward
+    elif meter is not None:
+        norms = meter(values)
+    if balancer.task_gradients == "representation":
         if capture is None:
             raise RuntimeError("the balancer needs gradients at the shared representation but none is captured")
         grads = per_task_gradients(stacked, capture.current())
