@@ -67,7 +67,9 @@ class WeightOptimizer:
         bias_correction1 = 1 - beta1**steps
         bias_correction2 = 1 - beta2**steps
         denom = exp_avg_sq.sqrt() / bias_correction2.sqrt() + self.eps
-        updated = weights - (self.lr / bias_correction1) * exp_avg / denom
+        # exp_avg / denom first, as torch.optim.Adam's addcdiv does: it is bounded, while lr * exp_avg
+        # can overflow float32 for huge gradient norms and turn the step into inf / inf = NaN.
+        updated = weights - (self.lr / bias_correction1) * (exp_avg / denom)
         self._exp_avg = torch.where(apply, exp_avg, self._exp_avg)
         self._exp_avg_sq = torch.where(apply, exp_avg_sq, self._exp_avg_sq)
         self._steps = torch.where(apply, steps, self._steps)
