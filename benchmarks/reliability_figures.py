@@ -273,6 +273,48 @@ def tmpfs_scenario(mount_point: Path, steps: int = 400, flush_every: int = 20) -
         subprocess.run(["umount", str(mount_point)], capture_output=True)
 
 
+#: Hostile run.json contents: each must be refused with a RunError naming the file.
+HOSTILE_RUN_JSON: dict[str, bytes] = {
+    "not JSON": b"{not json",
+    "empty file": b"",
+    "cut off mid-write": b'{"tasks": ["a", "b"], "status": "running"',
+    "a JSON list": b"[1, 2]",
+    "no tasks": b'{"status": "running"}',
+    "tasks not a list of names": b'{"status": "running", "tasks": [1, 2]}',
+    "no status": b'{"tasks": ["a", "b"]}',
+    "unknown status": b'{"tasks": ["a", "b"], "status": "exploded"}',
+    "not UTF-8": b"\xff\xfe\x00garbage",
+}
+
+#: Run names that could escape the runs root or confuse a shell, a path or SQL.
+HOSTILE_RUN_NAMES = ["../../etc", "..", "/etc", "a/b", ".hidden", "", "x" * 129, "run\n", "run\x00", "x'; DROP TABLE runs; --", 'q"uote']
+
+
+def bad_input_scenario(root: Path) -> list[tuple[str, str, str]]:
+    """Try each hostile input; return (kind, input, outcome) where outcome is the error message or 'ACCEPTED'."""
+    root = Path(root)
+    results = []
+    for label, content in HOSTILE_RUN_JSON.items():
+        run_path = root / "hostile" / label.replace(" ", "-")
+        run_path.mkdir(parents=True)
+        (run_path / schema.RUN_FILE).write_bytes(content)
+        try:
+            runs.read_run_json(run_path)
+            outcome = "ACCEPTED"
+        except runs.RunError as exc:
+            outcome = str(exc).replace(str(run_path), "<run>")
+        results.append(("run.json", label, outcome))
+    for name in HOSTILE_RUN_NAMES:
+        try:
+            runs.create_run(root / "names", name, {"tasks": ["a", "b"]})
+            outcome = "ACCEPTED"
+        except runs.RunError as exc:
+            outcome = str(exc).split(":")[0]
+        shown = repr(name) if len(name) <= 40 else f"{name[:1]!r} * {len(name)}"
+        results.append(("run name", shown, outcome if len(outcome) <= 60 else "invalid run name (too long)"))
+    return results
+
+
 def write_results(path: Path = RESULTS) -> str:
     """Run every scenario in a temporary folder and write the figures as Markdown."""
     with tempfile.TemporaryDirectory(prefix="gradnorm-reliability-") as tmp:
@@ -281,6 +323,7 @@ def write_results(path: Path = RESULTS) -> str:
         full = disk_full_scenario(tmp / "full")
         over = overflow_scenario(tmp / "overflow")
         fs = tmpfs_scenario(tmp / "tmpfs")
+        bad = bad_input_scenario(tmp / "bad")
     lines = [
         "# Reliability figures",
         "",
@@ -322,6 +365,21 @@ def write_results(path: Path = RESULTS) -> str:
             f"({fs['write_errors_while_full']} failed writes); rows read back after space was freed: {fs['rows_read_back']}; rows lost: {fs['rows_lost']}",
             f"- warnings: {len(fs['write_warnings'])}",
         ]
+    lines += [
+        "",
+        "## Bad inputs tried",
+        "Besides these, `tests/test_properties_balancers.py` draws (Hypothesis) task counts 2-12 and losses and gradient",
+        "norms from 0 and 1e-300 to 1e300 (float32: 1e-37 to 1e37) for GradNorm, equal, static and six survey methods,",
+        "and non-finite values (nan, inf, -inf) in any task's loss or norm; `tests/test_errors.py` and",
+        "`tests/test_security.py` assert the message of each error path.",
+        "",
+        "| kind | input | outcome |",
+        "|---|---|---|",
+    ]
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines += [f"| {kind} | `{cell(value)}` | {cell(outcome)} |" for kind, value, outcome in bad]
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

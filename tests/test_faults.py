@@ -299,3 +299,13 @@ def test_a_reader_never_sees_half_a_part_file(tmp_path):
     assert all(n % 3 == 0 for n in seen)  # whole steps only: a part file is all there or absent
     assert seen == sorted(seen)
     assert scenarios.read_back(run_path).num_rows == 900
+
+
+def test_every_bad_input_of_the_results_file_is_refused_with_a_message(tmp_path):
+    outcomes = scenarios.bad_input_scenario(tmp_path)
+    assert len(outcomes) == len(scenarios.HOSTILE_RUN_JSON) + len(scenarios.HOSTILE_RUN_NAMES)
+    for kind, value, outcome in outcomes:
+        assert outcome != "ACCEPTED", (kind, value)
+        assert ("run.json" in outcome) if kind == "run.json" else outcome.startswith("invalid run name")
+    # Refused names created nothing at all.
+    assert not (tmp_path / "names").exists() or list((tmp_path / "names").iterdir()) == []
