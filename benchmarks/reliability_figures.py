@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "reliability.md"
 
 # The child of the kill scenario: a small two-task network trained through hooks.attach, one line on
-# stdout per finished step: the step and how many rows the recorder had confirmed written (renamed into
+# stdout per started step: the step and how many rows the recorder had confirmed written (renamed into
 # place) by then, so the parent knows what ran and what was on disk before the kill.
 KILL_CHILD = r"""
 import sys, time, torch
@@ -54,12 +54,13 @@ opt = torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=1e
 session = hooks.attach(trunk[-1], GradNorm(alpha=0.12), runs_root=root, run_name=name, flush_every=flush_every)
 step = 0
 while True:
+    # Printed before the step is recorded: a step counted here may have died half-way, never the reverse.
+    print(step, session.recorder.rows_written if session.recorder else 0, flush=True)
     x = torch.randn(32, 8)
     h = trunk(x)
     losses = {"a": heads[0](h).pow(2).mean() + 1.0, "b": (heads[1](h) - 3).pow(2).mean() + 1.0}
     loss = session.loss(losses)
     opt.zero_grad(); loss.backward(); opt.step()
-    print(step, session.recorder.rows_written, flush=True)
     step += 1
     time.sleep(0.002)
 """
@@ -336,7 +337,7 @@ def write_results(path: Path = RESULTS) -> str:
         f"A child process trains a two-task network through `hooks.attach` (GradNorm, flush every {kill['flush_every']} steps) "
         f"and is killed with SIGKILL once {kill['part_files']} part files exist.",
         "",
-        f"- steps finished before the kill: {kill['steps_done']}",
+        f"- steps started before the kill: {kill['steps_done']}",
         f"- steps read back: {kill['steps_read_back']} (steps 0..{kill['steps_read_back'] - 1}, contiguous: {kill['steps_contiguous']}), "
         f"{kill['rows_read_back']} train rows",
         f"- steps the recorder had confirmed written before the kill: {kill['steps_confirmed_written']} (all read back)",

@@ -99,12 +99,14 @@ raise KeyError("no close, no with: the process dies of an uncaught exception")
 """
 
 
-def test_uncaught_exception_without_close_still_writes_everything_and_marks_failed(tmp_path):
+@pytest.mark.parametrize("error, status", [("KeyError('bug')", runs.FAILED), ("KeyboardInterrupt()", runs.INTERRUPTED)])
+def test_uncaught_exception_without_close_still_writes_everything(tmp_path, error, status):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", UNCAUGHT_CHILD, str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 1 and "KeyError" in done.stderr
+    child = UNCAUGHT_CHILD.replace('KeyError("no close, no with: the process dies of an uncaught exception")', error)
+    done = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0 and error.split("(")[0] in done.stderr
     meta = runs.read_run_json(tmp_path / "uncaught")
-    assert meta["status"] == runs.FAILED
+    assert meta["status"] == status
     table = scenarios.read_back(tmp_path / "uncaught")
     assert sorted(set(table.column("step").to_pylist())) == list(range(17))
     assert table.num_rows == 34
@@ -274,7 +276,8 @@ def test_stale_threshold_from_the_environment(monkeypatch):
 def test_a_reader_never_sees_half_a_part_file(tmp_path):
     tasks = ["a", "b", "c"]
     run_path = runs.create_run(tmp_path, "live", {"tasks": tasks})
-    rec = Recorder(run_path, tasks, flush_every=1)
+    # A tiny heartbeat interval: run.json is replaced many times while it is being read.
+    rec = Recorder(run_path, tasks, flush_every=1, heartbeat_interval=0.001)
     stop = threading.Event()
     seen: list[int] = []
     errors: list[BaseException] = []
@@ -282,6 +285,7 @@ def test_a_reader_never_sees_half_a_part_file(tmp_path):
     def read_forever():
         while not stop.is_set():
             try:
+                assert runs.read_run_json(run_path)["tasks"] == tasks
                 seen.append(scenarios.read_back(run_path).num_rows)
             except BaseException as exc:  # noqa: BLE001 - the assertion below reports it
                 errors.append(exc)

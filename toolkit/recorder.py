@@ -388,7 +388,15 @@ sys.excepthook = _note_uncaught
 
 @atexit.register
 def _close_open_recorders() -> None:
-    """At interpreter exit, flush every open recorder; an uncaught exception marks its runs failed."""
-    status = runs.FAILED if _uncaught else runs.FINISHED
+    """At interpreter exit, flush every open recorder; an uncaught exception marks its runs failed.
+
+    Ctrl-C (an uncaught KeyboardInterrupt) is the user stopping the run, not the run failing: ``interrupted``.
+    """
+    if not _uncaught:
+        status = runs.FINISHED
+    elif all(isinstance(exc, KeyboardInterrupt) for exc in _uncaught):
+        status = runs.INTERRUPTED
+    else:
+        status = runs.FAILED
     for recorder in list(_OPEN_RECORDERS):
         recorder.close(status=status)
