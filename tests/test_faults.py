@@ -253,6 +253,10 @@ def test_the_heartbeat_advances_while_the_writer_lives_and_stops_at_close(tmp_pa
         ({"status": "running"}, 0.0, "interrupted"),  # nothing shows it alive
         ({"status": "running", "heartbeat": "yesterday"}, 0.0, "interrupted"),
         ({"status": "running", "heartbeat": True}, 1.0, "interrupted"),
+        ({"status": "running", "heartbeat": float("inf")}, 1000.0, "interrupted"),
+        ({"status": "running", "heartbeat": float("nan"), "updated": 990.0}, 1000.0, "running"),
+        ({"status": "running", "heartbeat": 1e300}, 1000.0, "interrupted"),  # far future: no evidence
+        ({"status": "running", "heartbeat": 1060.0}, 1000.0, "running"),  # clock skew within the threshold
         ({"status": "finished", "heartbeat": 0.0}, 1e9, "finished"),
         ({"status": "failed"}, 1e9, "failed"),
     ],

@@ -10,6 +10,7 @@ therefore refreshes a ``heartbeat`` time in it while it lives, and :func:`effect
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -193,8 +194,8 @@ def effective_status(meta: Mapping[str, Any], now: Optional[float] = None, stale
     """The status to show for a run: ``interrupted`` for a ``running`` run whose writer stopped beating.
 
     The last sign of life is ``heartbeat`` (written by the recorder), else ``updated``, else ``created``;
-    a ``running`` run without any of them, or with a non-numeric one, is also ``interrupted`` because
-    nothing shows it is alive. Other statuses are returned unchanged.
+    a ``running`` run without any of them, or with only non-numeric, non-finite or far-future ones, is also
+    ``interrupted`` because nothing shows it is alive. Other statuses are returned unchanged.
     """
     status = str(meta.get("status", "unknown"))
     if status != RUNNING:
@@ -202,7 +203,10 @@ def effective_status(meta: Mapping[str, Any], now: Optional[float] = None, stale
     now = time.time() if now is None else float(now)
     limit = stale_after_default() if stale_after is None else float(stale_after)
     beats = [meta.get(key) for key in ("heartbeat", "updated", "created")]
-    beats = [float(b) for b in beats if isinstance(b, (int, float)) and not isinstance(b, bool)]
+    beats = [float(b) for b in beats if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)]
+    # A time far in the future (a hostile or corrupted run.json) proves nothing; slight skew between
+    # machines sharing the runs root is tolerated up to the threshold itself.
+    beats = [b for b in beats if b - now <= limit]
     if not beats or now - max(beats) > limit:
         return INTERRUPTED
     return RUNNING
