@@ -228,3 +228,37 @@ def test_a_killed_run_lists_as_interrupted_and_its_flushed_steps_read_back(tmp_p
     assert stale.loc["killed-run", "last_step"] == figures["steps_read_back"] - 1
     frame = analysis.metric_series(tmp_path, "killed-run", "loss", max_points=100_000)
     assert sorted(set(frame.x.astype(int))) == list(range(figures["steps_read_back"]))
+
+
+HOSTILE_PART_VARIANTS = {
+    # name: (rewrite of the second part file, is the file left out?)
+    "extra-column": (lambda t: t.append_column("zzz", pa.array(["x"] * t.num_rows)), False),
+    "no-weight-column": (lambda t: t.drop(["weight"]), False),
+    "null-task": (lambda t: t.set_column(t.schema.get_field_index("task"), "task", pa.array([None] * t.num_rows, pa.string())), False),
+    "nan-loss": (lambda t: t.set_column(t.schema.get_field_index("loss"), "loss", pa.array([float("nan")] * t.num_rows)), False),
+    "negative-steps": (lambda t: t.set_column(0, "step", pc.multiply(t["step"], -1)), False),
+    "skipped-as-int": (lambda t: t.set_column(t.schema.get_field_index("step_update_skipped"), "step_update_skipped", pa.array([1] * t.num_rows, pa.int64())), False),
+    "zero-rows": (lambda t: t.slice(0, 0), False),
+    "step-as-float": (lambda t: t.set_column(0, "step", pc.cast(t["step"], pa.float64())), True),
+    "wall-time-as-text": (lambda t: t.set_column(2, "wall_time", pc.cast(t["wall_time"], pa.string())), True),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(HOSTILE_PART_VARIANTS))
+def test_odd_part_files_never_crash_any_analysis_function(tmp_path, variant):
+    rewrite, left_out = HOSTILE_PART_VARIANTS[variant]
+    run_path = make_run(tmp_path, variant, steps=30, flush_every=10)
+    target = parts_of(run_path)[1]
+    pq.write_table(rewrite(pq.read_table(target)), target)
+    expected_rows = sum(pq.read_metadata(p).num_rows for p in parts_of(run_path) if not (left_out and p == target))
+    listed = analysis.list_runs(tmp_path).set_index("run_id")
+    assert listed.loc[variant, "rows"] == expected_rows
+    assert [str(target) in p for p in listed.loc[variant, "problems"]] == ([True] if left_out else [])
+    analysis.metric_series(tmp_path, variant, "loss")
+    analysis.metric_series(tmp_path, variant, "weight", x="wall_time")
+    analysis.weight_average(tmp_path, variant)
+    analysis.summary(tmp_path, variant)
+    analysis.balance_series(tmp_path, [variant])
+    analysis.balance_summary(tmp_path, variant)
+    analysis.overfitting(tmp_path, variant)
+    analysis.overfitting_onsets(tmp_path, variant)
