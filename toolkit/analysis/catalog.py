@@ -45,6 +45,8 @@ class PartInfo:
     first_step: Optional[int]
     last_step: Optional[int]
     columns: tuple[str, ...]
+    first_wall_time: Optional[float] = None
+    last_wall_time: Optional[float] = None
 
 
 @dataclass
@@ -61,6 +63,15 @@ class RunFiles:
     @property
     def files(self) -> list[str]:
         return [part.path for part in self.parts]
+
+    def range_of(self, column: str) -> tuple[Optional[float], Optional[float]]:
+        """(min, max) of ``step`` or ``wall_time`` over the readable parts, from their statistics."""
+        attribute = {"step": ("first_step", "last_step"), "wall_time": ("first_wall_time", "last_wall_time")}[column]
+        lows = [getattr(p, attribute[0]) for p in self.parts]
+        highs = [getattr(p, attribute[1]) for p in self.parts]
+        if not lows or any(v is None for v in lows + highs):
+            return None, None
+        return min(lows), max(highs)
 
 
 _cache: dict[str, tuple[int, int, Union[PartInfo, str]]] = {}
@@ -100,11 +111,15 @@ def _inspect_uncached(path: Path) -> Union[PartInfo, str]:
         index = arrow_schema.get_field_index(name)
         if index >= 0 and not (pa.types.is_floating(arrow_schema.field(index).type) or pa.types.is_integer(arrow_schema.field(index).type)):
             return f"{path}: column {name!r} has type {arrow_schema.field(index).type}, expected a number, left out"
-    first, last = _step_range(metadata, arrow_schema.get_field_index("step"))
-    return PartInfo(str(path), metadata.num_rows, first, last, tuple(arrow_schema.names))
+    first, last = _column_range(metadata, arrow_schema.get_field_index("step"))
+    wall_first, wall_last = _column_range(metadata, arrow_schema.get_field_index("wall_time"))
+    return PartInfo(str(path), metadata.num_rows, first, last, tuple(arrow_schema.names), wall_first, wall_last)
 
 
-def _step_range(metadata: pq.FileMetaData, column: int) -> tuple[Optional[int], Optional[int]]:
+def _column_range(metadata: pq.FileMetaData, column: int) -> tuple[Optional[Any], Optional[Any]]:
+    """Min and max of a column from the row groups' statistics (no data read); None if unknown."""
+    if column < 0:
+        return None, None
     lows, highs = [], []
     for group in range(metadata.num_row_groups):
         stats = metadata.row_group(group).column(column).statistics

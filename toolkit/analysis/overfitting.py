@@ -37,7 +37,10 @@ def overfitting(root: PathLike, run_id: str, *, tasks: Optional[Sequence[str]] =
             SELECT task, step, avg(loss) AS val_loss FROM metrics
             WHERE split = $val AND loss IS NOT NULL {task_filter} GROUP BY task, step
         ),
-        train AS (SELECT task, step, loss FROM metrics WHERE split = $train AND loss IS NOT NULL {task_filter}),
+        train AS (
+            SELECT task, step, loss FROM metrics
+            WHERE split = $train AND loss IS NOT NULL {task_filter} AND step <= (SELECT max(step) FROM val)
+        ),
         matched AS (
             SELECT t.task, v.step AS val_step, t.loss FROM train t
             ASOF JOIN val v ON t.task = v.task AND v.step >= t.step

@@ -46,27 +46,41 @@ def check_metric(metric: str) -> str:
     return metric
 
 
-def metrics_cte(run_list: Sequence[RunFiles], params: dict[str, Any]) -> Optional[str]:
-    """``metrics AS (...)`` over the readable files of ``run_list``; None when no run has any rows."""
+def metrics_cte(run_list: Sequence[RunFiles], params: dict[str, Any], constants: Optional[Mapping[str, Sequence[Any]]] = None) -> Optional[str]:
+    """``metrics AS (...)`` over the readable files of ``run_list``; None when no run has any rows.
+
+    ``constants`` maps a column name to one value per run (e.g. each run's step range), added to that
+    run's rows as a constant column: cheaper than joining a table of per-run values.
+    """
     selects = []
     for index, run in enumerate(run_list):
         if not run.files:
             continue
         params[f"run{index}"] = run.run_id
         params[f"files{index}"] = run.files
+        extra = ""
+        for name, values in (constants or {}).items():
+            params[f"{name}{index}"] = values[index]
+            extra += f", ${name}{index} AS {name}"
         selects.append(
-            f"SELECT $run{index}::VARCHAR AS run_id, * FROM read_parquet($files{index}, union_by_name = true, hive_partitioning = true)"
+            f"SELECT $run{index}::VARCHAR AS run_id{extra}, * FROM read_parquet($files{index}, union_by_name = true, hive_partitioning = true)"
         )
     if not selects:
         return None
     return "metrics AS (" + " UNION ALL BY NAME ".join(selects) + ")"
 
 
-def query(run_list: Sequence[RunFiles], body: str, params: Optional[Mapping[str, Any]] = None, columns: Sequence[str] = ()) -> pd.DataFrame:
+def query(
+    run_list: Sequence[RunFiles],
+    body: str,
+    params: Optional[Mapping[str, Any]] = None,
+    columns: Sequence[str] = (),
+    constants: Optional[Mapping[str, Sequence[Any]]] = None,
+) -> pd.DataFrame:
     """Run ``WITH metrics AS (...) <body>``; an empty frame with ``columns`` when there are no rows."""
     for _ in range(MAX_RETRIES):
         bound = dict(params or {})
-        cte = metrics_cte(run_list, bound)
+        cte = metrics_cte(run_list, bound, constants)
         if cte is None:
             return pd.DataFrame(columns=list(columns))
         sql = f"WITH {cte} {body}"
