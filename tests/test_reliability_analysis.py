@@ -262,3 +262,12 @@ def test_odd_part_files_never_crash_any_analysis_function(tmp_path, variant):
     analysis.balance_summary(tmp_path, variant)
     analysis.overfitting(tmp_path, variant)
     analysis.overfitting_onsets(tmp_path, variant)
+
+
+def test_the_damaged_part_figures_hold(tmp_path):
+    results = scenarios.damaged_part_scenario(tmp_path)
+    assert [r["damage"] for r in results] == list(scenarios.PART_DAMAGE)
+    for result in results:
+        assert result["query_answered"] is True, result
+        assert result["steps_read"] == result["intact_steps"] == 30, result
+        assert result["reported"] is True, result
