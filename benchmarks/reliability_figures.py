@@ -117,6 +117,7 @@ def kill_scenario(root: Path, flush_every: int = 10, min_parts: int = 4, timeout
         "steps_done": steps_done,
         "steps_read_back": len(steps_read),
         "steps_contiguous": steps_read == list(range(len(steps_read))),
+        "part_files_at_kill": min_parts,
         "rows_read_back": train.num_rows,
         "rows_per_step": len(meta["tasks"]),
         "steps_lost": steps_done - len(steps_read),
@@ -372,6 +373,7 @@ def write_results(path: Path = RESULTS) -> str:
     with tempfile.TemporaryDirectory(prefix="gradnorm-reliability-") as tmp:
         tmp = Path(tmp)
         kill = kill_scenario(tmp / "kill")
+        repeats = [kill_scenario(tmp / f"kill-{parts}", min_parts=parts) for parts in (2, 6, 10, 15)]
         full = disk_full_scenario(tmp / "full")
         over = overflow_scenario(tmp / "overflow")
         fs = tmpfs_scenario(tmp / "tmpfs")
@@ -383,11 +385,12 @@ def write_results(path: Path = RESULTS) -> str:
         f"Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}), "
         f"Python {platform.python_version()}, torch {torch.__version__}.",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Written by `python benchmarks/reliability_figures.py`; "
-        "`tests/test_faults.py` runs the same scenarios and asserts on them.",
+        "`tests/test_faults.py` and `tests/test_reliability_analysis.py` run the same scenarios and assert on them.",
         "",
         "## SIGKILL in the middle of a run",
         f"A child process trains a two-task network through `hooks.attach` (GradNorm, flush every {kill['flush_every']} steps) "
-        f"and is killed with SIGKILL once {kill['part_files']} part files exist.",
+        f"and is killed with SIGKILL as soon as the parent sees {kill['part_files_at_kill']} part files "
+        f"({kill['part_files']} were on disk after the kill: the child runs on while the parent polls).",
         "",
         f"- steps started before the kill: {kill['steps_done']}",
         f"- steps read back: {kill['steps_read_back']} (steps 0..{kill['steps_read_back'] - 1}, contiguous: {kill['steps_contiguous']}), "
@@ -398,6 +401,16 @@ def write_results(path: Path = RESULTS) -> str:
         f"- status in run.json: `{kill['status_in_run_json']}`; shown as `{kill['status_while_fresh']}` while the heartbeat is fresh, "
         f"`{kill['status_once_stale']}` once it is older than the threshold",
         "",
+        "The same kill at other moments:",
+        "",
+        "| killed once the parent saw this many part files | steps started | steps read back | confirmed written before the kill | steps lost | contiguous |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['part_files_at_kill']} | {r['steps_done']} | {r['steps_read_back']} | {r['steps_confirmed_written']} | {r['steps_lost']} | {r['steps_contiguous']} |"
+        for r in repeats
+    ]
+    lines += [        "",
         "## Disk full (injected ENOSPC on part-file writes)",
         f"- {full['steps']} steps x 3 tasks = {full['rows_recorded']} rows recorded; writes failed for {full['failing_steps']} steps "
         f"({full['failed_writes']} failed write attempts)",
