@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 COMMAND_MODULES = (
     "toolkit.commands.demo",
     "toolkit.commands.compare",
+    "toolkit.commands.export",
+    "toolkit.commands.summary",
 )
 
 
@@ -27,7 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError) as exc:  # includes RunError, AnalysisError
         print(f"gradnorm {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

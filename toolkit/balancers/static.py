@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -23,9 +24,20 @@ class StaticWeights(Balancer):
         super().__init__(initial_loss=initial_loss)
         self.given = dict(weights) if isinstance(weights, Mapping) else [float(w) for w in weights]
 
+    @classmethod
+    def from_file(cls, path: Union[str, "os.PathLike[str]"], initial_loss: InitialLossSpec = "first") -> "StaticWeights":
+        """Retrain with the weights of a file written by ``gradnorm export`` (paper 5.2)."""
+        from toolkit.weights_file import load_weights
+
+        balancer = cls(load_weights(path), initial_loss=initial_loss)
+        balancer.source = str(path)
+        return balancer
+
     def config(self) -> dict[str, Any]:
         cfg = super().config()
         cfg["weights"] = self.given
+        if getattr(self, "source", None):
+            cfg["source"] = self.source
         return cfg
 
     def initial_weights(self, device: torch.device, dtype: torch.dtype) -> Tensor:
