@@ -292,6 +292,21 @@ HOSTILE_RUN_JSON: dict[str, bytes] = {
 HOSTILE_RUN_NAMES = ["../../etc", "..", "/etc", "a/b", ".hidden", "", "x" * 129, "run\n", "run\x00", "x'; DROP TABLE runs; --", 'q"uote']
 
 
+#: Hostile exported-weights files (paper 5.2: the static weights a user retrains with).
+HOSTILE_WEIGHTS: dict[str, str] = {
+    "not JSON": "{not json",
+    "another format": '{"format": "other", "version": 1, "weights": {"a": 1.0, "b": 1.0}}',
+    "negative weight": '{"format": "gradnorm-weights", "version": 1, "weights": {"a": 1.0, "b": -1.0}}',
+    "zero weight": '{"format": "gradnorm-weights", "version": 1, "weights": {"a": 0.0, "b": 2.0}}',
+    "NaN weight": '{"format": "gradnorm-weights", "version": 1, "weights": {"a": NaN, "b": 2.0}}',
+    "infinite weight": '{"format": "gradnorm-weights", "version": 1, "weights": {"a": Infinity, "b": 2.0}}',
+    "weight as text": '{"format": "gradnorm-weights", "version": 1, "weights": {"a": "1.0", "b": 1.0}}',
+    "weights as a list": '{"format": "gradnorm-weights", "version": 1, "weights": [1.0, 1.0]}',
+    "unknown field": '{"format": "gradnorm-weights", "version": 1, "weights": {"a": 1.0, "b": 1.0}, "extra": 3}',
+    "future version": '{"format": "gradnorm-weights", "version": 99, "weights": {"a": 1.0, "b": 1.0}}',
+}
+
+
 def bad_input_scenario(root: Path) -> list[tuple[str, str, str]]:
     """Try each hostile input; return (kind, input, outcome) where outcome is the error message or 'ACCEPTED'."""
     root = Path(root)
@@ -314,6 +329,26 @@ def bad_input_scenario(root: Path) -> list[tuple[str, str, str]]:
             outcome = str(exc).split(":")[0]
         shown = repr(name) if len(name) <= 40 else f"{name[:1]!r} * {len(name)}"
         results.append(("run name", shown, outcome if len(outcome) <= 60 else "invalid run name (too long)"))
+    from toolkit.analysis import load_weights
+    from toolkit.balancers import StaticWeights
+
+    (root / "weights").mkdir(parents=True)
+    for label, content in HOSTILE_WEIGHTS.items():
+        path = root / "weights" / "w.json"
+        path.write_text(content, encoding="utf-8")
+        try:
+            load_weights(path)
+            outcome = "ACCEPTED"
+        except ValueError as exc:
+            outcome = str(exc).replace(str(path), "<file>")
+        results.append(("weights file", label, outcome))
+    path.write_text('{"format": "gradnorm-weights", "version": 1, "weights": {"a": 1.0, "z": 1.0}}', encoding="utf-8")
+    try:
+        StaticWeights(load_weights(path)).bind(["a", "b"], torch.device("cpu"))
+        outcome = "ACCEPTED"
+    except ValueError as exc:
+        outcome = str(exc)
+    results.append(("weights file", "tasks of another run, retrained on ['a', 'b']", outcome))
     return results
 
 

@@ -311,9 +311,16 @@ def test_a_reader_never_sees_half_a_part_file(tmp_path):
 
 def test_every_bad_input_of_the_results_file_is_refused_with_a_message(tmp_path):
     outcomes = scenarios.bad_input_scenario(tmp_path)
-    assert len(outcomes) == len(scenarios.HOSTILE_RUN_JSON) + len(scenarios.HOSTILE_RUN_NAMES)
+    assert len(outcomes) == len(scenarios.HOSTILE_RUN_JSON) + len(scenarios.HOSTILE_RUN_NAMES) + len(scenarios.HOSTILE_WEIGHTS) + 1
     for kind, value, outcome in outcomes:
         assert outcome != "ACCEPTED", (kind, value)
-        assert ("run.json" in outcome) if kind == "run.json" else outcome.startswith("invalid run name")
+        if kind == "run.json":
+            assert "run.json" in outcome
+        elif kind == "run name":
+            assert outcome.startswith("invalid run name")
+        elif value.startswith("tasks of another run"):
+            assert "unknown tasks ['z'], missing tasks ['b']" in outcome
+        else:
+            assert outcome.startswith("weights file <file>"), outcome
     # Refused names created nothing at all.
     assert not (tmp_path / "names").exists() or list((tmp_path / "names").iterdir()) == []
