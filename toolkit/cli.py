@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "toolkit.commands.compare",
     "toolkit.commands.export",
     "toolkit.commands.summary",
+    "toolkit.commands.sweep",
 )
 
 

@@ -1,0 +1,33 @@
+"""``gradnorm sweep``: the paper's section 5.3 on the toy problem, at a small default size."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("sweep", help="random static weights vs GradNorm's E_t[w_i] on the toy problem (paper 5.3)")
+    parser.add_argument("--tasks", type=int, default=2, help="task count (default: 2)")
+    parser.add_argument("--networks", type=int, default=16, help="random static networks (default: 16)")
+    parser.add_argument("--steps", type=int, default=500, help="training steps per network (default: 500)")
+    parser.add_argument("--alpha", type=float, default=0.12, help="GradNorm asymmetry (default: 0.12)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs-root", type=Path, default=None, help="where to record the runs (default: runs/sweep-<time>)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write sweep.md/.json/.html (default: the runs root)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from hooks.grid_sweep import run_sweep, write_report
+
+    root = args.runs_root or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S")
+    with tqdm(total=args.steps * (args.networks + 1), desc="sweep", unit="step", disable=args.no_progress) as bar:
+        result = run_sweep(root, args.tasks, args.networks, args.steps, args.alpha, args.seed, progress=bar.update)
+    written = write_report(result, args.out or root)
+    print(written[0].read_text(encoding="utf-8"))
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
