@@ -95,3 +95,14 @@ def test_hostile_task_names_are_recorded_as_data(tmp_path):
     assert set(table.column("task").to_pylist()) == set(HOSTILE_TASK_NAMES)
     # Nothing was created outside the run directory by a task name that looks like a path.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile-tasks"]
+
+
+@pytest.mark.parametrize("command", ["summary", "export"])
+def test_the_command_line_refuses_escaping_run_names_with_a_message(tmp_path, capsys, command):
+    from toolkit import cli
+
+    (tmp_path / "root").mkdir()
+    code = cli.main([command, "--root", str(tmp_path / "root"), "../../etc"])
+    assert code == 2
+    assert f"gradnorm {command}: error: invalid run name '../../etc'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
