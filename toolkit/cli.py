@@ -14,6 +14,8 @@ COMMAND_MODULES = (
     "toolkit.commands.export",
     "toolkit.commands.summary",
     "toolkit.commands.sweep",
+    "toolkit.commands.app",
+    "toolkit.commands.report",
 )
 
 

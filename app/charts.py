@@ -1,0 +1,214 @@
+"""Altair chart builders: plain functions from the analysis' DataFrames to charts.
+
+They know nothing of Streamlit, so the app, ``gradnorm report`` and the tests share them. Colours are
+fixed per task name (one scale over every task shown), so a task keeps its colour across runs and charts.
+Each per-run panel is one chart of a horizontal concatenation, titled with the run id.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Optional, Sequence
+
+import altair as alt
+import pandas as pd
+
+PANEL_WIDTH = 360
+PANEL_HEIGHT = 240
+X_TITLES = {"step": "step", "wall_time": "wall time (s)"}
+
+
+def natural_key(name: str) -> list:
+    """task2 before task10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(name))]
+
+
+def task_scale(tasks: Sequence[str]) -> alt.Scale:
+    domain = sorted(set(map(str, tasks)), key=natural_key)
+    return alt.Scale(domain=domain, scheme="tableau20" if len(domain) > 10 else "tableau10")
+
+
+def _y(field: str, title: str, log: bool) -> alt.Y:
+    scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
+    return alt.Y(f"{field}:Q", title=title, scale=scale)
+
+
+def _tooltip(value_title: str) -> list:
+    return [
+        alt.Tooltip("run_id:N", title="run"),
+        alt.Tooltip("task:N"),
+        alt.Tooltip("x:Q", title="x", format=",.6g"),
+        alt.Tooltip("value_raw:Q", title=value_title, format=".6g"),
+        alt.Tooltip("value:Q", title=f"{value_title} (smoothed)", format=".6g"),
+        alt.Tooltip("n:Q", title="points in bucket"),
+    ]
+
+
+def _with_raw(frame: pd.DataFrame) -> pd.DataFrame:
+    if "value_raw" not in frame.columns:
+        frame = frame.assign(value_raw=frame["value"])
+    return frame
+
+
+def line_layer(frame: pd.DataFrame, colour: alt.Scale, y_title: str, x: str, log: bool, dash: Optional[str] = None) -> alt.Chart:
+    """Lines per task, a tooltip with the exact (unsmoothed) bucket mean."""
+    encoding = dict(
+        x=alt.X("x:Q", title=X_TITLES.get(x, x)),
+        y=_y("value", y_title, log),
+        color=alt.Color("task:N", scale=colour, legend=alt.Legend(title="task")),
+        tooltip=_tooltip(y_title),
+    )
+    if dash:
+        encoding["strokeDash"] = alt.StrokeDash(f"{dash}:N", title=None)
+        encoding["detail"] = alt.Detail(f"{dash}:N")
+    return alt.Chart(_with_raw(frame)).mark_line(strokeWidth=1.6).encode(**encoding)
+
+
+def band_layer(frame: pd.DataFrame, colour: alt.Scale, x: str, log: bool) -> alt.Chart:
+    """The min/max band of each bucket (what downsampling averaged over)."""
+    return (
+        alt.Chart(frame)
+        .mark_area(opacity=0.15)
+        .encode(
+            x=alt.X("x:Q", title=X_TITLES.get(x, x)),
+            y=alt.Y("value_min:Q", scale=alt.Scale(type="log") if log else alt.Scale(zero=False)),
+            y2="value_max:Q",
+            color=alt.Color("task:N", scale=colour, legend=None),
+        )
+    )
+
+
+def per_run(panels: Sequence[alt.Chart]) -> alt.HConcatChart:
+    return alt.hconcat(*panels).resolve_scale(color="shared")
+
+
+def metric_chart(series: pd.DataFrame, y_title: str, *, x: str = "step", log: bool = False, band: bool = True, tasks: Optional[Sequence[str]] = None) -> alt.HConcatChart:
+    """One panel per run: a metric per task over x, with its min/max band."""
+    colour = task_scale(tasks if tasks is not None else series["task"].unique())
+    panels = []
+    for run_id, frame in _runs(series):
+        layers = [band_layer(frame, colour, x, log)] if band else []
+        layers.append(line_layer(frame, colour, y_title, x, log))
+        panels.append(alt.layer(*layers).properties(title=run_id, width=PANEL_WIDTH, height=PANEL_HEIGHT))
+    return per_run(panels)
+
+
+def weights_chart(
+    series: pd.DataFrame,
+    averages: Mapping[str, pd.DataFrame],
+    windows: Mapping[str, tuple[int, int]],
+    *,
+    x: str = "step",
+    log: bool = False,
+    tasks: Optional[Sequence[str]] = None,
+) -> alt.HConcatChart:
+    """w_i(t) per run with E_t[w_i] drawn as horizontal rules and the averaging window shaded
+    (paper Figures 2 and 5). ``averages[run]`` has columns task, mean; ``windows[run]`` = (start, end)."""
+    colour = task_scale(tasks if tasks is not None else series["task"].unique())
+    panels = []
+    for run_id, frame in _runs(series):
+        layers = []
+        if x == "step" and run_id in windows:
+            start, end = windows[run_id]
+            window = pd.DataFrame({"start": [start], "end": [end]})
+            layers.append(
+                alt.Chart(window)
+                .mark_rect(opacity=0.08, color="gray")
+                .encode(x="start:Q", x2="end:Q", tooltip=[alt.Tooltip("start:Q", title="window start"), alt.Tooltip("end:Q", title="window end")])
+            )
+        layers.append(line_layer(frame, colour, "weight w_i(t)", x, log))
+        average = averages.get(run_id)
+        if average is not None and len(average):
+            rules = average[["task", "mean"]].rename(columns={"mean": "average"})
+            layers.append(
+                alt.Chart(rules)
+                .mark_rule(strokeDash=[6, 3], strokeWidth=1.2)
+                .encode(
+                    y=alt.Y("average:Q"),
+                    color=alt.Color("task:N", scale=colour, legend=None),
+                    tooltip=[alt.Tooltip("task:N"), alt.Tooltip("average:Q", title="E_t[w_i]", format=".4f")],
+                )
+            )
+        panels.append(alt.layer(*layers).properties(title=run_id, width=PANEL_WIDTH, height=PANEL_HEIGHT))
+    return per_run(panels)
+
+
+def grad_norm_chart(norms: pd.DataFrame, targets: pd.DataFrame, *, x: str = "step", log: bool = True, tasks: Optional[Sequence[str]] = None) -> alt.HConcatChart:
+    """G_i(t) (solid) against the GradNorm target mean_j G_j * r_i^alpha (dashed), per run."""
+    frames = [norms.assign(kind="G_i")]
+    if targets is not None and len(targets):
+        frames.append(targets.assign(kind="target"))
+    combined = pd.concat(frames, ignore_index=True)
+    colour = task_scale(tasks if tasks is not None else combined["task"].unique())
+    panels = [
+        line_layer(frame, colour, "gradient norm at W", x, log, dash="kind").properties(title=run_id, width=PANEL_WIDTH, height=PANEL_HEIGHT)
+        for run_id, frame in _runs(combined)
+    ]
+    return per_run(panels)
+
+
+def overfitting_chart(frame: pd.DataFrame, onsets: pd.DataFrame, *, run_id: str = "", log: bool = False, tasks: Optional[Sequence[str]] = None) -> alt.HConcatChart:
+    """Left: training (solid) and validation (dashed) loss per task. Right: the gap (validation minus
+    training), with a rule where overfitting starts for the tasks that have an onset."""
+    colour = task_scale(tasks if tasks is not None else frame["task"].unique())
+    long = frame.melt(id_vars=["task", "step"], value_vars=["train_loss", "val_loss"], var_name="split", value_name="loss")
+    long["split"] = long["split"].map({"train_loss": "train", "val_loss": "validation"})
+    losses = (
+        alt.Chart(long)
+        .mark_line(point=alt.OverlayMarkDef(size=12))
+        .encode(
+            x=alt.X("step:Q"),
+            y=_y("loss", "loss", log),
+            color=alt.Color("task:N", scale=colour),
+            strokeDash=alt.StrokeDash("split:N", title=None),
+            detail="split:N",
+            tooltip=["task:N", "split:N", alt.Tooltip("step:Q"), alt.Tooltip("loss:Q", format=".6g")],
+        )
+        .properties(title=f"{run_id}: training vs validation loss", width=PANEL_WIDTH, height=PANEL_HEIGHT)
+    )
+    gap_layers = [
+        alt.Chart(frame)
+        .mark_line(point=alt.OverlayMarkDef(size=12))
+        .encode(
+            x=alt.X("step:Q"),
+            y=alt.Y("gap:Q", title="validation - training loss"),
+            color=alt.Color("task:N", scale=colour),
+            tooltip=["task:N", alt.Tooltip("step:Q"), alt.Tooltip("gap:Q", format=".6g")],
+        )
+    ]
+    marked = onsets.dropna(subset=["onset_step"]) if len(onsets) else onsets
+    if len(marked):
+        marked = marked.assign(onset_step=marked["onset_step"].astype(float))
+        gap_layers.append(
+            alt.Chart(marked)
+            .mark_rule(strokeDash=[2, 2])
+            .encode(
+                x="onset_step:Q",
+                color=alt.Color("task:N", scale=colour),
+                tooltip=["task:N", alt.Tooltip("onset_step:Q", title="overfitting starts"), alt.Tooltip("gap_slope:Q", format=".3g")],
+            )
+        )
+    gaps = alt.layer(*gap_layers).properties(title=f"{run_id}: generalisation gap", width=PANEL_WIDTH, height=PANEL_HEIGHT)
+    return alt.hconcat(losses, gaps).resolve_scale(color="shared")
+
+
+def balance_chart(balance: pd.DataFrame, *, log: bool = False) -> alt.HConcatChart:
+    """Spread across tasks over time, one line per run: CV of the G_i and CV of the loss ratios."""
+    panels = []
+    for column, title in (("grad_norm_cv", "spread of G_i (CV across tasks)"), ("loss_ratio_cv", "spread of loss ratios (CV)")):
+        panels.append(
+            alt.Chart(balance)
+            .mark_line()
+            .encode(
+                x=alt.X("step:Q"),
+                y=_y(column, title, log),
+                color=alt.Color("run_id:N", title="run"),
+                tooltip=["run_id:N", alt.Tooltip("step:Q"), alt.Tooltip(f"{column}:Q", format=".4g")],
+            )
+            .properties(title=title, width=PANEL_WIDTH, height=PANEL_HEIGHT)
+        )
+    return alt.hconcat(*panels)
+
+
+def _runs(series: pd.DataFrame):
+    for run_id in sorted(series["run_id"].unique(), key=natural_key) if len(series) else []:
+        yield run_id, series[series["run_id"] == run_id]
