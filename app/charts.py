@@ -27,9 +27,14 @@ def task_scale(tasks: Sequence[str]) -> alt.Scale:
     return alt.Scale(domain=domain, scheme="tableau20" if len(domain) > 10 else "tableau10")
 
 
-def _y(field: str, title: str, log: bool) -> alt.Y:
-    scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
+def _y(field: str, title: str, log: bool, zero: bool = False) -> alt.Y:
+    scale = alt.Scale(type="log") if log else alt.Scale(zero=zero)
     return alt.Y(f"{field}:Q", title=title, scale=scale)
+
+
+def panel_width(panels: int) -> int:
+    """Panels of one row share about 1100 px."""
+    return max(240, min(PANEL_WIDTH, 1100 // max(panels, 1) - 40))
 
 
 def _tooltip(value_title: str) -> list:
@@ -49,11 +54,11 @@ def _with_raw(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def line_layer(frame: pd.DataFrame, colour: alt.Scale, y_title: str, x: str, log: bool, dash: Optional[str] = None) -> alt.Chart:
+def line_layer(frame: pd.DataFrame, colour: alt.Scale, y_title: str, x: str, log: bool, dash: Optional[str] = None, zero: bool = False) -> alt.Chart:
     """Lines per task, a tooltip with the exact (unsmoothed) bucket mean."""
     encoding = dict(
         x=alt.X("x:Q", title=X_TITLES.get(x, x)),
-        y=_y("value", y_title, log),
+        y=_y("value", y_title, log, zero),
         color=alt.Color("task:N", scale=colour, legend=alt.Legend(title="task")),
         tooltip=_tooltip(y_title),
     )
@@ -88,7 +93,7 @@ def metric_chart(series: pd.DataFrame, y_title: str, *, x: str = "step", log: bo
     for run_id, frame in _runs(series):
         layers = [band_layer(frame, colour, x, log)] if band else []
         layers.append(line_layer(frame, colour, y_title, x, log))
-        panels.append(alt.layer(*layers).properties(title=run_id, width=PANEL_WIDTH, height=PANEL_HEIGHT))
+        panels.append(alt.layer(*layers).properties(title=run_id, width=panel_width(series["run_id"].nunique()), height=PANEL_HEIGHT))
     return per_run(panels)
 
 
@@ -115,7 +120,8 @@ def weights_chart(
                 .mark_rect(opacity=0.08, color="gray")
                 .encode(x="start:Q", x2="end:Q", tooltip=[alt.Tooltip("start:Q", title="window start"), alt.Tooltip("end:Q", title="window end")])
             )
-        layers.append(line_layer(frame, colour, "weight w_i(t)", x, log))
+        # From zero: weights are positive and sum to T, and equal weights must not zoom into rounding.
+        layers.append(line_layer(frame, colour, "weight w_i(t)", x, log, zero=True))
         average = averages.get(run_id)
         if average is not None and len(average):
             rules = average[["task", "mean"]].rename(columns={"mean": "average"})
@@ -128,7 +134,7 @@ def weights_chart(
                     tooltip=[alt.Tooltip("task:N"), alt.Tooltip("average:Q", title="E_t[w_i]", format=".4f")],
                 )
             )
-        panels.append(alt.layer(*layers).properties(title=run_id, width=PANEL_WIDTH, height=PANEL_HEIGHT))
+        panels.append(alt.layer(*layers).properties(title=run_id, width=panel_width(series["run_id"].nunique()), height=PANEL_HEIGHT))
     return per_run(panels)
 
 
@@ -140,55 +146,57 @@ def grad_norm_chart(norms: pd.DataFrame, targets: pd.DataFrame, *, x: str = "ste
     combined = pd.concat(frames, ignore_index=True)
     colour = task_scale(tasks if tasks is not None else combined["task"].unique())
     panels = [
-        line_layer(frame, colour, "gradient norm at W", x, log, dash="kind").properties(title=run_id, width=PANEL_WIDTH, height=PANEL_HEIGHT)
+        line_layer(frame, colour, "gradient norm at W", x, log, dash="kind").properties(title=run_id, width=panel_width(combined["run_id"].nunique()), height=PANEL_HEIGHT)
         for run_id, frame in _runs(combined)
     ]
     return per_run(panels)
 
 
-def overfitting_chart(frame: pd.DataFrame, onsets: pd.DataFrame, *, run_id: str = "", log: bool = False, tasks: Optional[Sequence[str]] = None) -> alt.HConcatChart:
-    """Left: training (solid) and validation (dashed) loss per task. Right: the gap (validation minus
-    training), with a rule where overfitting starts for the tasks that have an onset."""
+def overfitting_chart(frame: pd.DataFrame, onsets: pd.DataFrame, *, run_id: str = "", log: bool = False, tasks: Optional[Sequence[str]] = None) -> alt.VConcatChart:
+    """Top: one small panel per task (own y scale: task losses differ by orders of magnitude) with the
+    training (solid) and validation (dashed) loss and a rule where overfitting starts. Bottom: the
+    relative gap (validation - training) / validation of every task on one axis."""
     colour = task_scale(tasks if tasks is not None else frame["task"].unique())
     long = frame.melt(id_vars=["task", "step"], value_vars=["train_loss", "val_loss"], var_name="split", value_name="loss")
     long["split"] = long["split"].map({"train_loss": "train", "val_loss": "validation"})
-    losses = (
-        alt.Chart(long)
-        .mark_line(point=alt.OverlayMarkDef(size=12))
-        .encode(
-            x=alt.X("step:Q"),
-            y=_y("loss", "loss", log),
-            color=alt.Color("task:N", scale=colour),
-            strokeDash=alt.StrokeDash("split:N", title=None),
-            detail="split:N",
-            tooltip=["task:N", "split:N", alt.Tooltip("step:Q"), alt.Tooltip("loss:Q", format=".6g")],
-        )
-        .properties(title=f"{run_id}: training vs validation loss", width=PANEL_WIDTH, height=PANEL_HEIGHT)
+    onset_by_task = {} if not len(onsets) else dict(zip(onsets["task"], onsets["onset_step"]))
+    long["onset_step"] = long["task"].map(lambda t: None if pd.isna(onset_by_task.get(t, None)) else float(onset_by_task[t]))
+    first = long.groupby("task")["step"].transform("min")
+    long["marker_row"] = (long["step"] == first) & (long["split"] == "validation")
+    lines = alt.Chart().mark_line(point=alt.OverlayMarkDef(size=10)).encode(
+        x=alt.X("step:Q"),
+        y=_y("loss", "loss", log),
+        color=alt.Color("task:N", scale=colour),
+        strokeDash=alt.StrokeDash("split:N", title=None),
+        detail="split:N",
+        tooltip=["task:N", "split:N", alt.Tooltip("step:Q"), alt.Tooltip("loss:Q", format=".6g")],
     )
-    gap_layers = [
-        alt.Chart(frame)
+    rule = (
+        alt.Chart()
+        .transform_filter("datum.marker_row && isValid(datum.onset_step)")
+        .mark_rule(strokeDash=[2, 2], color="black")
+        .encode(x="onset_step:Q", tooltip=["task:N", alt.Tooltip("onset_step:Q", title="overfitting starts")])
+    )
+    panels = (
+        alt.layer(lines, rule, data=long)
+        .properties(width=170, height=120)
+        .facet(facet=alt.Facet("task:N", sort=sorted(long["task"].unique(), key=natural_key), title=None), columns=5)
+        .resolve_scale(y="independent")
+        .properties(title=f"{run_id}: training vs validation loss per task")
+    )
+    relative = frame.assign(relative_gap=frame["gap"] / frame["val_loss"])
+    gaps = (
+        alt.Chart(relative)
         .mark_line(point=alt.OverlayMarkDef(size=12))
         .encode(
             x=alt.X("step:Q"),
-            y=alt.Y("gap:Q", title="validation - training loss"),
+            y=alt.Y("relative_gap:Q", title="(validation - training) / validation"),
             color=alt.Color("task:N", scale=colour),
-            tooltip=["task:N", alt.Tooltip("step:Q"), alt.Tooltip("gap:Q", format=".6g")],
+            tooltip=["task:N", alt.Tooltip("step:Q"), alt.Tooltip("gap:Q", format=".6g"), alt.Tooltip("relative_gap:Q", format=".3%")],
         )
-    ]
-    marked = onsets.dropna(subset=["onset_step"]) if len(onsets) else onsets
-    if len(marked):
-        marked = marked.assign(onset_step=marked["onset_step"].astype(float))
-        gap_layers.append(
-            alt.Chart(marked)
-            .mark_rule(strokeDash=[2, 2])
-            .encode(
-                x="onset_step:Q",
-                color=alt.Color("task:N", scale=colour),
-                tooltip=["task:N", alt.Tooltip("onset_step:Q", title="overfitting starts"), alt.Tooltip("gap_slope:Q", format=".3g")],
-            )
-        )
-    gaps = alt.layer(*gap_layers).properties(title=f"{run_id}: generalisation gap", width=PANEL_WIDTH, height=PANEL_HEIGHT)
-    return alt.hconcat(losses, gaps).resolve_scale(color="shared")
+        .properties(title=f"{run_id}: generalisation gap, relative", width=2 * PANEL_WIDTH, height=PANEL_HEIGHT)
+    )
+    return alt.vconcat(panels, gaps).resolve_scale(color="shared")
 
 
 def balance_chart(balance: pd.DataFrame, *, log: bool = False) -> alt.HConcatChart:

@@ -58,11 +58,14 @@ def write_report(root, run_ids: Sequence[str], out_path) -> Path:
             f"{average.convergence:.2%}.</p>" + table.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0)
         )
     built = build_charts(root, run_ids)
-    combined = alt.vconcat(*[chart.properties(title=title) for title, chart in built]).configure_title(anchor="start")
+    # Independent colours: tasks in most charts, runs in the balance chart.
+    combined = alt.vconcat(*[chart.properties(title=title) for title, chart in built]).resolve_scale(color="independent").configure_title(anchor="start")
     chart_html = combined.to_html(inline=True)
-    body_start = chart_html.index("<body>") + len("<body>")
+    # The inlined scripts in <head> contain "<body>" strings of their own; the document's tag follows </head>.
+    body_start = chart_html.index("<body>", chart_html.rindex("</head>")) + len("<body>")
     tables = "<h2>Summary</h2>" + "".join(sections) + "<h2>Charts</h2>"
-    document = chart_html[:body_start] + f"<h1>GradNorm report: {html.escape(', '.join(run_ids))}</h1>" + tables + chart_html[body_start:]
+    style = "<style>body{font-family:sans-serif;margin:24px} table{border-collapse:collapse} td,th{padding:2px 10px;text-align:right}</style>"
+    document = chart_html[:body_start] + style + f"<h1>GradNorm report: {html.escape(', '.join(run_ids))}</h1>" + tables + chart_html[body_start:]
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(document, encoding="utf-8")
