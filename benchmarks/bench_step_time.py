@@ -6,6 +6,9 @@ Variants, each with its own copy of the same network and the same batches:
 - ``equal+record``: the toolkit attached with equal weights, measuring G_i and recording every step;
 - ``gradnorm``: the toolkit's GradNorm (closed-form dL_grad/dw), nothing recorded;
 - ``gradnorm+record``: the same, recording every step to Parquet;
+- ``..., heads=``: the same with the gradient norms tapped from the ordinary backward pass at the task
+  heads' input (``hooks.attach(..., heads=model.heads)``, ``hooks/taps.py``) instead of a separate
+  batched backward from the losses;
 - ``double-backward``: the paper's equations with create_graph double backward (the common
   implementation; the same code as ``tests/gradnorm_reference.py``);
 - ``gradnorm-pytorch``: the ``gradnorm-pytorch`` package, where installed.
@@ -102,9 +105,10 @@ def make_variants(config: toy.ToyConfig, device: torch.device, runs_root: Path) 
 
         return step
 
-    def session_step(balancer, record: bool, name: str) -> StepFn:
+    def session_step(balancer, record: bool, name: str, taps: bool = False) -> StepFn:
         model, optimizer = fresh()
-        session = hooks.attach(model.shared_layer, balancer, runs_root=runs_root if record else None, run_name=name)
+        heads = list(model.heads) if taps else None
+        session = hooks.attach(model.shared_layer, balancer, runs_root=runs_root if record else None, run_name=name, heads=heads)
         closers.append(session.close)
 
         def step(x: Tensor, y: Tensor) -> None:
@@ -132,6 +136,9 @@ def make_variants(config: toy.ToyConfig, device: torch.device, runs_root: Path) 
     variants["equal+record"] = session_step(EqualWeights(), True, f"bench-T{config.num_tasks}-equal")
     variants["gradnorm"] = session_step(GradNorm(alpha=ALPHA), False, "unused")
     variants["gradnorm+record"] = session_step(GradNorm(alpha=ALPHA), True, f"bench-T{config.num_tasks}-gradnorm")
+    variants["equal+record, heads="] = session_step(EqualWeights(), True, f"bench-T{config.num_tasks}-equal-taps", taps=True)
+    variants["gradnorm, heads="] = session_step(GradNorm(alpha=ALPHA), False, "unused", taps=True)
+    variants["gradnorm+record, heads="] = session_step(GradNorm(alpha=ALPHA), True, f"bench-T{config.num_tasks}-gradnorm-taps", taps=True)
     variants["double-backward"] = double_backward_step()
     library = gradnorm_pytorch_step(fresh, config, device)
     if library is not None:
@@ -232,7 +239,8 @@ def to_markdown(results: dict[int, dict[str, dict[str, float]]], device: torch.d
     for t, summary in results.items():
         lines.append("")
         lines.append(
-            f"T={t}: recording every step costs {summary['gradnorm+record']['median_ms'] / summary['gradnorm']['median_ms']:.3f}x "
+            f"T={t}: with heads=, GradNorm recording every step costs {summary['gradnorm+record, heads=']['ratio']:.2f}x equal weights; "
+            f"recording every step costs {summary['gradnorm+record']['median_ms'] / summary['gradnorm']['median_ms']:.3f}x "
             f"the unrecorded GradNorm step; GradNorm is {summary['double-backward']['median_ms'] / summary['gradnorm']['median_ms']:.2f}x faster "
             "than double backward"
             + (

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from toolkit import runs
 from toolkit.balancers import Balancer, EqualWeights, StaticWeights, stats_matrix
 from toolkit.recorder import DEFAULT_FLUSH_EVERY, Recorder
 
 from .grad_norms import GradNormMeter
+from .taps import HeadTaps
 from .shared_layer import SharedLayer, reaches, resolve_shared_layer
 from .task_gradients import RepresentationCapture, reweight_representation, step_weights
 
@@ -48,6 +49,7 @@ class Session:
         flush_every: int = DEFAULT_FLUSH_EVERY,
         measure_grad_norms: bool = True,
         config: Optional[Mapping[str, Any]] = None,
+        heads: Optional[Sequence[nn.Module]] = None,
     ) -> None:
         self.layer = resolve_shared_layer(shared)
         self.balancer = balancer if balancer is not None else EqualWeights()
@@ -63,6 +65,16 @@ class Session:
         self.capture = RepresentationCapture(self.layer.module, self.layer.description) if needs_capture else None
         self._step_norms: Optional[Tensor] = None
         self._surgery: Optional[tuple[Tensor, Tensor]] = None
+        # heads=: the norms come from the user's own backward (hooks/taps.py) and w updates after it.
+        self.taps: Optional[HeadTaps] = None
+        self._pending: Optional[tuple] = None
+        if heads is not None:
+            if self.balancer.uses_current_step or needs_capture or self.balancer.weights_act_on_representation:
+                raise ValueError(
+                    f"heads= measures gradient norms during your backward, but {self.balancer.name} needs this step's "
+                    "per-task gradients before the loss is formed; leave heads= out for it"
+                )
+            self.taps = HeadTaps(heads, self.layer.parameter, self._norms_from_backward)
         self.tasks: Optional[list[str]] = list(tasks) if tasks is not None else None
         self.step_index = 0
         self.runs_root = None if runs_root is None else Path(runs_root)
@@ -85,6 +97,9 @@ class Session:
         # Gradient surgery acts on Z's gradient; the heads then train on unit-weighted losses.
         loss_weights = torch.ones_like(applied) if self.balancer.weights_act_on_representation and not self.shadow else applied
         total = (loss_weights.to(stacked.dtype) * stacked).sum()
+        if self.taps is not None:
+            self._defer(values, stacked, applied, epoch, step)
+            return total
         self._observe(values, stacked, applied, epoch, step)
         if self._surgery is not None:
             # Registered last, so that the gradient-norm measurement above does not pass through it.
@@ -178,7 +193,7 @@ class Session:
                 "balancer": self.balancer.config(),
                 "shared_layer": self.layer.config(),
                 "mode": "shadow" if self.shadow else "balance",
-                "grad_norm_path": "autograd-batched" if self.meter.batched else "autograd-loop",
+                "grad_norm_path": "head-taps" if self.taps is not None else ("autograd-batched" if self.meter.batched else "autograd-loop"),
                 "flush_every": self.flush_every,
                 "config": self.user_config,
             }
@@ -187,7 +202,27 @@ class Session:
             self.run_path = runs.create_run(self.runs_root, self.run_name, meta)
             self.recorder = Recorder(self.run_path, names, flush_every=self.flush_every)
 
-    def _observe(self, values: list[Tensor], stacked: Tensor, applied: Tensor, epoch: Optional[int], step: Optional[int]) -> None:
+    def _defer(self, values: list[Tensor], stacked: Tensor, applied: Tensor, epoch: Optional[int], step: Optional[int]) -> None:
+        """heads= mode: keep the step; the taps finish it from inside the user's backward."""
+        self._check_first_step(values)
+        if len(self.taps.heads) != len(self.tasks):
+            raise ValueError(f"heads= has {len(self.taps.heads)} modules for {len(self.tasks)} tasks {self.tasks}; give one head per task, in task order")
+        if self._pending is not None:
+            raise RuntimeError(
+                f"the loss of step {self.step_index} was never backpropagated: with heads= the weights update during "
+                "backward(); call backward() on every loss that session.loss() returns"
+            )
+        self._pending = (stacked.detach(), applied, epoch, step)
+        self.taps.arm()
+
+    def _norms_from_backward(self, weighted_norms: Tensor) -> None:
+        stacked, applied, epoch, step = self._pending
+        self._pending = None
+        # The taps see grad_W of w_i L_i (the weighted loss); the balancer takes n_i = ||grad_W L_i||.
+        norms = weighted_norms.to(applied.dtype) / applied
+        self._finish(stacked, norms, applied, epoch, step)
+
+    def _check_first_step(self, values: list[Tensor]) -> None:
         if self.closed:
             raise RuntimeError("session is closed")
         if self.step_index == 0 and self.measure:
@@ -197,9 +232,15 @@ class Session:
                         f"the shared layer {self.layer.description} receives no gradient from task {name!r}: "
                         "choose a layer that every task's loss depends on (the last shared trunk layer)"
                     )
+
+    def _observe(self, values: list[Tensor], stacked: Tensor, applied: Tensor, epoch: Optional[int], step: Optional[int]) -> None:
+        self._check_first_step(values)
         norms = self._step_norms if self._step_norms is not None else (self.meter(values) if self.measure else None)
         self._step_norms = None
-        stats = self.balancer.update(stacked.detach(), norms, applied=applied)
+        self._finish(stacked.detach(), norms, applied, epoch, step)
+
+    def _finish(self, stacked: Tensor, norms: Optional[Tensor], applied: Tensor, epoch: Optional[int], step: Optional[int]) -> None:
+        stats = self.balancer.update(stacked, norms, applied=applied)
         if self.recorder is not None:
             matrix, defined = stats_matrix(stats, len(self.tasks))
             self.recorder.record(self.step_index if step is None else step, matrix, defined, epoch=epoch)

@@ -1,0 +1,86 @@
+"""heads= (gradient norms tapped from the user's own backward) against the separate autograd measurement
+and against the double-backward reference: same G_i, same weights, same network, step for step."""
+from __future__ import annotations
+
+import copy
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+import hooks
+from toolkit import EqualWeights, GradNorm, toy
+
+
+def train(model: toy.ToyNet, data: toy.ToyData, balancer, steps: int, fast: bool, root=None, name="run"):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    session = hooks.attach(model.shared_layer, balancer, runs_root=root, run_name=name, heads=list(model.heads) if fast else None, flush_every=4)
+    weights, generator = [], torch.Generator().manual_seed(5)
+    with session:
+        for _ in range(steps):
+            index = torch.randint(0, len(data.x_train), (32,), generator=generator)
+            losses = toy.task_losses(model(data.x_train[index]), data.y_train[index])
+            loss = session.loss(losses)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            weights.append(session.balancer.weights().clone())
+    return torch.stack(weights), session
+
+
+@pytest.mark.parametrize("num_tasks", [2, 5])
+def test_tapped_norms_and_weights_match_the_autograd_path(num_tasks, tmp_path):
+    config = toy.ToyConfig(num_tasks=num_tasks, train_size=256, test_size=16)
+    data = toy.make_data(config)
+    base = toy.make_model(config).double()
+    data = toy.ToyData(data.x_train.double(), data.y_train.double(), data.x_test.double(), data.y_test.double(), data.sigmas)
+    slow_model, fast_model = copy.deepcopy(base), copy.deepcopy(base)
+    slow, _ = train(slow_model, data, GradNorm(alpha=0.12), 25, fast=False, root=tmp_path, name="slow")
+    fast, session = train(fast_model, data, GradNorm(alpha=0.12), 25, fast=True, root=tmp_path, name="fast")
+    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-12)
+    for a, b in zip(slow_model.parameters(), fast_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)  # training itself is unchanged
+    slow_rows = pq.read_table(tmp_path / "slow" / "metrics").to_pandas().sort_values(["step", "task"])
+    fast_rows = pq.read_table(tmp_path / "fast" / "metrics").to_pandas().sort_values(["step", "task"])
+    for column in ("grad_norm", "target_norm", "weight", "step_grad_loss"):
+        torch.testing.assert_close(torch.tensor(fast_rows[column].to_numpy()), torch.tensor(slow_rows[column].to_numpy()), rtol=1e-9, atol=1e-12)
+
+
+def test_monitoring_equal_weights_through_taps_records_the_norms(tmp_path):
+    config = toy.ToyConfig(num_tasks=3, train_size=128, test_size=16)
+    data = toy.make_data(config)
+    base = toy.make_model(config)
+    train(copy.deepcopy(base), data, EqualWeights(), 6, fast=False, root=tmp_path, name="slow")
+    train(copy.deepcopy(base), data, EqualWeights(), 6, fast=True, root=tmp_path, name="fast")
+    slow = pq.read_table(tmp_path / "slow" / "metrics").to_pandas().sort_values(["step", "task"])["grad_norm"].to_numpy()
+    fast = pq.read_table(tmp_path / "fast" / "metrics").to_pandas().sort_values(["step", "task"])["grad_norm"].to_numpy()
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(slow), rtol=1e-4, atol=1e-7)
+
+
+def test_a_loss_never_backpropagated_is_an_error():
+    config = toy.ToyConfig(num_tasks=2, train_size=64, test_size=8)
+    data = toy.make_data(config)
+    model = toy.make_model(config)
+    session = hooks.attach(model.shared_layer, GradNorm(), heads=list(model.heads))
+    session.loss(toy.task_losses(model(data.x_train[:8]), data.y_train[:8]))
+    with pytest.raises(RuntimeError, match="never backpropagated"):
+        session.loss(toy.task_losses(model(data.x_train[:8]), data.y_train[:8]))
+
+
+def test_heads_that_do_not_share_one_input_are_refused():
+    trunk = nn.Linear(4, 4)
+    heads = nn.ModuleList([nn.Linear(4, 1), nn.Linear(4, 1)])
+    session = hooks.attach(trunk, GradNorm(), heads=list(heads))
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="different input tensor"):
+        session.loss([heads[0](trunk(x)).sum(), heads[1](trunk(x)).sum()])
+
+
+def test_heads_count_must_match_tasks():
+    trunk = nn.Linear(4, 4)
+    heads = nn.ModuleList([nn.Linear(4, 1) for _ in range(3)])
+    session = hooks.attach(trunk, GradNorm(), heads=list(heads[:2]))
+    features = trunk(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="2 modules for 3 tasks"):
+        session.loss([head(features).sum() for head in heads])
