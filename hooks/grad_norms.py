@@ -7,7 +7,7 @@ batching rule the call falls back, once and for good, to a loop of T calls.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -16,9 +16,11 @@ from torch import Tensor
 class GradNormMeter:
     """Measures the unweighted per-task gradient norms at one parameter."""
 
-    def __init__(self, parameter: Tensor, batched: bool = True) -> None:
+    def __init__(self, parameter: Tensor, batched: bool = True, reduce: Optional[Callable[[Tensor], Tensor]] = None) -> None:
         self.parameter = parameter
         self.batched = batched
+        # Applied to the (T, *W.shape) per-task gradients before the norms: the mean over DDP ranks.
+        self.reduce = reduce or (lambda grads: grads)
 
     def __call__(self, losses: Sequence[Tensor]) -> Tensor:
         stacked = torch.stack([loss.reshape(()) for loss in losses])
@@ -26,12 +28,9 @@ class GradNormMeter:
             try:
                 eye = torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype)
                 (grads,) = torch.autograd.grad(stacked, self.parameter, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
-                return grads.flatten(1).norm(dim=1)
+                return self.reduce(grads).flatten(1).norm(dim=1)
             except RuntimeError as exc:
                 self.batched = False
                 warnings.warn(f"gradnorm: batched gradient norms unavailable for this model ({exc}); using one backward per task", RuntimeWarning)
-        norms = []
-        for loss in losses:
-            (grad,) = torch.autograd.grad(loss, self.parameter, retain_graph=True)
-            norms.append(grad.norm())
-        return torch.stack(norms)
+        grads = [torch.autograd.grad(loss, self.parameter, retain_graph=True)[0] for loss in losses]
+        return self.reduce(torch.stack(grads)).flatten(1).norm(dim=1)

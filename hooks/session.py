@@ -25,6 +25,7 @@ from toolkit import runs
 from toolkit.balancers import Balancer, EqualWeights, StaticWeights, stats_matrix
 from toolkit.recorder import DEFAULT_FLUSH_EVERY, Recorder
 
+from . import distributed
 from .grad_norms import GradNormMeter
 from .taps import HeadTaps
 from .shared_layer import SharedLayer, reaches, resolve_shared_layer
@@ -59,7 +60,7 @@ class Session:
         self._user_weights = weights
         self._applied: Optional[Tensor] = None
         self.measure = measure_grad_norms or self.balancer.needs_grad_norms
-        self.meter = GradNormMeter(self.layer.parameter)
+        self.meter = GradNormMeter(self.layer.parameter, reduce=distributed.mean_across_ranks)
         # Methods that need gradients at the shared representation see its output through a forward hook.
         needs_capture = self.balancer.task_gradients == "representation"
         self.capture = RepresentationCapture(self.layer.module, self.layer.description) if needs_capture else None
@@ -74,7 +75,7 @@ class Session:
                     f"heads= measures gradient norms during your backward, but {self.balancer.name} needs this step's "
                     "per-task gradients before the loss is formed; leave heads= out for it"
                 )
-            self.taps = HeadTaps(heads, self.layer.parameter, self._norms_from_backward)
+            self.taps = HeadTaps(heads, self.layer.parameter, self._norms_from_backward, reduce=distributed.mean_across_ranks)
         self.tasks: Optional[list[str]] = list(tasks) if tasks is not None else None
         self.step_index = 0
         self.runs_root = None if runs_root is None else Path(runs_root)
@@ -199,7 +200,7 @@ class Session:
             }
             if self.shadow:
                 meta["applied_weights"] = dict(zip(names, self._applied.tolist()))
-            self.run_path = runs.create_run(self.runs_root, self.run_name, meta)
+            self.run_path = distributed.create_or_join_run(self.runs_root, self.run_name, meta)
             self.recorder = Recorder(self.run_path, names, flush_every=self.flush_every)
 
     def _defer(self, values: list[Tensor], stacked: Tensor, applied: Tensor, epoch: Optional[int], step: Optional[int]) -> None:
@@ -240,6 +241,8 @@ class Session:
         self._finish(stacked.detach(), norms, applied, epoch, step)
 
     def _finish(self, stacked: Tensor, norms: Optional[Tensor], applied: Tensor, epoch: Optional[int], step: Optional[int]) -> None:
+        # Under DDP every rank balances the global (rank-averaged) losses, so the weights agree.
+        stacked = distributed.mean_across_ranks(stacked)
         stats = self.balancer.update(stacked, norms, applied=applied)
         if self.recorder is not None:
             matrix, defined = stats_matrix(stats, len(self.tasks))

@@ -20,12 +20,15 @@ from torch import Tensor, nn
 class HeadTaps:
     """Forward/backward hooks on the task heads that hand ``on_norms(G)`` the (T,) weighted norms at W."""
 
-    def __init__(self, heads: Sequence[nn.Module], parameter: Tensor, on_norms: Callable[[Tensor], None]) -> None:
+    def __init__(
+        self, heads: Sequence[nn.Module], parameter: Tensor, on_norms: Callable[[Tensor], None], reduce: Optional[Callable[[Tensor], Tensor]] = None
+    ) -> None:
         if len(heads) < 2:
             raise ValueError(f"heads= needs one module per task (at least two), got {len(heads)}")
         self.heads = list(heads)
         self.parameter = parameter
         self.on_norms = on_norms
+        self.reduce = reduce or (lambda grads: grads)
         self._grads: list[Optional[Tensor]] = [None] * len(self.heads)
         self._input: Optional[Tensor] = None
         self._armed = False
@@ -78,7 +81,7 @@ class HeadTaps:
         (per_task,) = torch.autograd.grad(self._input, self.parameter, grad_outputs=stacked, is_grads_batched=True, retain_graph=True)
         self._grads = [None] * len(self.heads)
         self._input = None
-        self.on_norms(per_task.flatten(1).norm(dim=1))
+        self.on_norms(self.reduce(per_task).flatten(1).norm(dim=1))
 
     def remove(self) -> None:
         for handle in self._handles:

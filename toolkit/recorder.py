@@ -63,6 +63,10 @@ class _Batch:
         return len(self.steps) * num_tasks + len(self.validation)
 
 
+#: Written by ranks other than 0 at close, in their own ``metrics/rank=<r>/`` folder.
+RANK_FILE = "rank.json"
+
+
 class Recorder:
     """Writes one rank's records of a run. Thread-safe for one training thread plus its own writer."""
 
@@ -164,7 +168,11 @@ class Recorder:
         self._thread.join()
         _OPEN_RECORDERS.discard(self)
         try:
-            runs.update_run_json(self.run_path, status=status, finished=time.time(), **self.counts())
+            if self.rank == 0:
+                runs.update_run_json(self.run_path, status=status, finished=time.time(), **self.counts())
+            else:
+                # run.json belongs to rank 0; another rank's counts stay beside its own part files.
+                runs.write_json_atomic(self.directory / RANK_FILE, {"rank": self.rank, "status": status, "finished": time.time(), **self.counts()})
         except (OSError, runs.RunError) as exc:
             warnings.warn(f"gradnorm recorder: could not update {self.run_path / schema.RUN_FILE}: {exc}", RuntimeWarning, stacklevel=2)
         finally:
