@@ -51,6 +51,7 @@ class Session:
         measure_grad_norms: bool = True,
         config: Optional[Mapping[str, Any]] = None,
         heads: Optional[Sequence[nn.Module]] = None,
+        grad_scaler: Optional[Any] = None,
     ) -> None:
         self.layer = resolve_shared_layer(shared)
         self.balancer = balancer if balancer is not None else EqualWeights()
@@ -68,6 +69,8 @@ class Session:
         self._surgery: Optional[tuple[Tensor, Tensor]] = None
         # heads=: the norms come from the user's own backward (hooks/taps.py) and w updates after it.
         self.taps: Optional[HeadTaps] = None
+        # With heads= the tapped gradients carry the AMP loss scale of torch.amp.GradScaler; it is divided out.
+        self.grad_scaler = grad_scaler
         self._pending: Optional[tuple] = None
         if heads is not None:
             if self.balancer.uses_current_step or needs_capture or self.balancer.weights_act_on_representation:
@@ -221,6 +224,10 @@ class Session:
         self._pending = None
         # The taps see grad_W of w_i L_i (the weighted loss); the balancer takes n_i = ||grad_W L_i||.
         norms = weighted_norms.to(applied.dtype) / applied
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            scale = self.grad_scaler._get_scale_async()  # a device tensor: no host synchronisation
+            if scale is not None:
+                norms = norms / scale.to(norms.dtype)
         self._finish(stacked, norms, applied, epoch, step)
 
     def _check_first_step(self, values: list[Tensor]) -> None:
@@ -254,6 +261,10 @@ def attach(shared: SharedLayer, balancer: Optional[Balancer] = None, **options: 
     """Attach ``balancer`` (default: equal weights, monitor only) at the shared layer ``shared``.
 
     Options: ``runs_root``/``run_name`` (write records there), ``shadow``/``weights`` (record without
-    changing training), ``flush_every``, ``tasks``, ``config`` (saved in ``run.json``).
+    changing training), ``flush_every``, ``tasks``, ``config`` (saved in ``run.json``), ``heads`` (the
+    task heads in task order: gradient norms are tapped from your own backward instead of a separate
+    pass, and the weights update during ``backward()``; see ``hooks/taps.py``), ``grad_scaler`` (the
+    ``torch.amp.GradScaler`` whose scale multiplies the loss you backpropagate, with ``heads``).
+    Under ``torch.distributed`` every rank attaches with the same ``run_name``; see ``hooks/distributed.py``.
     """
     return Session(shared, balancer, **options)
