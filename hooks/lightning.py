@@ -1,0 +1,71 @@
+"""PyTorch Lightning: a callback that attaches GradNorm to a LightningModule.
+
+Lightning calls ``backward()`` itself; the session never does, so the module only has to hand its task
+losses to ``self.gradnorm.loss`` and return the result::
+
+    class Model(L.LightningModule):
+        def training_step(self, batch, batch_idx):
+            losses = {"depth": ..., "normals": ...}
+            return self.gradnorm.loss(losses, epoch=self.current_epoch)
+
+    trainer = L.Trainer(callbacks=[hooks.lightning.GradNormCallback(lambda m: m.trunk[-1], toolkit.GradNorm(1.5), runs_root="runs")])
+
+The run is closed as ``finished`` at the end of fitting and as ``failed`` when fitting raises.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from toolkit import runs
+from toolkit.balancers import Balancer
+
+from .session import Session, attach
+
+try:
+    import lightning.pytorch as pl
+except ImportError as exc:  # pragma: no cover - exercised only without lightning
+    raise ImportError("hooks.lightning needs the lightning package: pip install 'gradnorm-toolkit[lightning]'") from exc
+
+
+class GradNormCallback(pl.Callback):
+    """Creates ``pl_module.gradnorm`` (a :class:`hooks.Session`) when fitting starts.
+
+    Args:
+        shared_layer: a function of the LightningModule returning the shared layer W (module or parameter).
+        balancer: GradNorm or any toolkit balancer.
+        heads: optionally a function of the module returning the task heads in task order (see ``heads=``
+            of :func:`hooks.attach`).
+        options: the other keyword arguments of :func:`hooks.attach` (``runs_root``, ``run_name``, ...).
+    """
+
+    def __init__(
+        self,
+        shared_layer: Callable[[pl.LightningModule], Any],
+        balancer: Optional[Balancer] = None,
+        *,
+        heads: Optional[Callable[[pl.LightningModule], Sequence[Any]]] = None,
+        runs_root: Optional[Union[str, Path]] = None,
+        **options: Any,
+    ) -> None:
+        self.shared_layer = shared_layer
+        self.balancer = balancer
+        self.heads = heads
+        self.runs_root = runs_root
+        self.options = options
+        self.session: Optional[Session] = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        options = dict(self.options)
+        if self.heads is not None:
+            options["heads"] = list(self.heads(pl_module))
+        self.session = attach(self.shared_layer(pl_module), self.balancer, runs_root=self.runs_root, **options)
+        pl_module.gradnorm = self.session
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.session is not None:
+            self.session.close(runs.FINISHED)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.session is not None:
+            self.session.close(runs.INTERRUPTED if isinstance(exception, KeyboardInterrupt) else runs.FAILED)
