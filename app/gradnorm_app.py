@@ -208,20 +208,19 @@ def render(root: str, listing: pd.DataFrame, selected: list[str], controls: Cont
     signature = data.runs_signature(root, selected)
     task_names = sorted({t for tasks in listing[listing["run_id"].isin(selected)]["tasks"] for t in tasks}, key=charts.natural_key)
     headline(root, listing, selected, signature)
-    tabs = st.tabs(["Weights", "Gradient norms & loss ratios", "Overfitting", "Balance", "Export weights"])
-    sections = [
-        lambda: weights_tab(root, selected, controls, signature, task_names),
-        lambda: norms_tab(root, selected, controls, signature, task_names),
-        lambda: overfitting_tab(root, selected, controls, signature, task_names),
-        lambda: balance_tab(root, selected, controls, signature),
-        lambda: export_tab(root, selected, signature),
-    ]
-    for tab, section in zip(tabs, sections):
-        with tab:
-            try:
-                section()
-            except USER_ERRORS as exc:
-                st.warning(str(exc))
+    sections = {
+        "Weights": lambda: weights_tab(root, selected, controls, signature, task_names),
+        "Gradient norms & loss ratios": lambda: norms_tab(root, selected, controls, signature, task_names),
+        "Overfitting": lambda: overfitting_tab(root, selected, controls, signature, task_names),
+        "Balance": lambda: balance_tab(root, selected, controls, signature),
+        "Export weights": lambda: export_tab(root, selected, signature),
+    }
+    # One view at a time: only what is on screen is queried (tabs would run every view on each rerun).
+    view = st.radio("View", list(sections), horizontal=True, key="view", label_visibility="collapsed")
+    try:
+        sections[view]()
+    except USER_ERRORS as exc:
+        st.warning(str(exc))
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ def test_starts_on_the_bundled_runs_and_draws_every_view(monkeypatch):
     selected = at.multiselect[0].value
     assert selected == ["toy-T10-equal", "toy-T10-gradnorm", "toy-T10-static-converged"]
     specs = chart_specs(at)
-    assert len(specs) >= 5
+    assert len(specs) == 1  # the weights view; the others draw when chosen
     weights_spec, weights_data = specs[0]
     assert [panel["title"] for panel in weights_spec["hconcat"]] == selected
     # E_t[w_i] rules equal the analysis' time average for each run.
@@ -69,6 +69,25 @@ def test_starts_on_the_bundled_runs_and_draws_every_view(monkeypatch):
     windows = frames_with(weights_data, "start", "end")
     gradnorm_window = analysis.weight_average(SAMPLE, "toy-T10-gradnorm")
     assert any((w["start"].iloc[0], w["end"].iloc[0]) == (gradnorm_window.start_step, gradnorm_window.end_step) for w in windows)
+    for view, charts_expected in (("Gradient norms & loss ratios", 3), ("Overfitting", 1), ("Balance", 1)):
+        at.radio(key="view").set_value(view).run()
+        no_failure(at)
+        assert len(at.get("vega_lite_chart")) == charts_expected, view
+
+
+def test_gradient_norm_view_draws_norms_against_targets(monkeypatch):
+    at = start(monkeypatch)
+    at.radio(key="view").set_value("Gradient norms & loss ratios").run()
+    spec, data = chart_specs(at)[0]
+    frames = frames_with(data, "kind", "value")
+    kinds = set().union(*(set(f["kind"]) for f in frames))
+    assert kinds == {"G_i", "target"}
+    gradnorm = pd.concat(frames)
+    gradnorm = gradnorm[(gradnorm["run_id"] == "toy-T10-gradnorm") & (gradnorm["kind"] == "G_i")]
+    raw = analysis.metric_series(SAMPLE, "toy-T10-gradnorm", "grad_norm", max_points=1000)
+    merged = gradnorm.merge(raw, on=["task", "x"], suffixes=("", "_analysis"))
+    assert len(merged) == len(raw)
+    assert (merged["value_raw"] - merged["value_analysis"]).abs().max() < 1e-9
 
 
 def test_series_are_downsampled_to_the_chosen_number_of_points(monkeypatch):
@@ -111,6 +130,7 @@ def test_controls_change_what_is_drawn(monkeypatch):
 
 def test_export_tab_offers_the_same_document_as_gradnorm_export(monkeypatch):
     at = start(monkeypatch)
+    at.radio(key="view").set_value("Export weights").run()
     expected = analysis.export_weights(SAMPLE, "toy-T10-gradnorm")
     buttons = at.get("download_button")
     assert buttons, "no download button"
@@ -154,6 +174,7 @@ def test_damaged_files_invalid_runs_and_missing_validation_are_explained(monkeyp
     no_failure(at)
     assert any("broken-run" in e.value and "not valid JSON" in e.value for e in at.error)
     assert any("left out" in text.value for text in at.get("text"))
+    at.radio(key="view").set_value("Overfitting").run()
     at.selectbox(key="overfitting_run").set_value("toy-T2-equal").run()
     no_failure(at)
     assert any("no validation losses" in i.value for i in at.info)

@@ -143,19 +143,15 @@ def balance_summary(root: PathLike, run_id: str, edge: float = 0.1, buckets: int
         for column in ("grad_norm_cv", "loss_ratio_cv", "grad_norm_max_over_min"):
             figures[f"{column}_start"] = float(series[column].iloc[:count].mean())
             figures[f"{column}_end"] = float(series[column].iloc[-count:].mean())
-    skipped = query(
-        run_list,
-        "SELECT count(DISTINCT step) AS skipped FROM metrics WHERE split = $split AND step_update_skipped",
-        {"split": schema.TRAIN},
-        ["skipped"],
-    )
-    figures["skipped_updates"] = int(skipped["skipped"].iloc[0]) if not skipped.empty else 0
+    # One scan for both: steps whose update was skipped, and each task's last loss ratio.
     last = query(
         run_list,
-        "SELECT task, arg_max(loss_ratio, step) AS final_loss_ratio FROM metrics "
-        "WHERE split = $split AND loss_ratio IS NOT NULL GROUP BY task ORDER BY task",
+        "SELECT task, arg_max(loss_ratio, step) FILTER (WHERE loss_ratio IS NOT NULL) AS final_loss_ratio, "
+        "count(*) FILTER (WHERE step_update_skipped) AS skipped FROM metrics WHERE split = $split GROUP BY task ORDER BY task",
         {"split": schema.TRAIN},
-        ["task", "final_loss_ratio"],
+        ["task", "final_loss_ratio", "skipped"],
     )
+    # The flag is repeated on every task's row of a step, so any one task's count is the step count.
+    figures["skipped_updates"] = int(last["skipped"].max()) if len(last) else 0
     figures["final_loss_ratio"] = dict(zip(last["task"], last["final_loss_ratio"].astype(float)))
     return figures
