@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Sequence
 
 import altair as alt
-import pandas as pd
 
 from toolkit import analysis
 

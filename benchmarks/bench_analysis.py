@@ -10,7 +10,6 @@ downsampled series < 1 s. Usage::
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from machine_info import describe  # noqa: E402
 from toolkit import analysis, runs, schema  # noqa: E402
 
 
@@ -78,17 +79,9 @@ def timed(call: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
+    import duckdb
 
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, duckdb {__import__('duckdb').__version__}"
+    return describe(f"duckdb {duckdb.__version__}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -8,7 +8,6 @@ Usage: ``python benchmarks/bench_app.py [--steps 1000000] [--markdown FILE]``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

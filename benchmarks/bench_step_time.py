@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import random
 import statistics
 import sys
@@ -39,8 +38,10 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hooks  # noqa: E402
+from machine_info import describe  # noqa: E402
 from toolkit import EqualWeights, GradNorm, toy  # noqa: E402
 
 ALPHA = 0.12
@@ -207,15 +208,7 @@ def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
+    return describe(f"{torch.get_num_threads()} torch threads", f"torch {torch.__version__}")
 
 
 def to_markdown(results: dict[int, dict[str, dict[str, float]]], device: torch.device, args: argparse.Namespace) -> str:

@@ -15,7 +15,6 @@ them, and ``python benchmarks/reliability_figures.py`` runs them once more and w
 from __future__ import annotations
 
 import errno
-import json
 import os
 import platform
 import signal
@@ -32,7 +31,7 @@ import torch
 
 from toolkit import recorder as recorder_module
 from toolkit import runs, schema
-from toolkit.balancers import EqualWeights, GradNorm, stats_matrix
+from toolkit.balancers import GradNorm, stats_matrix
 from toolkit.recorder import Recorder
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ def run(model, data, steps: int, autocast: bool, heads: bool = False, scaler=Non
     session = hooks.attach(model.shared_layer, GradNorm(alpha=0.12), heads=list(model.heads) if heads else None, grad_scaler=scaler,
                            runs_root=root, run_name=name)
     generator = torch.Generator().manual_seed(2)
-    trajectory, norms = [], []
+    trajectory = []
     for _ in range(steps):
         index = torch.randint(0, len(data.x_train), (32,), generator=generator)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

@@ -5,7 +5,6 @@ the recorder's arguments, and hostile ``run.json`` files. Each test asserts the 
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 
@@ -16,7 +15,7 @@ from torch import nn
 
 import hooks
 from toolkit import runs, schema
-from toolkit.balancers import Balancer, EqualWeights, GradNorm, StaticWeights
+from toolkit.balancers import GradNorm, StaticWeights
 from toolkit.recorder import Recorder
 
 

@@ -6,7 +6,6 @@ the part files independently read back with pyarrow.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import time
 import warnings
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn

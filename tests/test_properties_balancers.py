@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from toolkit.balancers import EqualWeights, GradNorm, StaticWeights

@@ -12,12 +12,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .base import Balancer, InitialLossSpec, StepStats, check_initial_losses
+from .base import Balancer, StepStats
 from .checks import LOSS_FLOOR, require_non_negative_losses
 
 

@@ -16,7 +16,6 @@ not depend on the network, so the network's gradient is the same as with the ful
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
