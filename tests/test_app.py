@@ -187,3 +187,31 @@ def test_a_live_run_is_refreshed_by_a_fragment(monkeypatch, tmp_path):
     at = start(monkeypatch, tmp_path)
     no_failure(at)
     assert any("refreshing every" in c.value for c in at.caption)
+
+
+def test_a_run_with_one_task_is_drawn(monkeypatch, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from toolkit import schema
+
+    run = runs.create_run(tmp_path, "solo", {"tasks": ["only"], "balancer": {"name": "equal"}})
+    steps = list(range(50))
+    columns = {name: [None] * 50 for name in schema.COLUMNS}
+    columns.update(step=steps, wall_time=[1.7e9 + s for s in steps], split=["train"] * 50, task=["only"] * 50,
+                   loss=[1.0 / (s + 1) for s in steps], weight=[1.0] * 50, grad_norm=[0.5] * 50, loss_ratio=[1.0 / (s + 1) for s in steps])
+    directory = run / "metrics" / "rank=0"
+    directory.mkdir(parents=True)
+    pq.write_table(pa.table(columns, schema=schema.METRICS_SCHEMA), directory / schema.part_file_name(1))
+    runs.update_run_json(run, status=runs.FINISHED)
+    at = start(monkeypatch, tmp_path)
+    no_failure(at)
+    assert at.multiselect[0].value == ["solo"]
+    spec, data = chart_specs(at)[0]
+    series = frames_with(data, "task", "value")
+    assert set(series[0]["task"]) == {"only"} and len(series[0]) == 50
+    for view in ("Gradient norms & loss ratios", "Balance", "Export weights"):
+        at.radio(key="view").set_value(view).run()
+        no_failure(at)
+    at.radio(key="view").set_value("Overfitting").run()
+    assert any("no validation losses" in i.value for i in at.info)
