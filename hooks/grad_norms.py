@@ -16,9 +16,12 @@ from torch import Tensor
 class GradNormMeter:
     """Measures the unweighted per-task gradient norms at one parameter."""
 
-    def __init__(self, parameter: Tensor, batched: bool = True, reduce: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+    def __init__(self, parameter: Tensor, batched: bool = True, reduce: Optional[Callable[[Tensor], Tensor]] = None, per_channel: bool = False) -> None:
         self.parameter = parameter
         self.batched = batched
+        self.per_channel = per_channel
+        if per_channel and parameter.dim() < 2:
+            raise ValueError(f"per-channel gradient norms need a weight with an output-channel dimension, got shape {tuple(parameter.shape)}")
         # Applied to the (T, *W.shape) per-task gradients before the norms: the mean over DDP ranks.
         self.reduce = reduce or (lambda grads: grads)
 
@@ -28,9 +31,14 @@ class GradNormMeter:
             try:
                 eye = torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype)
                 (grads,) = torch.autograd.grad(stacked, self.parameter, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
-                return self.reduce(grads).flatten(1).norm(dim=1)
+                return norms_of(self.reduce(grads), self.per_channel)
             except RuntimeError as exc:
                 self.batched = False
                 warnings.warn(f"gradnorm: batched gradient norms unavailable for this model ({exc}); using one backward per task", RuntimeWarning)
         grads = [torch.autograd.grad(loss, self.parameter, retain_graph=True)[0] for loss in losses]
-        return self.reduce(torch.stack(grads)).flatten(1).norm(dim=1)
+        return norms_of(self.reduce(torch.stack(grads)), self.per_channel)
+
+
+def norms_of(per_task: Tensor, per_channel: bool = False) -> Tensor:
+    """(T,) norms of (T, *W.shape) per-task gradients, or (T, C) norms per output channel of W."""
+    return per_task.flatten(2).norm(dim=2) if per_channel else per_task.flatten(1).norm(dim=1)

@@ -61,7 +61,8 @@ class Session:
         self._user_weights = weights
         self._applied: Optional[Tensor] = None
         self.measure = measure_grad_norms or self.balancer.needs_grad_norms
-        self.meter = GradNormMeter(self.layer.parameter, reduce=distributed.mean_across_ranks)
+        per_channel = bool(getattr(self.balancer, "per_channel", False))
+        self.meter = GradNormMeter(self.layer.parameter, reduce=distributed.mean_across_ranks, per_channel=per_channel)
         # Methods that need gradients at the shared representation see its output through a forward hook.
         needs_capture = self.balancer.task_gradients == "representation"
         self.capture = RepresentationCapture(self.layer.module, self.layer.description) if needs_capture else None
@@ -78,7 +79,7 @@ class Session:
                     f"heads= measures gradient norms during your backward, but {self.balancer.name} needs this step's "
                     "per-task gradients before the loss is formed; leave heads= out for it"
                 )
-            self.taps = HeadTaps(heads, self.layer.parameter, self._norms_from_backward, reduce=distributed.mean_across_ranks)
+            self.taps = HeadTaps(heads, self.layer.parameter, self._norms_from_backward, reduce=distributed.mean_across_ranks, per_channel=per_channel)
         self.tasks: Optional[list[str]] = list(tasks) if tasks is not None else None
         self.step_index = 0
         self.runs_root = None if runs_root is None else Path(runs_root)
@@ -223,7 +224,7 @@ class Session:
         stacked, applied, epoch, step = self._pending
         self._pending = None
         # The taps see grad_W of w_i L_i (the weighted loss); the balancer takes n_i = ||grad_W L_i||.
-        norms = weighted_norms.to(applied.dtype) / applied
+        norms = weighted_norms.to(applied.dtype) / (applied[:, None] if weighted_norms.dim() == 2 else applied)
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             scale = self.grad_scaler._get_scale_async()  # a device tensor: no host synchronisation
             if scale is not None:

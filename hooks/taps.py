@@ -16,12 +16,19 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .grad_norms import norms_of
+
 
 class HeadTaps:
     """Forward/backward hooks on the task heads that hand ``on_norms(G)`` the (T,) weighted norms at W."""
 
     def __init__(
-        self, heads: Sequence[nn.Module], parameter: Tensor, on_norms: Callable[[Tensor], None], reduce: Optional[Callable[[Tensor], Tensor]] = None
+        self,
+        heads: Sequence[nn.Module],
+        parameter: Tensor,
+        on_norms: Callable[[Tensor], None],
+        reduce: Optional[Callable[[Tensor], Tensor]] = None,
+        per_channel: bool = False,
     ) -> None:
         if len(heads) < 2:
             raise ValueError(f"heads= needs one module per task (at least two), got {len(heads)}")
@@ -29,6 +36,7 @@ class HeadTaps:
         self.parameter = parameter
         self.on_norms = on_norms
         self.reduce = reduce or (lambda grads: grads)
+        self.per_channel = per_channel
         self._grads: list[Optional[Tensor]] = [None] * len(self.heads)
         self._input: Optional[Tensor] = None
         self._armed = False
@@ -81,7 +89,7 @@ class HeadTaps:
         (per_task,) = torch.autograd.grad(self._input, self.parameter, grad_outputs=stacked, is_grads_batched=True, retain_graph=True)
         self._grads = [None] * len(self.heads)
         self._input = None
-        self.on_norms(self.reduce(per_task).flatten(1).norm(dim=1))
+        self.on_norms(norms_of(self.reduce(per_task), self.per_channel))
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -37,7 +37,10 @@ def reference_gradnorm(
     lr: float = 0.025,
     network_lr: float = 0.01,
     min_weight: float = 1e-4,
+    per_channel: bool = False,
 ) -> ReferenceRun:
+    """``per_channel``: eq. 2 per output channel of W (the paper's convolutional case), L_grad the mean
+    over tasks and channels; the recorded norms and targets are then root sums of squares over channels."""
     run = ReferenceRun()
     network_opt = torch.optim.SGD(model.parameters(), lr=network_lr)
     weights = None
@@ -50,15 +53,22 @@ def reference_gradnorm(
             weights = nn.Parameter(torch.ones(num_tasks, dtype=losses[0].dtype))
             weight_opt = torch.optim.Adam([weights], lr=lr)
             initial = torch.stack([l.detach() for l in losses])
-        grad_norms = torch.stack(
-            [torch.autograd.grad(weights[i] * losses[i], shared, retain_graph=True, create_graph=True)[0].norm() for i in range(num_tasks)]
-        )
+        grads = [torch.autograd.grad(weights[i] * losses[i], shared, retain_graph=True, create_graph=True)[0] for i in range(num_tasks)]
+        if per_channel:
+            grad_norms = torch.stack([torch.stack([g[c].norm() for c in range(g.shape[0])]) for g in grads])  # (T, C)
+        else:
+            grad_norms = torch.stack([g.norm() for g in grads])
         ratio = torch.stack([l.detach() for l in losses]) / initial
         rate = ratio / ratio.mean()
-        target = (grad_norms.mean() * rate**alpha).detach()
+        if per_channel:
+            target = (grad_norms.mean(0, keepdim=True) * (rate**alpha)[:, None]).detach()
+        else:
+            target = (grad_norms.mean() * rate**alpha).detach()
         grad_loss = (grad_norms - target).abs().mean()
         (weight_grad,) = torch.autograd.grad(grad_loss, weights, retain_graph=True)
-        run.steps.append(ReferenceStep(grad_norms.detach().tolist(), target.tolist(), float(grad_loss.detach()), weights.detach().tolist()))
+        shown_norms = grad_norms.detach().norm(dim=1) if per_channel else grad_norms.detach()
+        shown_targets = target.norm(dim=1) if per_channel else target
+        run.steps.append(ReferenceStep(shown_norms.tolist(), shown_targets.tolist(), float(grad_loss.detach()), weights.detach().tolist()))
         network_opt.zero_grad()
         total = sum(w * l for w, l in zip(weights.detach(), losses))
         total.backward()

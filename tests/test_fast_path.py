@@ -29,15 +29,15 @@ def train(model: toy.ToyNet, data: toy.ToyData, balancer, steps: int, fast: bool
     return torch.stack(weights), session
 
 
-@pytest.mark.parametrize("num_tasks", [2, 5])
-def test_tapped_norms_and_weights_match_the_autograd_path(num_tasks, tmp_path):
+@pytest.mark.parametrize("num_tasks, per_channel", [(2, False), (5, False), (3, True)])
+def test_tapped_norms_and_weights_match_the_autograd_path(num_tasks, per_channel, tmp_path):
     config = toy.ToyConfig(num_tasks=num_tasks, train_size=256, test_size=16)
     data = toy.make_data(config)
     base = toy.make_model(config).double()
     data = toy.ToyData(data.x_train.double(), data.y_train.double(), data.x_test.double(), data.y_test.double(), data.sigmas)
     slow_model, fast_model = copy.deepcopy(base), copy.deepcopy(base)
-    slow, _ = train(slow_model, data, GradNorm(alpha=0.12), 25, fast=False, root=tmp_path, name="slow")
-    fast, session = train(fast_model, data, GradNorm(alpha=0.12), 25, fast=True, root=tmp_path, name="fast")
+    slow, _ = train(slow_model, data, GradNorm(alpha=0.12, per_channel=per_channel), 25, fast=False, root=tmp_path, name="slow")
+    fast, session = train(fast_model, data, GradNorm(alpha=0.12, per_channel=per_channel), 25, fast=True, root=tmp_path, name="fast")
     torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-12)
     for a, b in zip(slow_model.parameters(), fast_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)  # training itself is unchanged

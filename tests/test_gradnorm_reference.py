@@ -102,8 +102,8 @@ def mixed_losses(model, batch):
     return [F.cross_entropy(a, cls), F.l1_loss(b, reg), F.cross_entropy(c, binary)]
 
 
-def run_toolkit(model, batches, loss_fn, alpha, tmp_path, lr=0.025, network_lr=0.01):
-    session = hooks.attach(model.shared, GradNorm(alpha=alpha, lr=lr), runs_root=tmp_path, run_name="under-test", flush_every=7)
+def run_toolkit(model, batches, loss_fn, alpha, tmp_path, lr=0.025, network_lr=0.01, per_channel=False):
+    session = hooks.attach(model.shared, GradNorm(alpha=alpha, lr=lr, per_channel=per_channel), runs_root=tmp_path, run_name="under-test", flush_every=7)
     opt = torch.optim.SGD(model.parameters(), lr=network_lr)
     weights_before = []
     with session:
@@ -124,6 +124,7 @@ CASES = {
     "dense-T2": (lambda: Dense(2), lambda: dense_batches(2), dense_losses, 0.12),
     "dense-T6": (lambda: Dense(6), lambda: dense_batches(6), dense_losses, 1.5),
     "conv-T3": (lambda: Conv(3), lambda: conv_batches(3), conv_losses, 0.5),
+    "conv-T3-per-channel": (lambda: Conv(3), lambda: conv_batches(3), conv_losses, 0.5),
     "middle-mixed-T3": (MiddleShared, mixed_batches, mixed_losses, 1.0),
 }
 
@@ -140,8 +141,9 @@ def test_closed_form_matches_double_backward(case, tmp_path):
             torch.set_default_dtype(torch.float32)
     batches = make_batches()
     reference_model = copy.deepcopy(model)
-    reference = reference_gradnorm(reference_model, reference_model.shared.weight, batches, loss_fn, alpha=alpha)
-    session, weights_before, table = run_toolkit(model, batches, loss_fn, alpha, tmp_path)
+    per_channel = case.endswith("per-channel")
+    reference = reference_gradnorm(reference_model, reference_model.shared.weight, batches, loss_fn, alpha=alpha, per_channel=per_channel)
+    session, weights_before, table = run_toolkit(model, batches, loss_fn, alpha, tmp_path, per_channel=per_channel)
 
     num_tasks = len(reference.final_weights)
     train = table[table["split"] == "train"]

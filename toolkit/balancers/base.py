@@ -193,8 +193,10 @@ class Balancer(ABC):
         applied = own if applied is None else applied.detach()
         stats = self._update(losses, loss_ratio, inverse_rate, own, grad_norms)
         if grad_norms is not None:
-            # The gradient that really reached W from task i this step: the applied weight times n_i.
-            stats.grad_norm = applied * grad_norms
+            # The gradient that really reached W from task i this step: the applied weight times n_i
+            # (per-channel norms combine into the whole-weight norm).
+            whole = grad_norms.norm(dim=1) if grad_norms.dim() == 2 else grad_norms
+            stats.grad_norm = applied * whole
         stats.weight = applied
         stats.balancer_weight = own
         return stats

@@ -34,14 +34,29 @@ class GradNormTerms:
 
 
 def gradnorm_terms(weights: Tensor, unweighted_norms: Tensor, inverse_rate: Tensor, alpha: float, reduction: str = "mean") -> GradNormTerms:
-    """Paper eq. 2 and its closed-form gradient with respect to the weights."""
-    grad_norm = weights * unweighted_norms
-    target_norm = grad_norm.mean() * inverse_rate.pow(alpha)
+    """Paper eq. 2 and its closed-form gradient with respect to the weights.
+
+    ``unweighted_norms`` is (T,) for the norm of the whole weight of W, or (T, C) for the per-filter-channel
+    norms the paper uses on convolutional layers (3.1): then eq. 2 holds channel by channel (the target is
+    the mean over tasks of that channel's G times r_i^alpha) and L_grad is the mean over channels. The
+    returned ``grad_norm`` and ``target_norm`` are then per task, the root sum of squares over channels
+    (the whole-weight norm for G).
+    """
+    per_channel = unweighted_norms.dim() == 2
+    column = weights[:, None] if per_channel else weights
+    rate = inverse_rate.pow(alpha)
+    grad_norm = column * unweighted_norms
+    target_norm = grad_norm.mean(0) * (rate[:, None] if per_channel else rate)
     gap = grad_norm - target_norm
     scale = 1.0 / weights.numel() if reduction == "mean" else 1.0
-    grad_loss = gap.abs().sum() * scale
     # torch.sign(0) = 0 matches autograd's subgradient of |x| at 0.
     weight_grad = torch.sign(gap) * unweighted_norms * scale
+    grad_loss = gap.abs().sum() * scale
+    if per_channel:
+        channels = unweighted_norms.shape[1]
+        grad_loss = grad_loss / channels
+        weight_grad = weight_grad.sum(1) / channels
+        grad_norm, target_norm = grad_norm.norm(dim=1), target_norm.norm(dim=1)
     return GradNormTerms(grad_norm, target_norm, grad_loss, weight_grad)
 
 
@@ -67,6 +82,9 @@ class GradNorm(Balancer):
             (5.4), so the default floor sits well under that.
         initial_loss: reference L_i(0) of the loss ratio: ``"first"`` (paper), an int k (mean of the
             first k steps) or explicit values per task.
+        per_channel: balance the gradient norms of each output channel (filter) of W separately, as the
+            paper does for convolutional layers (3.1); by default the norm of the whole weight (dense
+            layers in the paper).
     """
 
     name = "gradnorm"
@@ -80,8 +98,10 @@ class GradNorm(Balancer):
         reduction: str = "mean",
         min_weight: float = 1e-4,
         initial_loss: InitialLossSpec = "first",
+        per_channel: bool = False,
     ) -> None:
         super().__init__(initial_loss=initial_loss)
+        self.per_channel = bool(per_channel)
         if not (alpha >= 0):
             raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
         if reduction not in REDUCTIONS:
@@ -95,7 +115,7 @@ class GradNorm(Balancer):
 
     def config(self) -> dict[str, Any]:
         cfg = super().config()
-        cfg.update(alpha=self.alpha, reduction=self.reduction, min_weight=self.min_weight, **self.optimizer.config())
+        cfg.update(alpha=self.alpha, reduction=self.reduction, min_weight=self.min_weight, per_channel=self.per_channel, **self.optimizer.config())
         return cfg
 
     def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:
