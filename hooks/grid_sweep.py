@@ -110,7 +110,8 @@ def run_sweep(
 
 
 def write_report(result: SweepResult, out_dir: Path) -> list[Path]:
-    """``sweep.md`` (table), ``sweep.json`` (all figures) and ``sweep.html`` (Altair scatter)."""
+    """``sweep.md`` (table), ``sweep.json`` (all figures), ``sweep.html`` and ``sweep.png`` (the scatter of
+    the paper's Figure 4)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -131,8 +132,11 @@ def write_report(result: SweepResult, out_dir: Path) -> list[Path]:
     figures = out_dir / "sweep.json"
     figures.write_text(json.dumps(result.as_dict(), indent=2, default=_json_default) + "\n", encoding="utf-8")
     chart = out_dir / "sweep.html"
-    sweep_chart(result).save(str(chart))
-    return [markdown, figures, chart]
+    figure = sweep_chart(result)
+    figure.save(str(chart), inline=True)  # opens offline
+    picture = out_dir / "sweep.png"
+    figure.save(str(picture), scale_factor=1.5)
+    return [markdown, figures, chart, picture]
 
 
 def sweep_chart(result: SweepResult):

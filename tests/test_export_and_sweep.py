@@ -69,7 +69,8 @@ def test_sweep_reports_distances_to_the_gradnorm_average(tmp_path):
     expected = np.corrcoef(ranks([p.distance for p in result.points]), ranks([p.test_loss for p in result.points]))[0, 1]
     assert result.spearman == pytest.approx(expected)
     written = write_report(result, tmp_path / "out")
-    assert {p.name for p in written} == {"sweep.md", "sweep.json", "sweep.html"}
+    assert {p.name for p in written} == {"sweep.md", "sweep.json", "sweep.html", "sweep.png"}
+    assert written[3].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Pearson" in written[0].read_text()
     with pytest.raises(ValueError, match="at least 3"):
         run_sweep(tmp_path / "few", networks=2)
