@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine_info import describe  # noqa: E402
+from machine_info import describe, publish  # noqa: E402
 from toolkit import analysis, runs, schema  # noqa: E402
 
 
@@ -121,11 +121,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ]
     lines += [f"| {name} | {cold:.3f} | {warm:.3f} |" for name, (cold, warm) in figures.items()]
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        with args.markdown.open("a") as handle:
-            handle.write("\n" + report)
+    publish(report, args.markdown)
     return 0
 
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_analysis import machine, write_synthetic_run  # noqa: E402
+from machine_info import publish  # noqa: E402
 
 APP = Path(__file__).resolve().parent.parent / "app" / "gradnorm_app.py"
 
@@ -60,10 +61,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"First view (AppTest, cold cache): **{cold:.2f} s**; rerun with the cache: {warm:.2f} s. "
         f"{charts} charts; the largest sends {points:,} rows to the browser (1,000 points per series by default).\n"
     )
-    print(report)
-    if args.markdown:
-        with args.markdown.open("a") as handle:
-            handle.write("\n" + report)
+    publish(report, args.markdown)
     return 0
 
 

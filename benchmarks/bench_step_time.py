@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hooks  # noqa: E402
-from machine_info import describe  # noqa: E402
+from machine_info import describe, publish  # noqa: E402
 from toolkit import EqualWeights, GradNorm, toy  # noqa: E402
 
 ALPHA = 0.12
@@ -259,11 +259,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = {t: summarize(measure(t, device, args.rounds, args.block, args.warmup, args.seed)) for t in args.tasks}
     print(json.dumps({str(t): r for t, r in results.items()}, indent=1))
     report = to_markdown(results, device, args)
-    print(report)
-    if args.markdown is not None:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        with args.markdown.open("a") as handle:
-            handle.write("\n" + report)
+    publish(report, args.markdown)
     return 0
 
 

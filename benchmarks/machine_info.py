@@ -1,9 +1,10 @@
-"""One line naming the machine, for the results files."""
+"""The machine line and the writing of results sections, shared by the benchmarks."""
 from __future__ import annotations
 
 import os
 import platform
 from pathlib import Path
+from typing import Optional
 
 
 def cpu_name() -> str:
@@ -19,3 +20,12 @@ def cpu_name() -> str:
 def describe(*extra: str) -> str:
     """CPU, core count, Python version and any ``extra`` library versions."""
     return ", ".join([cpu_name(), f"{os.cpu_count()} cores", f"Python {platform.python_version()}", *extra])
+
+
+def publish(report: str, markdown: Optional[Path]) -> None:
+    """Print a results section and, when a results file is named, append it there."""
+    print(report)
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        with markdown.open("a") as handle:
+            handle.write("\n" + report)
