@@ -124,3 +124,18 @@ def test_non_finite_loss_skips_the_update_and_keeps_weights_finite():
     stats = balancer.update(torch.tensor([0.5, 1.0], dtype=torch.float64), norms)
     assert not bool(stats.step_update_skipped)
     assert torch.isfinite(balancer.weights()).all() and not torch.equal(balancer.weights(), before)
+
+
+def test_steps_that_would_leave_the_weights_non_finite_are_skipped():
+    """0/0 inverse rates (every loss of a step is zero) and an overflowing SGD step: skipped, recorded."""
+    balancer = GradNorm(alpha=1.5, lr=100.0, optimizer="sgd", reduction="sum")
+    balancer.bind(["a", "b", "c"], torch.device("cpu"), torch.float32)
+    balancer.update(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 2.0, 3.0]))
+    before = balancer.weights().clone()
+    zeros = balancer.update(torch.zeros(3), torch.tensor([1.0, 2.0, 3.0]))
+    assert bool(zeros.step_update_skipped) and torch.equal(balancer.weights(), before)
+    huge = balancer.update(torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 3.4e36]))
+    assert bool(huge.step_update_skipped) and torch.equal(balancer.weights(), before)
+    assert torch.isfinite(balancer.weights()).all()
+    moved = balancer.update(torch.tensor([1.0, 0.5, 0.2]), torch.tensor([1.0, 2.0, 3.0]))
+    assert not bool(moved.step_update_skipped) and not torch.equal(balancer.weights(), before)

@@ -124,8 +124,11 @@ class GradNorm(Balancer):
         terms = gradnorm_terms(weights, grad_norms, inverse_rate, self.alpha, self.reduction)
         # Decided on the device: a non-finite loss or norm skips the update without a host sync.
         finite = torch.isfinite(losses).all() & torch.isfinite(grad_norms).all()
-        stepped = self.optimizer.step(weights, terms.weight_grad, finite)
-        self._weights = torch.where(finite, renormalize(stepped, self.min_weight), weights)
+        stepped = renormalize(self.optimizer.step(weights, terms.weight_grad, finite), self.min_weight)
+        # A step that would leave w non-finite is skipped as well: an overflowing weight step (a huge
+        # gradient norm with a large SGD rate) or 0/0 inverse rates when every loss of a step is zero.
+        applied_update = finite & torch.isfinite(stepped).all()
+        self._weights = torch.where(applied_update, stepped, weights)
         return StepStats(
             loss=losses,
             loss_ratio=loss_ratio,
@@ -134,5 +137,5 @@ class GradNorm(Balancer):
             grad_norm=terms.grad_norm,
             target_norm=terms.target_norm,
             step_grad_loss=terms.grad_loss,
-            step_update_skipped=~finite,
+            step_update_skipped=~applied_update,
         )
