@@ -134,7 +134,7 @@ def test_steps_that_would_leave_the_weights_non_finite_are_skipped():
     before = balancer.weights().clone()
     zeros = balancer.update(torch.zeros(3), torch.tensor([1.0, 2.0, 3.0]))
     assert bool(zeros.step_update_skipped) and torch.equal(balancer.weights(), before)
-    huge = balancer.update(torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 3.4e36]))
+    huge = balancer.update(torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 3.4e37]))  # 100 x 3.4e37 overflows float32
     assert bool(huge.step_update_skipped) and torch.equal(balancer.weights(), before)
     assert torch.isfinite(balancer.weights()).all()
     moved = balancer.update(torch.tensor([1.0, 0.5, 0.2]), torch.tensor([1.0, 2.0, 3.0]))

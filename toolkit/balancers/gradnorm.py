@@ -122,11 +122,12 @@ class GradNorm(Balancer):
         if grad_norms is None:
             raise RuntimeError("GradNorm needs the per-task gradient norms at the shared layer")
         terms = gradnorm_terms(weights, grad_norms, inverse_rate, self.alpha, self.reduction)
-        # Decided on the device: a non-finite loss or norm skips the update without a host sync.
-        finite = torch.isfinite(losses).all() & torch.isfinite(grad_norms).all()
+        # Decided on the device: a non-finite loss, norm or inverse rate (0/0 when every loss of the step
+        # is zero) skips the update without a host sync.
+        finite = torch.isfinite(losses).all() & torch.isfinite(grad_norms).all() & torch.isfinite(inverse_rate).all()
         stepped = renormalize(self.optimizer.step(weights, terms.weight_grad, finite), self.min_weight)
         # A step that would leave w non-finite is skipped as well: an overflowing weight step (a huge
-        # gradient norm with a large SGD rate) or 0/0 inverse rates when every loss of a step is zero.
+        # gradient norm with a large SGD rate).
         applied_update = finite & torch.isfinite(stepped).all()
         self._weights = torch.where(applied_update, stepped, weights)
         return StepStats(
