@@ -61,9 +61,14 @@ def gradnorm_terms(weights: Tensor, unweighted_norms: Tensor, inverse_rate: Tens
 
 
 def renormalize(weights: Tensor, min_weight: float) -> Tensor:
-    """Floor the weights, then rescale so that sum_i w_i = T (paper 3.1, end)."""
+    """Floor the weights, then rescale so that sum_i w_i = T (paper 3.1, end).
+
+    Dividing by the largest weight first keeps the sum from overflowing when one weight has grown huge
+    (a float32 sum of three 1e38 weights is inf, which would turn every weight into 0).
+    """
     floored = weights.clamp_min(min_weight)
-    return floored * (weights.numel() / floored.sum())
+    scaled = floored / floored.max()
+    return scaled * (weights.numel() / scaled.sum())
 
 
 class GradNorm(Balancer):
@@ -126,9 +131,10 @@ class GradNorm(Balancer):
         # is zero) skips the update without a host sync.
         finite = torch.isfinite(losses).all() & torch.isfinite(grad_norms).all() & torch.isfinite(inverse_rate).all()
         stepped = renormalize(self.optimizer.step(weights, terms.weight_grad, finite), self.min_weight)
-        # A step that would leave w non-finite is skipped as well: an overflowing weight step (a huge
-        # gradient norm with a large SGD rate).
-        applied_update = finite & torch.isfinite(stepped).all()
+        # A step that would leave w non-finite or not positive is skipped as well: an overflowing weight
+        # step (a huge gradient norm with a large SGD rate), or a floored weight that underflows to 0 next
+        # to a weight beyond float range.
+        applied_update = finite & torch.isfinite(stepped).all() & (stepped > 0).all()
         self._weights = torch.where(applied_update, stepped, weights)
         return StepStats(
             loss=losses,

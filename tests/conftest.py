@@ -1,0 +1,15 @@
+"""Test-wide settings.
+
+Hypothesis runs derandomised by default, so the suite gives the same verdict on every machine and CI run;
+``HYPOTHESIS_PROFILE=explore`` draws fresh random examples, many more of them, to hunt for new failures
+(a failure found that way becomes an explicit ``@example``).
+"""
+from __future__ import annotations
+
+import os
+
+from hypothesis import settings
+
+settings.register_profile("default", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, max_examples=2000, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
