@@ -79,7 +79,9 @@ class Session:
                     f"heads= measures gradient norms during your backward, but {self.balancer.name} needs this step's "
                     "per-task gradients before the loss is formed; leave heads= out for it"
                 )
-            self.taps = HeadTaps(heads, self.layer.parameter, self._norms_from_backward, reduce=distributed.mean_across_ranks, per_channel=per_channel)
+            self.taps = HeadTaps(
+                heads, self.layer.parameter, self._norms_from_backward, reduce=distributed.mean_across_ranks, per_channel=per_channel, module=self.layer.module
+            )
         self.tasks: Optional[list[str]] = list(tasks) if tasks is not None else None
         self.step_index = 0
         self.runs_root = None if runs_root is None else Path(runs_root)
@@ -198,7 +200,7 @@ class Session:
                 "balancer": self.balancer.config(),
                 "shared_layer": self.layer.config(),
                 "mode": "shadow" if self.shadow else "balance",
-                "grad_norm_path": "head-taps" if self.taps is not None else ("autograd-batched" if self.meter.batched else "autograd-loop"),
+                "grad_norm_path": f"head-taps/{self.taps.describe_path()}" if self.taps is not None else ("autograd-batched" if self.meter.batched else "autograd-loop"),
                 "flush_every": self.flush_every,
                 "config": self.user_config,
             }

@@ -1,26 +1,55 @@
 """Per-task gradient norms at the shared layer W from the user's own backward pass, without extra passes.
 
 The gradient of sum_i w_i L_i that reaches the task heads' common input H is a sum over tasks, but the
-pieces that leave each head are still separate: head i sends w_i grad_H L_i. A forward pre-hook gives
-each head its own view of H and a tensor hook on that view keeps its gradient; when autograd has summed
-them into H's gradient, a hook on H maps the T kept pieces through the short segment H -> W in one
-batched vector-Jacobian product (``is_grads_batched``), which yields G_i = ||grad_W (w_i L_i)|| for every
+pieces that leave each head are still separate: head i sends w_i grad_H L_i. A forward pre-hook on the
+first head routes H through one fan-out node (``_FanOut``) that hands every head its own alias of H; in
+the backward pass that node receives the T pieces together, in one call, adds them up for the rest of
+the backward, and maps them through the short segment H -> W to get G_i = ||grad_W (w_i L_i)|| for every
 task: the quantity of the paper's eq. 2, measured directly (section 3.1). The heads and the loss functions
-are never differentiated twice; only the segment between W and H is, T-batched. Everything stays on the
-device and nothing synchronises with the host.
+are never differentiated twice.
+
+The segment H -> W is crossed one of two ways, chosen per step and stated by ``path``:
+
+- ``linear-product``: W is an ``nn.Linear`` weight and H is its output, or its output through ReLUs. Then
+  grad_W L_i = (g_i * mask)^T X, with X the layer's input (captured by a forward hook) and the mask read
+  from the ReLU's saved output: one matrix product for all tasks, no autograd call.
+- ``batched-vjp``: anything else; one T-batched vector-Jacobian product (``is_grads_batched``) from H to W.
+
+Everything stays on the device and nothing synchronises with the host.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import warnings
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .grad_norms import norms_of
 
+LINEAR_PRODUCT = "linear-product"
+BATCHED_VJP = "batched-vjp"
+# Elementwise nodes between W's output and H whose Jacobian is a 0/1 mask read from what they saved.
+_MASK_NODES = {"ReluBackward0": lambda node: node._saved_result > 0}
+_MAX_SEGMENT_NODES = 8
+
+
+class _FanOut(torch.autograd.Function):
+    """Identity from H to T aliases of H; its backward sees the T heads' gradients at once."""
+
+    @staticmethod
+    def forward(ctx, taps: "HeadTaps", shared: Tensor) -> tuple[Tensor, ...]:
+        ctx.taps = taps
+        ctx.set_materialize_grads(False)
+        return tuple(shared.view_as(shared) for _ in range(len(taps.heads)))
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]):
+        return None, ctx.taps._backward(grads)
+
 
 class HeadTaps:
-    """Forward/backward hooks on the task heads that hand ``on_norms(G)`` the (T,) weighted norms at W."""
+    """Hooks on the task heads that hand ``on_norms(G)`` the (T,) weighted norms at W after each backward."""
 
     def __init__(
         self,
@@ -29,6 +58,7 @@ class HeadTaps:
         on_norms: Callable[[Tensor], None],
         reduce: Optional[Callable[[Tensor], Tensor]] = None,
         per_channel: bool = False,
+        module: Optional[nn.Module] = None,
     ) -> None:
         if len(heads) < 2:
             raise ValueError(f"heads= needs one module per task (at least two), got {len(heads)}")
@@ -37,60 +67,116 @@ class HeadTaps:
         self.on_norms = on_norms
         self.reduce = reduce or (lambda grads: grads)
         self.per_channel = per_channel
-        self._grads: list[Optional[Tensor]] = [None] * len(self.heads)
         self._input: Optional[Tensor] = None
+        self._aliases: tuple[Tensor, ...] = ()
         self._armed = False
         self._handles = [head.register_forward_pre_hook(self._make_pre_hook(i)) for i, head in enumerate(self.heads)]
+        self._linear = module if isinstance(module, nn.Linear) and module.weight is parameter else None
+        self._layer_input: Optional[tuple[Tensor, int]] = None  # (X, its version when captured)
+        self._layer_node = None  # grad_fn of the layer's output, taken before any in-place op on it
+        self._layer_calls = 0  # calls of the layer since the heads last read H
+        self._layer_calls_this_forward = 0
+        if self._linear is not None:
+            self._handles.append(self._linear.register_forward_hook(self._capture_layer))
+        self._warned_fallback = False
+        self.path: Optional[str] = None  # the route of the last measured step
 
     def arm(self) -> None:
         """Measure on the next backward (called once the step's losses are known)."""
         self._armed = True
 
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def describe_path(self) -> str:
+        """The route the next measurement will take (for ``run.json``), decided from this step's graph."""
+        if self._input is None:
+            return BATCHED_VJP
+        return LINEAR_PRODUCT if self._linear_segment_mask() is not None else BATCHED_VJP
+
+    # -- forward ---------------------------------------------------------------------------------
     def _make_pre_hook(self, index: int):
         def pre_hook(module: nn.Module, args: tuple):
             if not args or not isinstance(args[0], Tensor) or not args[0].requires_grad or not torch.is_grad_enabled():
                 return None
             shared = args[0]
             if index == 0 or self._input is None:
-                self._start(shared)
+                self._input = shared
+                self._layer_calls_this_forward, self._layer_calls = self._layer_calls, 0
+                self._aliases = _FanOut.apply(self, shared)
             elif shared is not self._input:
                 raise ValueError(
                     f"task head {index} received a different input tensor than head 0; heads= needs every head to read "
                     "the same shared representation (the output of the trunk that contains the shared layer)"
                 )
-            view = shared.view_as(shared)
-            view.register_hook(self._make_keeper(index))
-            return (view,) + tuple(args[1:])
+            return (self._aliases[index],) + tuple(args[1:])
 
         return pre_hook
 
-    def _start(self, shared: Tensor) -> None:
-        self._input = shared
-        self._grads = [None] * len(self.heads)
-        shared.register_hook(self._measure)
-
-    def _make_keeper(self, index: int):
-        def keep(grad: Tensor) -> None:
-            self._grads[index] = grad
-
-        return keep
-
-    def _measure(self, total: Tensor) -> None:
-        if not self._armed:
+    def _capture_layer(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return
+        self._layer_calls += 1
+        self._layer_input = (args[0], args[0]._version) if args and isinstance(args[0], Tensor) else None
+        self._layer_node = output.grad_fn
+
+    # -- backward --------------------------------------------------------------------------------
+    def _backward(self, grads: tuple[Optional[Tensor], ...]) -> Optional[Tensor]:
+        present = [g for g in grads if g is not None]
+        if not self._armed:
+            return torch.stack(present).sum(0) if present else None
         self._armed = False
-        missing = [i for i, g in enumerate(self._grads) if g is None]
+        missing = [i for i, g in enumerate(grads) if g is None]
         if missing:
             raise RuntimeError(
                 f"task heads {missing} sent no gradient to the shared representation this step; every task's loss "
                 "must come from its head's output"
             )
-        stacked = torch.stack(self._grads)
-        (per_task,) = torch.autograd.grad(self._input, self.parameter, grad_outputs=stacked, is_grads_batched=True, retain_graph=True)
-        self._grads = [None] * len(self.heads)
-        self._input = None
+        stacked = torch.stack(grads)
+        per_task = self._per_task_weight_grads(stacked)
+        self._input, self._aliases, self._layer_input = None, (), None
         self.on_norms(norms_of(self.reduce(per_task), self.per_channel))
+        return stacked.sum(0)
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+    def _per_task_weight_grads(self, stacked: Tensor) -> Tensor:
+        """(T, *W.shape): grad_W of each head's piece, by the cheapest exact route the model allows."""
+        mask = self._linear_segment_mask()
+        if mask is not None:
+            self.path = LINEAR_PRODUCT
+            x = self._layer_input[0]
+            grad_out = stacked if mask is True else stacked * mask
+            grad_out = grad_out.reshape(len(self.heads), -1, grad_out.shape[-1])
+            # In the gradient's dtype, as autograd computes it (bf16 under autocast), then in W's dtype, as
+            # autograd hands it to W.
+            product = torch.matmul(grad_out.transpose(1, 2), x.reshape(-1, x.shape[-1]).to(grad_out.dtype))
+            return product.to(self.parameter.dtype)
+        if self._linear is not None and not self._warned_fallback:
+            self._warned_fallback = True
+            warnings.warn(
+                "gradnorm heads=: the segment between the shared Linear and the heads is not ReLU/identity (or the "
+                "layer ran more than once); using one batched vector-Jacobian product per step",
+                RuntimeWarning,
+            )
+        self.path = BATCHED_VJP
+        (per_task,) = torch.autograd.grad(self._input, self.parameter, grad_outputs=stacked, is_grads_batched=True, retain_graph=True)
+        return per_task
+
+    def _linear_segment_mask(self) -> Union[None, bool, Tensor]:
+        """True (identity), a 0/1 mask, or None where the linear-product route does not apply this step."""
+        if self._linear is None or self._layer_calls_this_forward != 1 or self._layer_input is None or self._layer_node is None:
+            return None
+        x, version = self._layer_input
+        if x._version != version or x.shape[-1] != self.parameter.shape[1]:
+            return None
+        node, mask = self._input.grad_fn, True
+        for _ in range(_MAX_SEGMENT_NODES):
+            if node is self._layer_node:
+                return mask
+            rule = _MASK_NODES.get(type(node).__name__) if node is not None else None
+            inputs = [edge for edge in node.next_functions if edge[0] is not None] if node is not None else []
+            if rule is None or len(inputs) != 1:
+                return None
+            mask = rule(node) if mask is True else mask & rule(node)
+            node = inputs[0][0]
+        return None

@@ -3,6 +3,8 @@ and against the double-backward reference: same G_i, same weights, same network,
 from __future__ import annotations
 
 import copy
+import json
+import warnings
 
 import pyarrow.parquet as pq
 import pytest
@@ -84,3 +86,109 @@ def test_heads_count_must_match_tasks():
     features = trunk(torch.randn(3, 4))
     with pytest.raises(ValueError, match="2 modules for 3 tasks"):
         session.loss([head(features).sum() for head in heads])
+
+
+class NormLog(EqualWeights):
+    """Equal weights that keep every step's measured per-task norms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norms: list[torch.Tensor] = []
+
+    def update(self, losses, grad_norms=None, applied=None):
+        self.norms.append(grad_norms.clone())
+        return super().update(losses, grad_norms, applied)
+
+
+class TwoHeadNet(nn.Module):
+    """A shared Linear W, a configurable segment between W and the heads, two heads."""
+
+    def __init__(self, segment: str) -> None:
+        super().__init__()
+        self.lower = nn.Linear(6, 8)
+        self.shared = nn.Linear(8, 8)
+        self.segment = segment
+        self.heads = nn.ModuleList([nn.Linear(8, 1), nn.Linear(8, 3)])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = torch.relu(self.lower(x))
+        if self.segment == "tied":  # W used twice in one forward
+            h = torch.relu(self.shared(h))
+        y = self.shared(h)
+        if self.segment in ("relu", "tied"):
+            h = torch.relu(y)
+        elif self.segment == "relu-relu":
+            h = torch.relu(torch.relu(y) - 0.1)
+        elif self.segment == "inplace-relu":
+            h = nn.functional.relu(y, inplace=True)
+        elif self.segment == "gelu":
+            h = nn.functional.gelu(y)
+        else:
+            h = y
+        return [head(h) for head in self.heads]
+
+
+def measured_norms(model: nn.Module, shared, heads, x: torch.Tensor, steps: int = 3, **options):
+    balancer = NormLog()
+    session = hooks.attach(shared, balancer, heads=heads, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        outputs = model(x[step])
+        loss = session.loss([outputs[0].pow(2).mean(), (outputs[1] - 1).abs().mean()])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return torch.stack(balancer.norms), session
+
+
+@pytest.mark.parametrize(
+    "segment, shape, expected_path",
+    [
+        ("relu", (5, 6), "linear-product"),
+        ("identity", (5, 6), "linear-product"),
+        ("relu-relu", (5, 6), "batched-vjp"),  # the subtraction between the ReLUs is not a mask
+        ("inplace-relu", (5, 6), "linear-product"),
+        ("relu", (4, 7, 6), "linear-product"),  # a sequence: W sees (batch, time, features)
+        ("gelu", (5, 6), "batched-vjp"),
+        ("tied", (5, 6), "batched-vjp"),
+    ],
+)
+def test_each_route_through_the_segment_matches_the_separate_autograd_measurement(segment, shape, expected_path, tmp_path):
+    torch.manual_seed(0)
+    base = TwoHeadNet(segment).double()
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    reference_model, tapped_model = copy.deepcopy(base), copy.deepcopy(base)
+    reference, _ = measured_norms(reference_model, reference_model.shared, None, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tapped, session = measured_norms(tapped_model, tapped_model.shared, list(tapped_model.heads), x, runs_root=tmp_path, run_name="tapped")
+    assert session.taps.path == expected_path
+    torch.testing.assert_close(tapped, reference, rtol=1e-10, atol=1e-12)
+    session.close()
+    assert json.loads((tmp_path / "tapped" / "run.json").read_text())["grad_norm_path"] == f"head-taps/{expected_path}"
+    fallback_warned = any("batched vector-Jacobian" in str(w.message) for w in caught)
+    assert fallback_warned == (expected_path == "batched-vjp")
+
+
+def test_a_shared_parameter_rather_than_a_module_takes_the_batched_route():
+    torch.manual_seed(0)
+    base = TwoHeadNet("relu").double()
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    reference_model, tapped_model = copy.deepcopy(base), copy.deepcopy(base)
+    reference, _ = measured_norms(reference_model, reference_model.shared.weight, None, x)
+    tapped, session = measured_norms(tapped_model, tapped_model.shared.weight, list(tapped_model.heads), x)
+    assert session.taps.path == "batched-vjp"
+    torch.testing.assert_close(tapped, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_a_forward_without_a_balanced_loss_leaves_the_gradient_unchanged():
+    """An extra forward/backward outside session.loss (say, an auxiliary loss) passes through the taps."""
+    torch.manual_seed(0)
+    model = TwoHeadNet("relu")
+    plain = copy.deepcopy(model)
+    hooks.attach(model.shared, NormLog(), heads=list(model.heads))
+    x = torch.randn(5, 6)
+    sum(out.sum() for out in model(x)).backward()
+    sum(out.sum() for out in plain(x)).backward()
+    for a, b in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)

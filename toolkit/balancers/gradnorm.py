@@ -68,7 +68,12 @@ def renormalize(weights: Tensor, min_weight: float) -> Tensor:
     """
     floored = weights.clamp_min(min_weight)
     scaled = floored / floored.max()
-    return scaled * (weights.numel() / scaled.sum())
+    return scaled.div(scaled.sum()).mul(weights.numel())
+
+
+def all_finite(*tensors: Tensor) -> Tensor:
+    """A 0-d bool tensor: every element of every tensor is finite (x * 0 is 0 exactly when x is finite)."""
+    return torch.cat([t.reshape(-1) for t in tensors]).mul(0).sum().eq(0)
 
 
 class GradNorm(Balancer):
@@ -127,14 +132,14 @@ class GradNorm(Balancer):
         if grad_norms is None:
             raise RuntimeError("GradNorm needs the per-task gradient norms at the shared layer")
         terms = gradnorm_terms(weights, grad_norms, inverse_rate, self.alpha, self.reduction)
-        # Decided on the device: a non-finite loss, norm or inverse rate (0/0 when every loss of the step
-        # is zero) skips the update without a host sync.
-        finite = torch.isfinite(losses).all() & torch.isfinite(grad_norms).all() & torch.isfinite(inverse_rate).all()
-        stepped = renormalize(self.optimizer.step(weights, terms.weight_grad, finite), self.min_weight)
-        # A step that would leave w non-finite or not positive is skipped as well: an overflowing weight
-        # step (a huge gradient norm with a large SGD rate), or a floored weight that underflows to 0 next
-        # to a weight beyond float range.
-        applied_update = finite & torch.isfinite(stepped).all() & (stepped > 0).all()
+        candidate, state = self.optimizer.propose(weights, terms.weight_grad)
+        stepped = renormalize(candidate, self.min_weight)
+        # Decided on the device, without a host sync: the update is kept only if every loss, norm and
+        # inverse rate is finite (the inverse rates are 0/0 when every loss of the step is zero) and the
+        # new weights are finite and positive (an overflowing step: a huge norm with a large SGD rate, or
+        # a floored weight underflowing to 0 beside a weight beyond float range).
+        applied_update = all_finite(losses, grad_norms, inverse_rate, stepped) & (stepped > 0).all()
+        self.optimizer.commit(state, applied_update)
         self._weights = torch.where(applied_update, stepped, weights)
         return StepStats(
             loss=losses,

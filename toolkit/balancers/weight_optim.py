@@ -46,31 +46,43 @@ class WeightOptimizer:
 
     def step(self, weights: Tensor, grad: Tensor, apply: Tensor) -> Tensor:
         """Return the updated weights; where ``apply`` (a 0-d bool tensor) is False, nothing changes."""
+        updated, state = self.propose(weights, grad)
+        self.commit(state, apply)
+        return torch.where(apply, updated, weights)
+
+    def propose(self, weights: Tensor, grad: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The updated weights and the optimiser state they imply, neither yet in effect.
+
+        Splitting the step lets the caller decide whether to keep it from the step's result as well
+        (GradNorm also refuses an update that leaves w non-finite) with one ``torch.where`` per state
+        tensor in ``commit``: NaN in a refused step never reaches the state.
+        """
         if self._exp_avg is None:
             self._exp_avg = torch.zeros_like(weights)
             self._exp_avg_sq = torch.zeros_like(weights)
             self._steps = torch.zeros((), dtype=weights.dtype, device=weights.device)
-        # A masked-off step may carry NaN in grad; zeroing it first keeps NaN out of the state
-        # even through the arithmetic of the branch that torch.where discards.
-        grad = torch.where(apply, grad, torch.zeros_like(grad))
-        if self.kind == "sgd":
-            if self.momentum:
-                buf = torch.where(self._steps > 0, self.momentum * self._exp_avg + grad, grad)
-                self._exp_avg = torch.where(apply, buf, self._exp_avg)
-                grad = buf
-            self._steps = torch.where(apply, self._steps + 1, self._steps)
-            return torch.where(apply, weights - self.lr * grad, weights)
-        beta1, beta2 = self.betas
         steps = self._steps + 1
-        exp_avg = self._exp_avg * beta1 + grad * (1 - beta1)
-        exp_avg_sq = self._exp_avg_sq * beta2 + grad * grad * (1 - beta2)
+        if self.kind == "sgd":
+            if not self.momentum:
+                return weights - self.lr * grad, (steps,)
+            buf = torch.where(self._steps > 0, self.momentum * self._exp_avg + grad, grad)
+            return weights - self.lr * buf, (steps, buf)
+        beta1, beta2 = self.betas
+        # The arithmetic of torch.optim.Adam's single-tensor step: lerp for the first moment, addcmul for
+        # the second, then exp_avg / denom before the learning rate (bounded, where lr * exp_avg can
+        # overflow float32 for huge gradient norms and turn the step into inf / inf = NaN).
+        exp_avg = torch.lerp(self._exp_avg, grad, 1 - beta1)
+        exp_avg_sq = torch.addcmul(self._exp_avg_sq * beta2, grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**steps
         bias_correction2 = 1 - beta2**steps
         denom = exp_avg_sq.sqrt() / bias_correction2.sqrt() + self.eps
-        # exp_avg / denom first, as torch.optim.Adam's addcdiv does: it is bounded, while lr * exp_avg
-        # can overflow float32 for huge gradient norms and turn the step into inf / inf = NaN.
-        updated = weights - (self.lr / bias_correction1) * (exp_avg / denom)
-        self._exp_avg = torch.where(apply, exp_avg, self._exp_avg)
-        self._exp_avg_sq = torch.where(apply, exp_avg_sq, self._exp_avg_sq)
-        self._steps = torch.where(apply, steps, self._steps)
-        return torch.where(apply, updated, weights)
+        updated = weights - (exp_avg / denom) * self.lr / bias_correction1
+        return updated, (steps, exp_avg, exp_avg_sq)
+
+    def commit(self, state: tuple[Tensor, ...], apply: Tensor) -> None:
+        """Keep the state of a proposed step where ``apply`` (a 0-d bool tensor) is True."""
+        self._steps = torch.where(apply, state[0], self._steps)
+        if len(state) > 1:
+            self._exp_avg = torch.where(apply, state[1], self._exp_avg)
+        if len(state) > 2:
+            self._exp_avg_sq = torch.where(apply, state[2], self._exp_avg_sq)
