@@ -133,24 +133,32 @@ class HeadTaps:
                 f"task heads {missing} sent no gradient to the shared representation this step; every task's loss "
                 "must come from its head's output"
             )
-        stacked = torch.stack(grads)
+        # Task axis next to the feature axis, (..., T, F): the linear-product route then reads the pieces
+        # as one (rows, T * F) matrix, with no copy.
+        stacked = torch.stack(grads, dim=-2)
+        total = stacked.sum(-2)
         per_task = self._per_task_weight_grads(stacked)
         self._input, self._aliases, self._layer_input = None, (), None
         self.on_norms(norms_of(self.reduce(per_task), self.per_channel))
-        return stacked.sum(0)
+        return total
 
     def _per_task_weight_grads(self, stacked: Tensor) -> Tensor:
-        """(T, *W.shape): grad_W of each head's piece, by the cheapest exact route the model allows."""
+        """(T, *W.shape): grad_W of each head's piece, by the cheapest exact route the model allows.
+
+        ``stacked`` is (..., T, F) and is not needed afterwards, so the ReLU mask is applied in place.
+        """
+        num_tasks, features = stacked.shape[-2], stacked.shape[-1]
         mask = self._linear_segment_mask()
         if mask is not None:
             self.path = LINEAR_PRODUCT
             x = self._layer_input[0]
-            grad_out = stacked if mask is True else stacked * mask
-            grad_out = grad_out.reshape(len(self.heads), -1, grad_out.shape[-1])
+            if mask is not True:
+                stacked.mul_(mask.unsqueeze(-2))
             # In the gradient's dtype, as autograd computes it (bf16 under autocast), then in W's dtype, as
-            # autograd hands it to W.
-            product = torch.matmul(grad_out.transpose(1, 2), x.reshape(-1, x.shape[-1]).to(grad_out.dtype))
-            return product.to(self.parameter.dtype)
+            # autograd hands it to W. Row t * F + o of the product is grad_W[o] of task t.
+            rows = stacked.reshape(-1, num_tasks * features)
+            product = torch.mm(rows.t(), x.reshape(-1, x.shape[-1]).to(rows.dtype))
+            return product.view(num_tasks, features, -1).to(self.parameter.dtype)
         if self._linear is not None and not self._warned_fallback:
             self._warned_fallback = True
             warnings.warn(
@@ -159,7 +167,8 @@ class HeadTaps:
                 RuntimeWarning,
             )
         self.path = BATCHED_VJP
-        (per_task,) = torch.autograd.grad(self._input, self.parameter, grad_outputs=stacked, is_grads_batched=True, retain_graph=True)
+        batched = stacked.movedim(-2, 0)
+        (per_task,) = torch.autograd.grad(self._input, self.parameter, grad_outputs=batched, is_grads_batched=True, retain_graph=True)
         return per_task
 
     def _linear_segment_mask(self) -> Union[None, bool, Tensor]:
