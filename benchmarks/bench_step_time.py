@@ -3,12 +3,15 @@
 Variants, each with its own copy of the same network and the same batches:
 
 - ``equal``: a plain loop, ``sum_i L_i``, no toolkit at all (the denominator of every ratio);
+- ``floor: ...``: the plain loop plus the T weight-gradient products at W alone, the least any exact
+  per-task norm at W adds;
 - ``equal+record``: the toolkit attached with equal weights, measuring G_i and recording every step;
 - ``gradnorm``: the toolkit's GradNorm (closed-form dL_grad/dw), nothing recorded;
 - ``gradnorm+record``: the same, recording every step to Parquet;
 - ``..., heads=``: the same with the gradient norms tapped from the ordinary backward pass at the task
   heads' input (``hooks.attach(..., heads=model.heads)``, ``hooks/taps.py``) instead of a separate
   batched backward from the losses;
+- ``..., compile_update``: the same with the weight update fused by ``torch.compile``;
 - ``double-backward``: the paper's equations with create_graph double backward (the common
   implementation; the same code as ``tests/gradnorm_reference.py``);
 - ``gradnorm-pytorch``: the ``gradnorm-pytorch`` package, where installed.
@@ -106,6 +109,23 @@ def make_variants(config: toy.ToyConfig, device: torch.device, runs_root: Path) 
 
         return step
 
+    def floor_step() -> StepFn:
+        """The plain step plus only the arithmetic any exact G_i at W needs: T products of head gradients
+        with W's input (the linear-product route's matmul and norms, on stand-in tensors of the same shapes)."""
+        model, optimizer = fresh()
+        width = model.shared_layer.weight.shape
+        pieces = torch.randn(BATCH, config.num_tasks * width[0], device=device)
+        layer_input = torch.randn(BATCH, width[1], device=device)
+
+        def step(x: Tensor, y: Tensor) -> None:
+            loss = torch.stack(toy.task_losses(model(x), y)).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.linalg.vector_norm(torch.mm(pieces.t(), layer_input).view(config.num_tasks, -1), dim=1)
+            optimizer.step()
+
+        return step
+
     def session_step(balancer, record: bool, name: str, taps: bool = False) -> StepFn:
         model, optimizer = fresh()
         heads = list(model.heads) if taps else None
@@ -134,12 +154,16 @@ def make_variants(config: toy.ToyConfig, device: torch.device, runs_root: Path) 
         return step
 
     variants["equal"] = plain_step()
+    variants["floor: equal + T products at W"] = floor_step()
     variants["equal+record"] = session_step(EqualWeights(), True, f"bench-T{config.num_tasks}-equal")
     variants["gradnorm"] = session_step(GradNorm(alpha=ALPHA), False, "unused")
     variants["gradnorm+record"] = session_step(GradNorm(alpha=ALPHA), True, f"bench-T{config.num_tasks}-gradnorm")
     variants["equal+record, heads="] = session_step(EqualWeights(), True, f"bench-T{config.num_tasks}-equal-taps", taps=True)
     variants["gradnorm, heads="] = session_step(GradNorm(alpha=ALPHA), False, "unused", taps=True)
     variants["gradnorm+record, heads="] = session_step(GradNorm(alpha=ALPHA), True, f"bench-T{config.num_tasks}-gradnorm-taps", taps=True)
+    variants["gradnorm+record, heads=, compile_update"] = session_step(
+        GradNorm(alpha=ALPHA, compile_update=True), True, f"bench-T{config.num_tasks}-gradnorm-taps-compiled", taps=True
+    )
     variants["double-backward"] = double_backward_step()
     library = gradnorm_pytorch_step(fresh, config, device)
     if library is not None:
@@ -232,7 +256,8 @@ def to_markdown(results: dict[int, dict[str, dict[str, float]]], device: torch.d
     for t, summary in results.items():
         lines.append("")
         lines.append(
-            f"T={t}: with heads=, GradNorm recording every step costs {summary['gradnorm+record, heads=']['ratio']:.2f}x equal weights; "
+            f"T={t}: with heads=, GradNorm recording every step costs {summary['gradnorm+record, heads=']['ratio']:.2f}x equal weights "
+            f"({summary['gradnorm+record, heads=, compile_update']['ratio']:.2f}x with compile_update); "
             f"recording every step costs {summary['gradnorm+record']['median_ms'] / summary['gradnorm']['median_ms']:.3f}x "
             f"the unrecorded GradNorm step; GradNorm is {summary['double-backward']['median_ms'] / summary['gradnorm']['median_ms']:.2f}x faster "
             "than double backward"

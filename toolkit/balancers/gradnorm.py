@@ -12,13 +12,14 @@ create_graph double-backward implementation of the paper's equations.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+import warnings
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .base import Balancer, InitialLossSpec, StepStats
-from .weight_optim import WeightOptimizer
+from .weight_optim import WeightOptimizer, keep_where
 
 REDUCTIONS = ("mean", "sum")
 
@@ -76,6 +77,32 @@ def all_finite(*tensors: Tensor) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors]).mul(0).sum().eq(0)
 
 
+def gradnorm_update(
+    weights: Tensor,
+    grad_norms: Tensor,
+    inverse_rate: Tensor,
+    losses: Tensor,
+    state: tuple[Tensor, Tensor, Tensor],
+    alpha: float,
+    reduction: str,
+    min_weight: float,
+    optimizer: WeightOptimizer,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], GradNormTerms, Tensor]:
+    """One GradNorm step as a pure function: (new weights, new optimiser state, eq. 2 terms, applied).
+
+    The update is kept only if every loss, norm and inverse rate is finite (the inverse rates are 0/0
+    when every loss of the step is zero) and the new weights are finite and positive (an overflowing
+    step: a huge norm with a large SGD rate, or a floored weight underflowing to 0 beside a weight
+    beyond float range). Decided on the device, without a host sync. Pure, so that ``torch.compile`` can
+    fuse it (``GradNorm(compile_update=True)``).
+    """
+    terms = gradnorm_terms(weights, grad_norms, inverse_rate, alpha, reduction)
+    candidate, proposed = optimizer.propose(state, weights, terms.weight_grad)
+    stepped = renormalize(candidate, min_weight)
+    applied = all_finite(losses, grad_norms, inverse_rate, stepped) & (stepped > 0).all()
+    return torch.where(applied, stepped, weights), keep_where(applied, proposed, state), terms, applied
+
+
 class GradNorm(Balancer):
     """Adaptive loss balancing by gradient normalisation (Chen et al., 2018).
 
@@ -95,6 +122,11 @@ class GradNorm(Balancer):
         per_channel: balance the gradient norms of each output channel (filter) of W separately, as the
             paper does for convolutional layers (3.1); by default the norm of the whole weight (dense
             layers in the paper).
+        compile_update: fuse the weight update (some 50 operations on T-element tensors) with
+            ``torch.compile``. Where a step is short, their launch and dispatch overhead is a visible part
+            of it (``benchmarks/results/step_time.md``); the first step then pays the compilation (tens
+            of seconds on a CPU, which needs a C++ compiler). If compiling fails, a warning says so and
+            the eager update runs.
     """
 
     name = "gradnorm"
@@ -109,8 +141,11 @@ class GradNorm(Balancer):
         min_weight: float = 1e-4,
         initial_loss: InitialLossSpec = "first",
         per_channel: bool = False,
+        compile_update: bool = False,
     ) -> None:
         super().__init__(initial_loss=initial_loss)
+        self.compile_update = bool(compile_update)
+        self._compiled: Optional[Callable] = None
         self.per_channel = bool(per_channel)
         if not (alpha >= 0):
             raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
@@ -126,21 +161,29 @@ class GradNorm(Balancer):
     def config(self) -> dict[str, Any]:
         cfg = super().config()
         cfg.update(alpha=self.alpha, reduction=self.reduction, min_weight=self.min_weight, per_channel=self.per_channel, **self.optimizer.config())
+        if self.compile_update:
+            cfg["compile_update"] = True
         return cfg
+
+    def _run_update(self, *args: Any):
+        if not self.compile_update:
+            return gradnorm_update(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(gradnorm_update, dynamic=False)
+        try:
+            return self._compiled(*args)
+        except Exception as exc:  # a missing compiler or an unsupported backend: fall back, once
+            warnings.warn(f"gradnorm: compile_update failed ({type(exc).__name__}: {exc}); using the eager update", RuntimeWarning)
+            self.compile_update = False
+            return gradnorm_update(*args)
 
     def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:
         if grad_norms is None:
             raise RuntimeError("GradNorm needs the per-task gradient norms at the shared layer")
-        terms = gradnorm_terms(weights, grad_norms, inverse_rate, self.alpha, self.reduction)
-        candidate, state = self.optimizer.propose(weights, terms.weight_grad)
-        stepped = renormalize(candidate, self.min_weight)
-        # Decided on the device, without a host sync: the update is kept only if every loss, norm and
-        # inverse rate is finite (the inverse rates are 0/0 when every loss of the step is zero) and the
-        # new weights are finite and positive (an overflowing step: a huge norm with a large SGD rate, or
-        # a floored weight underflowing to 0 beside a weight beyond float range).
-        applied_update = all_finite(losses, grad_norms, inverse_rate, stepped) & (stepped > 0).all()
-        self.optimizer.commit(state, applied_update)
-        self._weights = torch.where(applied_update, stepped, weights)
+        state = self.optimizer.state_for(weights)
+        args = (weights, grad_norms, inverse_rate, losses, state, self.alpha, self.reduction, self.min_weight, self.optimizer)
+        self._weights, new_state, terms, applied_update = self._run_update(*args)
+        self.optimizer.load(new_state)
         return StepStats(
             loss=losses,
             loss_ratio=loss_ratio,

@@ -44,45 +44,51 @@ class WeightOptimizer:
             cfg.update(momentum=self.momentum)
         return cfg
 
-    def step(self, weights: Tensor, grad: Tensor, apply: Tensor) -> Tensor:
-        """Return the updated weights; where ``apply`` (a 0-d bool tensor) is False, nothing changes."""
-        updated, state = self.propose(weights, grad)
-        self.commit(state, apply)
-        return torch.where(apply, updated, weights)
-
-    def propose(self, weights: Tensor, grad: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """The updated weights and the optimiser state they imply, neither yet in effect.
-
-        Splitting the step lets the caller decide whether to keep it from the step's result as well
-        (GradNorm also refuses an update that leaves w non-finite) with one ``torch.where`` per state
-        tensor in ``commit``: NaN in a refused step never reaches the state.
-        """
+    def state_for(self, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(steps, first moment or momentum buffer, second moment), created at the first step."""
         if self._exp_avg is None:
             self._exp_avg = torch.zeros_like(weights)
             self._exp_avg_sq = torch.zeros_like(weights)
             self._steps = torch.zeros((), dtype=weights.dtype, device=weights.device)
-        steps = self._steps + 1
+        return (self._steps, self._exp_avg, self._exp_avg_sq)
+
+    def load(self, state: tuple[Tensor, Tensor, Tensor]) -> None:
+        self._steps, self._exp_avg, self._exp_avg_sq = state
+
+    def step(self, weights: Tensor, grad: Tensor, apply: Tensor) -> Tensor:
+        """Return the updated weights; where ``apply`` (a 0-d bool tensor) is False, nothing changes."""
+        state = self.state_for(weights)
+        updated, proposed = self.propose(state, weights, grad)
+        self.load(keep_where(apply, proposed, state))
+        return torch.where(apply, updated, weights)
+
+    def propose(self, state: tuple[Tensor, Tensor, Tensor], weights: Tensor, grad: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The updated weights and the state they imply, from ``state``: a pure function, nothing is kept.
+
+        Splitting the step lets the caller decide whether to keep it from the step's result as well
+        (GradNorm also refuses an update that leaves w non-finite) with one ``torch.where`` per state
+        tensor (``keep_where``): NaN in a refused step never reaches the state.
+        """
+        steps, exp_avg, exp_avg_sq = state
+        steps = steps + 1
         if self.kind == "sgd":
             if not self.momentum:
-                return weights - self.lr * grad, (steps,)
-            buf = torch.where(self._steps > 0, self.momentum * self._exp_avg + grad, grad)
-            return weights - self.lr * buf, (steps, buf)
+                return weights - self.lr * grad, (steps, exp_avg, exp_avg_sq)
+            buf = torch.where(state[0] > 0, self.momentum * exp_avg + grad, grad)
+            return weights - self.lr * buf, (steps, buf, exp_avg_sq)
         beta1, beta2 = self.betas
         # The arithmetic of torch.optim.Adam's single-tensor step: lerp for the first moment, addcmul for
         # the second, then exp_avg / denom before the learning rate (bounded, where lr * exp_avg can
         # overflow float32 for huge gradient norms and turn the step into inf / inf = NaN).
-        exp_avg = torch.lerp(self._exp_avg, grad, 1 - beta1)
-        exp_avg_sq = torch.addcmul(self._exp_avg_sq * beta2, grad, grad, value=1 - beta2)
+        exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)
+        exp_avg_sq = torch.addcmul(exp_avg_sq * beta2, grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**steps
         bias_correction2 = 1 - beta2**steps
         denom = exp_avg_sq.sqrt() / bias_correction2.sqrt() + self.eps
         updated = weights - (exp_avg / denom) * self.lr / bias_correction1
         return updated, (steps, exp_avg, exp_avg_sq)
 
-    def commit(self, state: tuple[Tensor, ...], apply: Tensor) -> None:
-        """Keep the state of a proposed step where ``apply`` (a 0-d bool tensor) is True."""
-        self._steps = torch.where(apply, state[0], self._steps)
-        if len(state) > 1:
-            self._exp_avg = torch.where(apply, state[1], self._exp_avg)
-        if len(state) > 2:
-            self._exp_avg_sq = torch.where(apply, state[2], self._exp_avg_sq)
+
+def keep_where(apply: Tensor, proposed: tuple[Tensor, ...], current: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The proposed state where ``apply`` (a 0-d bool tensor) is True, else the current one."""
+    return tuple(torch.where(apply, new, old) for new, old in zip(proposed, current))
