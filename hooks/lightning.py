@@ -34,8 +34,8 @@ class GradNormCallback(pl.Callback):
     Args:
         shared_layer: a function of the LightningModule returning the shared layer W (module or parameter).
         balancer: GradNorm or any toolkit balancer.
-        heads: optionally a function of the module returning the task heads in task order (see ``heads=``
-            of :func:`hooks.attach`).
+        heads: optionally a function of the module returning the task heads in task order, or ``"auto"``
+            (see ``heads=`` of :func:`hooks.attach`).
         options: the other keyword arguments of :func:`hooks.attach` (``runs_root``, ``run_name``, ...).
     """
 
@@ -44,7 +44,7 @@ class GradNormCallback(pl.Callback):
         shared_layer: Callable[[pl.LightningModule], Any],
         balancer: Optional[Balancer] = None,
         *,
-        heads: Optional[Callable[[pl.LightningModule], Sequence[Any]]] = None,
+        heads: Union[None, str, Callable[[pl.LightningModule], Sequence[Any]]] = None,
         runs_root: Optional[Union[str, Path]] = None,
         **options: Any,
     ) -> None:
@@ -57,7 +57,9 @@ class GradNormCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         options = dict(self.options)
-        if self.heads is not None:
+        if isinstance(self.heads, str):
+            options["heads"] = self.heads
+        elif self.heads is not None:
             options["heads"] = list(self.heads(pl_module))
         self.session = attach(self.shared_layer(pl_module), self.balancer, runs_root=self.runs_root, **options)
         pl_module.gradnorm = self.session

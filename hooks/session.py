@@ -27,6 +27,7 @@ from toolkit.recorder import DEFAULT_FLUSH_EVERY, Recorder
 
 from . import distributed
 from .grad_norms import GradNormMeter
+from .head_finder import HeadFinder, layer_call
 from .taps import HeadTaps
 from .shared_layer import SharedLayer, reaches, resolve_shared_layer
 from .task_gradients import RepresentationCapture, reweight_representation, step_weights
@@ -50,7 +51,7 @@ class Session:
         flush_every: int = DEFAULT_FLUSH_EVERY,
         measure_grad_norms: bool = True,
         config: Optional[Mapping[str, Any]] = None,
-        heads: Optional[Sequence[nn.Module]] = None,
+        heads: Union[None, str, Sequence[nn.Module]] = None,
         grad_scaler: Optional[Any] = None,
     ) -> None:
         self.layer = resolve_shared_layer(shared)
@@ -73,15 +74,24 @@ class Session:
         # With heads= the tapped gradients carry the AMP loss scale of torch.amp.GradScaler; it is divided out.
         self.grad_scaler = grad_scaler
         self._pending: Optional[tuple] = None
-        if heads is not None:
-            if self.balancer.uses_current_step or needs_capture or self.balancer.weights_act_on_representation:
+        self._per_channel = per_channel
+        self._finder: Optional[HeadFinder] = None
+        self._heads_search: Optional[str] = None  # heads="auto": what the first step found
+        taps_unusable = self.balancer.uses_current_step or needs_capture or self.balancer.weights_act_on_representation
+        if isinstance(heads, str):
+            if heads != "auto":
+                raise ValueError(f"heads= takes the task heads in task order or 'auto', got {heads!r}")
+            if taps_unusable or not self.measure:
+                self._heads_search = f"not searched: {self.balancer.name} needs this step's per-task gradients before the loss is formed"
+            else:
+                self._finder = HeadFinder()
+        elif heads is not None:
+            if taps_unusable:
                 raise ValueError(
                     f"heads= measures gradient norms during your backward, but {self.balancer.name} needs this step's "
                     "per-task gradients before the loss is formed; leave heads= out for it"
                 )
-            self.taps = HeadTaps(
-                heads, self.layer.parameter, self._norms_from_backward, reduce=distributed.mean_across_ranks, per_channel=per_channel, module=self.layer.module
-            )
+            self.taps = self._make_taps(list(heads))
         self.tasks: Optional[list[str]] = list(tasks) if tasks is not None else None
         self.step_index = 0
         self.runs_root = None if runs_root is None else Path(runs_root)
@@ -97,14 +107,17 @@ class Session:
         """The weighted loss sum_i w_i L_i of this step (shadow mode: with the user's weights)."""
         names, values = self._split(losses)
         stacked = torch.stack([v.reshape(()) for v in values])
-        self._bind(names, stacked)
+        # heads="auto": this step is measured the general way; the taps found here serve from the next.
+        searched_now = self._finder is not None
+        route = self._search_heads(values) if searched_now else None
+        self._bind(names, stacked, route)
         applied = self._applied if self.shadow else self.balancer.weights()
         if self.balancer.uses_current_step:
             applied = self._current_step_weights(values, stacked, applied)
         # Gradient surgery acts on Z's gradient; the heads then train on unit-weighted losses.
         loss_weights = torch.ones_like(applied) if self.balancer.weights_act_on_representation and not self.shadow else applied
         total = (loss_weights.to(stacked.dtype) * stacked).sum()
-        if self.taps is not None:
+        if self.taps is not None and not searched_now:
             self._defer(values, stacked, applied, epoch, step)
             return total
         self._observe(values, stacked, applied, epoch, step)
@@ -120,6 +133,7 @@ class Session:
             raise RuntimeError("observe() is for shadow mode (attach(..., shadow=True)); use loss() to balance")
         names, values = self._split(losses)
         stacked = torch.stack([v.reshape(()) for v in values])
+        self._stop_head_search("not searched: observe() measures before your backward")
         self._bind(names, stacked)
         if self.balancer.uses_current_step:
             self._current_step_weights(values, stacked, self._applied)
@@ -142,6 +156,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self._stop_head_search("not searched: the session closed before its first step")
         if self.recorder is not None:
             self.recorder.close(status=status)
 
@@ -152,6 +167,29 @@ class Session:
         self.close(status=runs.FAILED if kind is not None else runs.FINISHED)
 
     # -- internals -------------------------------------------------------------------------------
+    def _make_taps(self, heads: list[nn.Module]) -> HeadTaps:
+        return HeadTaps(
+            heads, self.layer.parameter, self._norms_from_backward, reduce=distributed.mean_across_ranks, per_channel=self._per_channel, module=self.layer.module
+        )
+
+    def _stop_head_search(self, reason: str) -> None:
+        if self._finder is not None:
+            self._finder.stop()
+            self._finder = None
+            self._heads_search = reason
+
+    def _search_heads(self, values: list[Tensor]) -> Optional[str]:
+        """heads="auto", first step: find the heads; the taps serve from the next step. Returns the route."""
+        finder, self._finder = self._finder, None
+        found = finder.find(values, self.layer.parameter)
+        self._heads_search = found.reason
+        if found.heads is None:
+            return None
+        self.taps = self._make_taps(found.heads)
+        call, count = layer_call(found.calls, self.layer.module)
+        layer_input = (call.input, call.input_version) if call is not None else None
+        return self.taps.describe_path_of(found.shared, layer_input, call.output_node if call is not None else None, count)
+
     def _split(self, losses: Losses) -> tuple[list[str], list[Tensor]]:
         if isinstance(losses, Mapping):
             names, values = [str(k) for k in losses.keys()], list(losses.values())
@@ -185,7 +223,7 @@ class Session:
             self._surgery = (grads, own)
         return own
 
-    def _bind(self, names: list[str], stacked: Tensor) -> None:
+    def _bind(self, names: list[str], stacked: Tensor, auto_route: Optional[str] = None) -> None:
         if self.balancer.bound:
             return
         self.tasks = names
@@ -200,14 +238,24 @@ class Session:
                 "balancer": self.balancer.config(),
                 "shared_layer": self.layer.config(),
                 "mode": "shadow" if self.shadow else "balance",
-                "grad_norm_path": f"head-taps/{self.taps.describe_path()}" if self.taps is not None else ("autograd-batched" if self.meter.batched else "autograd-loop"),
+                "grad_norm_path": self._grad_norm_path(auto_route),
                 "flush_every": self.flush_every,
                 "config": self.user_config,
             }
+            if self._heads_search is not None:
+                meta["heads_search"] = self._heads_search
             if self.shadow:
                 meta["applied_weights"] = dict(zip(names, self._applied.tolist()))
             self.run_path = distributed.create_or_join_run(self.runs_root, self.run_name, meta)
             self.recorder = Recorder(self.run_path, names, flush_every=self.flush_every)
+
+    def _grad_norm_path(self, auto_route: Optional[str]) -> str:
+        general = "autograd-batched" if self.meter.batched else "autograd-loop"
+        if self.taps is None:
+            return general
+        if auto_route is not None:
+            return f"head-taps/{auto_route} (step 0: {general})"
+        return f"head-taps/{self.taps.describe_path()}"
 
     def _defer(self, values: list[Tensor], stacked: Tensor, applied: Tensor, epoch: Optional[int], step: Optional[int]) -> None:
         """heads= mode: keep the step; the taps finish it from inside the user's backward."""

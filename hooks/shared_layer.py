@@ -43,18 +43,19 @@ def resolve_shared_layer(shared: SharedLayer) -> ResolvedLayer:
     return ResolvedLayer(parameter=parameter, module=module, description=description)
 
 
-def reaches(loss: torch.Tensor, parameter: torch.Tensor) -> bool:
-    """Whether ``parameter`` is a leaf of ``loss``'s autograd graph (a gradient can flow to it)."""
-    if loss.grad_fn is None:
-        return False
-    seen = set()
-    stack = [loss.grad_fn]
+def graph_nodes(tensor: torch.Tensor) -> set:
+    """Every autograd node ``tensor``'s gradient can flow through (empty for a tensor without a graph)."""
+    seen: set = set()
+    stack = [tensor.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if getattr(node, "variable", None) is parameter:
-            return True
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
+    return seen
+
+
+def reaches(loss: torch.Tensor, parameter: torch.Tensor) -> bool:
+    """Whether ``parameter`` is a leaf of ``loss``'s autograd graph (a gradient can flow to it)."""
+    return any(getattr(node, "variable", None) is parameter for node in graph_nodes(loss))

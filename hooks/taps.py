@@ -69,6 +69,7 @@ class HeadTaps:
         self.per_channel = per_channel
         self._input: Optional[Tensor] = None
         self._aliases: tuple[Tensor, ...] = ()
+        self._served: set[int] = set()  # heads that read H in this forward pass
         self._armed = False
         self._handles = [head.register_forward_pre_hook(self._make_pre_hook(i)) for i, head in enumerate(self.heads)]
         self._linear = module if isinstance(module, nn.Linear) and module.weight is parameter else None
@@ -95,21 +96,29 @@ class HeadTaps:
             return BATCHED_VJP
         return LINEAR_PRODUCT if self._linear_segment_mask() is not None else BATCHED_VJP
 
+    def describe_path_of(self, shared: Tensor, layer_input: Optional[tuple[Tensor, int]], layer_node, layer_calls: int) -> str:
+        """The route for a forward pass seen from outside (``heads="auto"``'s first step)."""
+        mask = self._linear_segment_mask(shared, layer_input, layer_node, layer_calls)
+        return LINEAR_PRODUCT if mask is not None else BATCHED_VJP
+
     # -- forward ---------------------------------------------------------------------------------
     def _make_pre_hook(self, index: int):
         def pre_hook(module: nn.Module, args: tuple):
             if not args or not isinstance(args[0], Tensor) or not args[0].requires_grad or not torch.is_grad_enabled():
                 return None
             shared = args[0]
-            if index == 0 or self._input is None:
+            # A head called again, whatever the order of the heads' calls, means a new forward pass.
+            if self._input is None or index in self._served:
                 self._input = shared
+                self._served = set()
                 self._layer_calls_this_forward, self._layer_calls = self._layer_calls, 0
                 self._aliases = _FanOut.apply(self, shared)
             elif shared is not self._input:
                 raise ValueError(
-                    f"task head {index} received a different input tensor than head 0; heads= needs every head to read "
+                    f"task head {index} received a different input tensor than the heads before it; heads= needs every head to read "
                     "the same shared representation (the output of the trunk that contains the shared layer)"
                 )
+            self._served.add(index)
             return (self._aliases[index],) + tuple(args[1:])
 
         return pre_hook
@@ -171,16 +180,21 @@ class HeadTaps:
         (per_task,) = torch.autograd.grad(self._input, self.parameter, grad_outputs=batched, is_grads_batched=True, retain_graph=True)
         return per_task
 
-    def _linear_segment_mask(self) -> Union[None, bool, Tensor]:
-        """True (identity), a 0/1 mask, or None where the linear-product route does not apply this step."""
-        if self._linear is None or self._layer_calls_this_forward != 1 or self._layer_input is None or self._layer_node is None:
+    def _linear_segment_mask(self, shared=None, layer_input=None, layer_node=None, layer_calls=None) -> Union[None, bool, Tensor]:
+        """True (identity), a 0/1 mask, or None where the linear-product route does not apply this step.
+
+        By default for the forward pass the hooks saw; the arguments describe another one.
+        """
+        if shared is None:
+            shared, layer_input, layer_node, layer_calls = self._input, self._layer_input, self._layer_node, self._layer_calls_this_forward
+        if self._linear is None or layer_calls != 1 or layer_input is None or layer_node is None:
             return None
-        x, version = self._layer_input
+        x, version = layer_input
         if x._version != version or x.shape[-1] != self.parameter.shape[1]:
             return None
-        node, mask = self._input.grad_fn, True
+        node, mask = shared.grad_fn, True
         for _ in range(_MAX_SEGMENT_NODES):
-            if node is self._layer_node:
+            if node is layer_node:
                 return mask
             rule = _MASK_NODES.get(type(node).__name__) if node is not None else None
             inputs = [edge for edge in node.next_functions if edge[0] is not None] if node is not None else []

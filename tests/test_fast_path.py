@@ -192,3 +192,66 @@ def test_a_forward_without_a_balanced_loss_leaves_the_gradient_unchanged():
     sum(out.sum() for out in plain(x)).backward()
     for a, b in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+class SplitHeadNet(nn.Module):
+    """Heads are small MLPs (nested modules), or one shared output layer split by column (no heads)."""
+
+    def __init__(self, split: bool) -> None:
+        super().__init__()
+        self.shared = nn.Linear(6, 8)
+        self.split = split
+        if split:
+            self.out = nn.Linear(8, 2)
+        else:
+            self.heads = nn.ModuleList([nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1)) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = torch.relu(self.shared(x))
+        if self.split:
+            out = self.out(h)
+            return [out[:, :1], out[:, 1:]]
+        return [head(h) for head in self.heads]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_heads_auto_finds_the_heads_or_keeps_the_general_path(split, tmp_path):
+    torch.manual_seed(1)
+    base = SplitHeadNet(split).double()
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    reference_model, auto_model = copy.deepcopy(base), copy.deepcopy(base)
+    reference, _ = measured_norms(reference_model, reference_model.shared, None, x, steps=4)
+    auto, session = measured_norms(auto_model, auto_model.shared, "auto", x, steps=4, runs_root=tmp_path, run_name="auto")
+    torch.testing.assert_close(auto, reference, rtol=1e-10, atol=1e-12)
+    for a, b in zip(auto_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    session.close()
+    meta = json.loads((tmp_path / "auto" / "run.json").read_text())
+    assert not nn.modules.module._global_forward_hooks  # the search ended with the first step
+    if split:
+        assert session.taps is None
+        assert meta["grad_norm_path"] == "autograd-batched"
+        assert meta["heads_search"].startswith("no tensor is the input of one module per task")
+    else:
+        assert session.taps.heads == list(auto_model.heads)  # the enclosing Sequentials, in task order
+        assert session.taps.path == "linear-product"
+        assert meta["grad_norm_path"] == "head-taps/linear-product (step 0: autograd-batched)"
+        assert meta["heads_search"] == "found 2 heads reading one tensor: Sequential, Sequential"
+
+
+def test_heads_auto_orders_the_heads_by_task_not_by_call():
+    """Tasks handed in the reverse order of the heads' calls still get their own head."""
+    torch.manual_seed(2)
+    model = SplitHeadNet(False)
+    session = hooks.attach(model.shared, NormLog(), heads="auto")
+    x = torch.randn(5, 6)
+    for _ in range(2):
+        first, second = model(x)
+        loss = session.loss({"b": second.pow(2).mean(), "a": first.abs().mean()})
+        loss.backward()
+    assert session.taps.heads == [model.heads[1], model.heads[0]]
+
+
+def test_heads_must_be_modules_or_auto():
+    with pytest.raises(ValueError, match="'auto'"):
+        hooks.attach(nn.Linear(2, 2), GradNorm(), heads="automatic")

@@ -66,13 +66,16 @@ def plain_loop(model, data):
     return torch.stack(trajectory)
 
 
-@pytest.mark.parametrize("use_heads", [False, True])
+@pytest.mark.parametrize("use_heads", [None, "given", "auto"])
 def test_callback_matches_a_plain_loop(toy_setup, tmp_path, use_heads):
     base, data = toy_setup
     module = ToyModule(copy.deepcopy(base))
-    callback = GradNormCallback(lambda m: m.model.shared_layer, GradNorm(alpha=0.12), runs_root=tmp_path, run_name="lit",
-                                heads=(lambda m: list(m.model.heads)) if use_heads else None)
+    heads = {None: None, "given": lambda m: list(m.model.heads), "auto": "auto"}[use_heads]
+    callback = GradNormCallback(lambda m: m.model.shared_layer, GradNorm(alpha=0.12), runs_root=tmp_path, run_name="lit", heads=heads)
     trainer(callback).fit(module, loader(data))
+    if use_heads is not None:
+        assert callback.session.taps.heads == list(module.model.heads)
+        assert callback.session.taps.path == "linear-product"
     expected = plain_loop(copy.deepcopy(base), data)
     torch.testing.assert_close(torch.stack(module.trajectory), expected, rtol=1e-5, atol=1e-6)
     assert runs.read_run_json(tmp_path / "lit")["status"] == "finished"
