@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
-import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hooks  # noqa: E402
+from interleaved import BatchStep, summarize, time_interleaved  # noqa: E402
 from machine_info import describe, publish  # noqa: E402
 from toolkit import EqualWeights, GradNorm, toy  # noqa: E402
 
@@ -53,11 +52,6 @@ NETWORK_LR = 1e-3
 BATCH = 100
 
 StepFn = Callable[[Tensor, Tensor], None]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class DoubleBackwardGradNorm:
@@ -195,40 +189,16 @@ def measure(num_tasks: int, device: torch.device, rounds: int, block: int, warmu
     x_all, y_all = data.x_train.to(device), data.y_train.to(device)
     generator = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, len(x_all), (BATCH,), generator=generator) for _ in range(64)]
-    times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         variants, closers = make_variants(config, device, Path(tmp))
-        for name, step in variants.items():
-            for i in range(warmup):
-                step(x_all[batches[i % 64]], y_all[batches[i % 64]])
-            times[name] = []
-        order = list(variants)
-        shuffler = random.Random(seed)
-        cursor = 0
-        for _ in range(rounds):
-            shuffler.shuffle(order)
-            for name in order:
-                step = variants[name]
-                for _ in range(block):
-                    index = batches[cursor % 64]
-                    cursor += 1
-                    x, y = x_all[index], y_all[index]
-                    synchronize(device)
-                    started = time.perf_counter()
-                    step(x, y)
-                    synchronize(device)
-                    times[name].append(time.perf_counter() - started)
+
+        def on_batch(step: StepFn) -> BatchStep:
+            return lambda i: step(x_all[batches[i % 64]], y_all[batches[i % 64]])
+
+        times = time_interleaved({name: on_batch(step) for name, step in variants.items()}, device, rounds, block, warmup, seed)
         for close in closers:
             close()
     return times
-
-
-def summarize(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    equal = statistics.median(times["equal"])
-    return {
-        name: {"median_ms": 1e3 * statistics.median(values), "ratio": statistics.median(values) / equal, "steps": len(values)}
-        for name, values in times.items()
-    }
 
 
 def machine() -> str:

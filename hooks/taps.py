@@ -8,11 +8,14 @@ the backward, and maps them through the short segment H -> W to get G_i = ||grad
 task: the quantity of the paper's eq. 2, measured directly (section 3.1). The heads and the loss functions
 are never differentiated twice.
 
-The segment H -> W is crossed one of two ways, chosen per step and stated by ``path``:
+The segment H -> W is crossed one of three ways, chosen per step and stated by ``path``:
 
 - ``linear-product``: W is an ``nn.Linear`` weight and H is its output, or its output through ReLUs. Then
   grad_W L_i = (g_i * mask)^T X, with X the layer's input (captured by a forward hook) and the mask read
   from the ReLU's saved output: one matrix product for all tasks, no autograd call.
+- ``conv-product``: the same for an ``nn.Conv2d`` weight (zero padding, one group): the T tasks' masked
+  gradients, laid side by side as T * C output channels, go through one weight-gradient convolution
+  with X, whose T * C filters are the T tasks' grad_W.
 - ``batched-vjp``: anything else; one T-batched vector-Jacobian product (``is_grads_batched``) from H to W.
 
 Everything stays on the device and nothing synchronises with the host.
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 from .grad_norms import norms_of
 
 LINEAR_PRODUCT = "linear-product"
+CONV_PRODUCT = "conv-product"
 BATCHED_VJP = "batched-vjp"
 # Elementwise nodes between W's output and H whose Jacobian is a 0/1 mask read from what they saved.
 _MASK_NODES = {"ReluBackward0": lambda node: node._saved_result > 0}
@@ -72,13 +76,13 @@ class HeadTaps:
         self._served: set[int] = set()  # heads that read H in this forward pass
         self._armed = False
         self._handles = [head.register_forward_pre_hook(self._make_pre_hook(i)) for i, head in enumerate(self.heads)]
-        self._linear = module if isinstance(module, nn.Linear) and module.weight is parameter else None
+        self._layer = module if _has_product_route(module, parameter) else None
         self._layer_input: Optional[tuple[Tensor, int]] = None  # (X, its version when captured)
         self._layer_node = None  # grad_fn of the layer's output, taken before any in-place op on it
         self._layer_calls = 0  # calls of the layer since the heads last read H
         self._layer_calls_this_forward = 0
-        if self._linear is not None:
-            self._handles.append(self._linear.register_forward_hook(self._capture_layer))
+        if self._layer is not None:
+            self._handles.append(self._layer.register_forward_hook(self._capture_layer))
         self._warned_fallback = False
         self.path: Optional[str] = None  # the route of the last measured step
 
@@ -94,12 +98,16 @@ class HeadTaps:
         """The route the next measurement will take (for ``run.json``), decided from this step's graph."""
         if self._input is None:
             return BATCHED_VJP
-        return LINEAR_PRODUCT if self._linear_segment_mask() is not None else BATCHED_VJP
+        return self._route(self._segment_mask())
 
     def describe_path_of(self, shared: Tensor, layer_input: Optional[tuple[Tensor, int]], layer_node, layer_calls: int) -> str:
         """The route for a forward pass seen from outside (``heads="auto"``'s first step)."""
-        mask = self._linear_segment_mask(shared, layer_input, layer_node, layer_calls)
-        return LINEAR_PRODUCT if mask is not None else BATCHED_VJP
+        return self._route(self._segment_mask(shared, layer_input, layer_node, layer_calls))
+
+    def _route(self, mask) -> str:
+        if mask is None:
+            return BATCHED_VJP
+        return LINEAR_PRODUCT if isinstance(self._layer, nn.Linear) else CONV_PRODUCT
 
     # -- forward ---------------------------------------------------------------------------------
     def _make_pre_hook(self, index: int):
@@ -142,55 +150,61 @@ class HeadTaps:
                 f"task heads {missing} sent no gradient to the shared representation this step; every task's loss "
                 "must come from its head's output"
             )
-        # Task axis next to the feature axis, (..., T, F): the linear-product route then reads the pieces
-        # as one (rows, T * F) matrix, with no copy.
-        stacked = torch.stack(grads, dim=-2)
-        total = stacked.sum(-2)
-        per_task = self._per_task_weight_grads(stacked)
+        mask = self._segment_mask()
+        route = self._route(mask)
+        # The task axis goes just before the channel axis (last for a Linear, 1 for a convolution), so
+        # that the product routes read the T pieces as T * C channels without a copy.
+        axis = {LINEAR_PRODUCT: -2, CONV_PRODUCT: 1, BATCHED_VJP: 0}[route]
+        stacked = torch.stack(grads, dim=axis)
+        total = stacked.sum(axis)
+        if mask is not None and mask is not True:
+            stacked.mul_(mask.unsqueeze(axis))  # stacked is ours and not needed unmasked any more
+        per_task = self._per_task_weight_grads(stacked, route)
         self._input, self._aliases, self._layer_input = None, (), None
         self.on_norms(norms_of(self.reduce(per_task), self.per_channel))
         return total
 
-    def _per_task_weight_grads(self, stacked: Tensor) -> Tensor:
-        """(T, *W.shape): grad_W of each head's piece, by the cheapest exact route the model allows.
-
-        ``stacked`` is (..., T, F) and is not needed afterwards, so the ReLU mask is applied in place.
-        """
-        num_tasks, features = stacked.shape[-2], stacked.shape[-1]
-        mask = self._linear_segment_mask()
-        if mask is not None:
-            self.path = LINEAR_PRODUCT
-            x = self._layer_input[0]
-            if mask is not True:
-                stacked.mul_(mask.unsqueeze(-2))
-            # In the gradient's dtype, as autograd computes it (bf16 under autocast), then in W's dtype, as
-            # autograd hands it to W. Row t * F + o of the product is grad_W[o] of task t.
-            rows = stacked.reshape(-1, num_tasks * features)
-            product = torch.mm(rows.t(), x.reshape(-1, x.shape[-1]).to(rows.dtype))
+    def _per_task_weight_grads(self, stacked: Tensor, route: str) -> Tensor:
+        """(T, *W.shape): grad_W of each head's (masked) piece, by the route chosen for this step."""
+        self.path = route
+        num_tasks = len(self.heads)
+        if route == BATCHED_VJP:
+            if self._layer is not None and not self._warned_fallback:
+                self._warned_fallback = True
+                warnings.warn(
+                    f"gradnorm heads=: the segment between the shared {type(self._layer).__name__} and the heads is not "
+                    "ReLU/identity (or the layer ran more than once); using one batched vector-Jacobian product per step",
+                    RuntimeWarning,
+                )
+            (per_task,) = torch.autograd.grad(self._input, self.parameter, grad_outputs=stacked, is_grads_batched=True, retain_graph=True)
+            return per_task
+        # In the gradient's dtype, as autograd computes it (bf16 under autocast), then in W's dtype, as
+        # autograd hands it to W.
+        x = self._layer_input[0].to(stacked.dtype)
+        if route == LINEAR_PRODUCT:
+            features = stacked.shape[-1]
+            rows = stacked.reshape(-1, num_tasks * features)  # row t * F + o of the product: grad_W[o] of task t
+            product = torch.mm(rows.t(), x.reshape(-1, x.shape[-1]))
             return product.view(num_tasks, features, -1).to(self.parameter.dtype)
-        if self._linear is not None and not self._warned_fallback:
-            self._warned_fallback = True
-            warnings.warn(
-                "gradnorm heads=: the segment between the shared Linear and the heads is not ReLU/identity (or the "
-                "layer ran more than once); using one batched vector-Jacobian product per step",
-                RuntimeWarning,
-            )
-        self.path = BATCHED_VJP
-        batched = stacked.movedim(-2, 0)
-        (per_task,) = torch.autograd.grad(self._input, self.parameter, grad_outputs=batched, is_grads_batched=True, retain_graph=True)
-        return per_task
+        conv = self._layer
+        channels = stacked.shape[2]
+        grad_output = stacked.reshape(stacked.shape[0], num_tasks * channels, *stacked.shape[3:])
+        weight_shape = (num_tasks * channels, *self.parameter.shape[1:])
+        product = torch.nn.grad.conv2d_weight(x, weight_shape, grad_output, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        return product.view(num_tasks, *self.parameter.shape).to(self.parameter.dtype)
 
-    def _linear_segment_mask(self, shared=None, layer_input=None, layer_node=None, layer_calls=None) -> Union[None, bool, Tensor]:
-        """True (identity), a 0/1 mask, or None where the linear-product route does not apply this step.
+    def _segment_mask(self, shared=None, layer_input=None, layer_node=None, layer_calls=None) -> Union[None, bool, Tensor]:
+        """True (identity), a 0/1 mask, or None where no product route applies this step.
 
         By default for the forward pass the hooks saw; the arguments describe another one.
         """
         if shared is None:
             shared, layer_input, layer_node, layer_calls = self._input, self._layer_input, self._layer_node, self._layer_calls_this_forward
-        if self._linear is None or layer_calls != 1 or layer_input is None or layer_node is None:
+        if self._layer is None or layer_calls != 1 or layer_input is None or layer_node is None:
             return None
         x, version = layer_input
-        if x._version != version or x.shape[-1] != self.parameter.shape[1]:
+        expected = x.shape[-1] if isinstance(self._layer, nn.Linear) else (x.shape[1] if x.dim() == 4 else None)
+        if x._version != version or expected != self.parameter.shape[1]:
             return None
         node, mask = shared.grad_fn, True
         for _ in range(_MAX_SEGMENT_NODES):
@@ -203,3 +217,14 @@ class HeadTaps:
             mask = rule(node) if mask is True else mask & rule(node)
             node = inputs[0][0]
         return None
+
+
+def _has_product_route(module: Optional[nn.Module], parameter: Tensor) -> bool:
+    """A layer whose per-task weight gradients the taps can form from its captured input."""
+    if module is None or getattr(module, "weight", None) is not parameter:
+        return False
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    )

@@ -255,3 +255,95 @@ def test_heads_auto_orders_the_heads_by_task_not_by_call():
 def test_heads_must_be_modules_or_auto():
     with pytest.raises(ValueError, match="'auto'"):
         hooks.attach(nn.Linear(2, 2), GradNorm(), heads="automatic")
+
+
+class ConvTwoHeadNet(nn.Module):
+    """A shared Conv2d W (with a configurable geometry and segment) and two convolutional heads."""
+
+    def __init__(self, segment: str, **conv) -> None:
+        super().__init__()
+        self.lower = nn.Conv2d(3, 4, 3, padding=1)
+        self.shared = nn.Conv2d(4, 5, 3, **conv)
+        self.segment = segment
+        self.heads = nn.ModuleList([nn.Conv2d(5, 2, 1), nn.Sequential(nn.Conv2d(5, 5, 3, padding=1), nn.Tanh(), nn.Conv2d(5, 1, 1))])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = self.shared(torch.relu(self.lower(x)))
+        h = torch.relu(y) if self.segment == "relu" else (nn.functional.silu(y) if self.segment == "silu" else y)
+        return [head(h) for head in self.heads]
+
+
+@pytest.mark.parametrize(
+    "segment, conv, per_channel, expected_path",
+    [
+        ("relu", dict(padding=1), False, "conv-product"),
+        ("relu", dict(padding=1), True, "conv-product"),
+        ("identity", dict(stride=2, padding=2, dilation=2), False, "conv-product"),
+        ("relu", dict(padding="same"), False, "batched-vjp"),  # string padding: not taken by the product
+        ("silu", dict(padding=1), False, "batched-vjp"),
+    ],
+)
+def test_a_shared_convolution_gets_the_same_norms_on_every_route(segment, conv, per_channel, expected_path):
+    torch.manual_seed(3)
+    base = ConvTwoHeadNet(segment, **conv).double()
+    x = torch.randn(3, 2, 3, 9, 9, dtype=torch.float64)
+    reference_model, tapped_model = copy.deepcopy(base), copy.deepcopy(base)
+
+    def norms(model, heads):
+        balancer = GradNorm(alpha=1.0, per_channel=per_channel)
+        recorded = []
+        original = balancer.update
+
+        def keep(losses, grad_norms=None, applied=None):
+            recorded.append(grad_norms.clone())
+            return original(losses, grad_norms, applied)
+
+        balancer.update = keep
+        session = hooks.attach(model.shared, balancer, heads=heads)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(3):
+            outputs = model(x[step])
+            loss = session.loss([outputs[0].pow(2).mean(), (outputs[1] - 0.5).abs().mean()])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return torch.stack(recorded), session
+
+    reference, _ = norms(reference_model, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tapped, session = norms(tapped_model, list(tapped_model.heads))
+    assert session.taps.path == expected_path
+    assert reference.shape == ((3, 2, 5) if per_channel else (3, 2))
+    torch.testing.assert_close(tapped, reference, rtol=1e-10, atol=1e-12)
+    for a, b in zip(tapped_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_dense_prediction_network_finds_its_heads_and_takes_the_conv_route(tmp_path):
+    from toolkit import dense_model
+
+    torch.manual_seed(0)
+    base = dense_model.DenseMultiTaskNet(width=8).double()
+    scenes = dense_model.make_scenes(6, size=16)
+    scenes = dense_model.Scenes(scenes.images.double(), scenes.segmentation, scenes.depth.double(), scenes.normals.double())
+    reference_model, auto_model = copy.deepcopy(base), copy.deepcopy(base)
+
+    def run(model, heads, name):
+        balancer = NormLog()
+        session = hooks.attach(model.shared, balancer, heads=heads, runs_root=tmp_path, run_name=name)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        for step in range(3):
+            part = dense_model.batch(scenes, torch.arange(2 * step, 2 * step + 2), torch.device("cpu"))
+            loss = session.loss(dict(zip(dense_model.TASKS, dense_model.task_losses(model(part.images), part))))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        session.close()
+        return torch.stack(balancer.norms), session
+
+    reference, _ = run(reference_model, None, "general")
+    tapped, session = run(auto_model, "auto", "auto")
+    torch.testing.assert_close(tapped, reference, rtol=1e-9, atol=1e-12)
+    assert session.taps.heads == list(auto_model.heads) and session.taps.path == "conv-product"
+    assert json.loads((tmp_path / "auto" / "run.json").read_text())["grad_norm_path"] == "head-taps/conv-product (step 0: autograd-batched)"
