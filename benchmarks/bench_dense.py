@@ -47,7 +47,7 @@ def make_variants(args: argparse.Namespace, device: torch.device, runs_root: Pat
     amp = args.amp and device.type == "cuda"
     closers: list[Callable[[], None]] = []
 
-    def variant(balancer: Optional[GradNorm], heads: bool, record: Optional[str]) -> BatchStep:
+    def variant(balancer: Optional[GradNorm], heads: bool, record: Optional[str], floor: bool = False) -> BatchStep:
         model = copy.deepcopy(base)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -67,13 +67,24 @@ def make_variants(args: argparse.Namespace, device: torch.device, runs_root: Pat
             loss = session.loss(losses) if session is not None else torch.stack(losses).sum()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if floor:
+                # Only the arithmetic any exact G_i at W needs: the T tasks' weight gradients of W (one
+                # weight-gradient convolution with T x C channels, stand-in tensors of the same shapes).
+                product = torch.nn.grad.conv2d_weight(floor_input, floor_shape, floor_grads, padding=model.shared.padding)
+                torch.linalg.vector_norm(product.view(len(dense_model.TASKS), -1), dim=1)
             scaler.step(optimizer)
             scaler.update()
 
         return step
 
+    width = base.shared.weight.shape[0]
+    floor_dtype = torch.float16 if amp else torch.float32
+    floor_input = torch.randn(args.batch, width, args.size, args.size, device=device, dtype=floor_dtype)
+    floor_grads = torch.randn(args.batch, len(dense_model.TASKS) * width, args.size, args.size, device=device, dtype=floor_dtype)
+    floor_shape = (len(dense_model.TASKS) * width, *base.shared.weight.shape[1:])
     variants = {
         "equal": variant(None, False, None),
+        "floor: equal + T products at W": variant(None, False, None, floor=True),
         "gradnorm": variant(GradNorm(alpha=ALPHA), False, None),
         "gradnorm, heads=": variant(GradNorm(alpha=ALPHA), True, None),
         "gradnorm+record, heads=": variant(GradNorm(alpha=ALPHA), True, "dense-gradnorm-taps"),
