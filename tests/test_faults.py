@@ -6,6 +6,7 @@ the part files independently read back with pyarrow.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -324,3 +325,29 @@ def test_every_bad_input_of_the_results_file_is_refused_with_a_message(tmp_path)
             assert outcome.startswith("weights file <file>"), outcome
     # Refused names created nothing at all.
     assert not (tmp_path / "names").exists() or list((tmp_path / "names").iterdir()) == []
+
+
+def test_a_rank_other_than_0_that_stops_beating_marks_the_run_interrupted(tmp_path):
+    from toolkit import analysis
+
+    run_path = runs.create_run(tmp_path, "ddp", {"tasks": ["a", "b"]})
+    rank0 = Recorder(run_path, ["a", "b"], rank=0, heartbeat_interval=0.05)
+    rank1 = Recorder(run_path, ["a", "b"], rank=1, heartbeat_interval=0.05)
+    rank_file = run_path / schema.METRICS_DIR / schema.rank_dir_name(1) / runs.RANK_FILE
+    deadline = time.time() + 5
+    while not rank_file.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    beat = json.loads(rank_file.read_text())
+    assert beat["status"] == "running" and beat["rank"] == 1 and beat["heartbeat"] > time.time() - 5
+    listed = analysis.list_runs(tmp_path)
+    assert listed["status"].iloc[0] == "running" and listed["problems"].iloc[0] == []
+    # An hour later rank 0 still beats but rank 1's last beat is an hour old: rank 1 died.
+    later = time.time() + 3600
+    runs.beat(run_path, later)
+    listed = analysis.list_runs(tmp_path, now=later + 1)
+    assert listed["status"].iloc[0] == "interrupted"
+    assert "rank(s) [1] stopped beating" in listed["problems"].iloc[0][0]
+    rank1.close()
+    rank0.close()
+    assert json.loads(rank_file.read_text())["status"] == "finished"
+    assert analysis.list_runs(tmp_path)["status"].iloc[0] == "finished"

@@ -64,7 +64,7 @@ class _Batch:
 
 
 #: Written by ranks other than 0 at close, in their own ``metrics/rank=<r>/`` folder.
-RANK_FILE = "rank.json"
+RANK_FILE = runs.RANK_FILE
 
 
 class Recorder:
@@ -236,16 +236,21 @@ class Recorder:
             warnings.warn(f"gradnorm recorder: unexpected writer error in {self.directory}: {exc!r}", RuntimeWarning)
 
     def _beat(self, force: bool) -> None:
-        """Refresh ``heartbeat`` and the row counts in ``run.json``; only rank 0 does, so ranks never race."""
+        """Refresh the heartbeat and row counts: rank 0 in ``run.json``, any other rank in its own
+        ``rank.json`` (so ranks never race on one file, and a dead rank of any number shows)."""
         now = time.time()
-        if self.rank != 0 or (not force and now - self._last_beat < MIN_BEAT_SPACING):
+        if not force and now - self._last_beat < MIN_BEAT_SPACING:
             return
         self._last_beat = now
+        target = self.run_path / schema.RUN_FILE if self.rank == 0 else self.directory / RANK_FILE
         try:
-            runs.beat(self.run_path, now, **self.counts())
+            if self.rank == 0:
+                runs.beat(self.run_path, now, **self.counts())
+            else:
+                runs.write_json_atomic(target, {"rank": self.rank, "status": runs.RUNNING, "heartbeat": now, **self.counts()})
         except (OSError, runs.RunError) as exc:
             self.heartbeat_errors += 1
-            self._warn_write_once(self.run_path / schema.RUN_FILE, exc)
+            self._warn_write_once(target, exc)
 
     def _warn_write_once(self, path: Path, exc: BaseException) -> None:
         if self._warned_write:

@@ -212,6 +212,27 @@ def effective_status(meta: Mapping[str, Any], now: Optional[float] = None, stale
     return RUNNING
 
 
+RANK_FILE = "rank.json"
+
+
+def stalled_ranks(path: str | os.PathLike, now: Optional[float] = None, stale_after: Optional[float] = None) -> list[int]:
+    """Ranks other than 0 whose ``rank.json`` says ``running`` but whose heartbeat went stale.
+
+    Under torch.distributed rank 0 owns ``run.json``; every other rank beats in its own
+    ``metrics/rank=<r>/rank.json``, so the death of any rank shows, not only rank 0's. A ``rank.json``
+    that cannot be read is left to the other checks (it proves nothing either way).
+    """
+    stalled = []
+    for file in sorted(Path(path, schema.METRICS_DIR).glob(f"rank=*/{RANK_FILE}")):
+        try:
+            meta = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("rank"), int) and effective_status(meta, now, stale_after) == INTERRUPTED:
+            stalled.append(meta["rank"])
+    return stalled
+
+
 class WriterLock:
     """An exclusive lock on one rank's records of a run, held by the writing process while it lives.
 

@@ -194,10 +194,17 @@ def list_runs(root: PathLike, now: Optional[float] = None) -> pd.DataFrame:
         balancer = meta.get("balancer") if isinstance(meta.get("balancer"), dict) else {}
         tasks = list(meta.get("tasks", [])) if not run.invalid else []
         last_steps = [p.last_step for p in run.parts if p.last_step is not None]
+        status = INVALID if run.invalid else runs.effective_status(meta, now=now)
+        found = list(run.problems)
+        if status == runs.RUNNING:
+            stalled = runs.stalled_ranks(run.path, now=now)
+            if stalled:
+                status = runs.INTERRUPTED
+                found.append(f"{run_id}: rank(s) {stalled} stopped beating while rank 0 still runs")
         rows.append(
             {
                 "run_id": run_id,
-                "status": INVALID if run.invalid else runs.effective_status(meta, now=now),
+                "status": status,
                 "balancer": str(balancer.get("name", "")),
                 "mode": str(meta.get("mode", "")),
                 "tasks": tasks,
@@ -206,7 +213,7 @@ def list_runs(root: PathLike, now: Optional[float] = None) -> pd.DataFrame:
                 "rows": sum(p.rows for p in run.parts),
                 "created": _timestamp(meta.get("created")),
                 "updated": _timestamp(meta.get("heartbeat") or meta.get("updated")),
-                "problems": list(run.problems),
+                "problems": found,
             }
         )
     columns = ["run_id", "status", "balancer", "mode", "tasks", "num_tasks", "last_step", "rows", "created", "updated", "problems"]
