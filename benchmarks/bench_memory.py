@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hooks  # noqa: E402
 from machine_info import describe, publish  # noqa: E402
-from toolkit import GradNorm, toy  # noqa: E402
+from toolkit import GradNorm, dense_model, toy  # noqa: E402
 
 VARIANTS = ("equal", "gradnorm, heads=", "gradnorm")
 BATCH = 100
@@ -48,21 +48,37 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def measure_variant(variant: str, num_tasks: int, device: torch.device) -> dict[str, float]:
+def measure_variant(variant: str, num_tasks: int, device: torch.device, model_name: str = "toy") -> dict[str, float]:
     """Run one variant in this process; return its working and total peak bytes."""
-    config = toy.ToyConfig(num_tasks=num_tasks, train_size=BATCH, test_size=8)
-    data = toy.make_data(config)
-    x, y = data.x_train[:BATCH].to(device).clone(), data.y_train[:BATCH].to(device).clone()
-    del data
-    model = toy.make_model(config).to(device)
+    if model_name == "dense":
+        scenes = dense_model.make_scenes(8, 64)
+        part = dense_model.batch(scenes, torch.arange(8), device)
+        inputs = [part.images, part.segmentation, part.depth, part.normals]
+        torch.manual_seed(0)
+        model = dense_model.DenseMultiTaskNet().to(device)
+        shared, heads = model.shared, list(model.heads)
+
+        def losses_of() -> list:
+            return dense_model.task_losses(model(part.images), part)
+    else:
+        config = toy.ToyConfig(num_tasks=num_tasks, train_size=BATCH, test_size=8)
+        data = toy.make_data(config)
+        x, y = data.x_train[:BATCH].to(device).clone(), data.y_train[:BATCH].to(device).clone()
+        del data
+        inputs = [x, y]
+        model = toy.make_model(config).to(device)
+        shared, heads = model.shared_layer, list(model.heads)
+
+        def losses_of() -> list:
+            return toy.task_losses(model(x), y)
+
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     session = None
     if variant != "equal":
-        heads = list(model.heads) if variant.endswith("heads=") else None
-        session = hooks.attach(model.shared_layer, GradNorm(alpha=0.12), heads=heads)
+        session = hooks.attach(shared, GradNorm(alpha=0.12), heads=heads if variant.endswith("heads=") else None)
 
     def step() -> None:
-        losses = toy.task_losses(model(x), y)
+        losses = losses_of()
         loss = session.loss(losses) if session is not None else torch.stack(losses).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -72,7 +88,7 @@ def measure_variant(variant: str, num_tasks: int, device: torch.device) -> dict[
         step()
     gc.collect()
     persistent = _tensor_bytes(
-        [*model.parameters(), *(p.grad for p in model.parameters()), x, y]
+        [*model.parameters(), *(p.grad for p in model.parameters()), *inputs, *model.buffers()]
         + [value for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor)]
     )
     if device.type == "cuda":
@@ -92,21 +108,22 @@ def measure_variant(variant: str, num_tasks: int, device: torch.device) -> dict[
     return {"working_bytes": working, "total_bytes": working + persistent}
 
 
-def measure_in_subprocess(variant: str, num_tasks: int, device: str) -> dict[str, float]:
+def measure_in_subprocess(variant: str, num_tasks: int, device: str, model_name: str) -> dict[str, float]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, "--tasks", str(num_tasks), "--device", device],
+        [sys.executable, __file__, "--child", variant, "--tasks", str(num_tasks), "--device", device, "--model", model_name],
         env=env, check=True, capture_output=True, text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def to_markdown(results: dict[int, dict[str, dict[str, float]]], device: torch.device, repeats: int) -> str:
+def to_markdown(results: dict[int, dict[str, dict[str, float]]], device: torch.device, repeats: int, model_name: str = "toy") -> str:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else describe(f"torch {torch.__version__}")
     lines = [
         f"### {time.strftime('%Y-%m-%d')}, {device.type}: {machine}",
         "",
-        f"Toy problem (paper section 4), batch {BATCH}, Adam; peak over {STEPS} steps after 10 warm-up steps, each variant "
+        ("Encoder-decoder with 3 pixel-wise tasks (`toolkit/dense_model.py`), batch 8 of 64x64" if model_name == "dense" else f"Toy problem (paper section 4), batch {BATCH}")
+        + f", Adam; peak over {STEPS} steps after 10 warm-up steps, each variant "
         f"in its own process, median of {repeats} processes. `working` is the step's transient memory, `total` adds "
         "parameters, gradients, optimiser state and the batch. Ratios to `equal` from the same run.",
         "",
@@ -129,19 +146,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--markdown", type=Path, default=None, help="append a results section to this file")
+    parser.add_argument("--model", choices=["toy", "dense"], default="toy", help="the paper's toy, or the encoder-decoder of toolkit/dense_model.py (3 tasks)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(measure_variant(args.child, args.tasks[0], torch.device(args.device))))
+        print(json.dumps(measure_variant(args.child, args.tasks[0], torch.device(args.device), args.model)))
         return 0
     results: dict[int, dict[str, dict[str, float]]] = {}
-    for num_tasks in args.tasks:
+    for num_tasks in args.tasks if args.model == "toy" else [len(dense_model.TASKS)]:
         results[num_tasks] = {}
         for variant in VARIANTS:
-            runs = [measure_in_subprocess(variant, num_tasks, args.device) for _ in range(args.repeats)]
+            runs = [measure_in_subprocess(variant, num_tasks, args.device, args.model) for _ in range(args.repeats)]
             results[num_tasks][variant] = {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
     print(json.dumps(results, indent=1))
-    publish(to_markdown(results, torch.device(args.device), args.repeats), args.markdown)
+    publish(to_markdown(results, torch.device(args.device), args.repeats, args.model), args.markdown)
     return 0
 
 

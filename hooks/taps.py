@@ -36,6 +36,8 @@ BATCHED_VJP = "batched-vjp"
 # Elementwise nodes between W's output and H whose Jacobian is a 0/1 mask read from what they saved.
 _MASK_NODES = {"ReluBackward0": lambda node: node._saved_result > 0}
 _MAX_SEGMENT_NODES = 8
+#: Above this many bytes for holding T - 1 extra copies of H's gradient, the taps stream (see HeadTaps).
+STREAM_ABOVE_BYTES = 1 << 20
 
 
 class _FanOut(torch.autograd.Function):
@@ -85,6 +87,9 @@ class HeadTaps:
             self._handles.append(self._layer.register_forward_hook(self._capture_layer))
         self._warned_fallback = False
         self.path: Optional[str] = None  # the route of the last measured step
+        self.mode: Optional[str] = None  # "fan-out" or "stream", of the last forward pass
+        self._pieces: list[Optional[Tensor]] = []
+        self._step_mask = None
 
     def arm(self) -> None:
         """Measure on the next backward (called once the step's losses are known)."""
@@ -120,7 +125,11 @@ class HeadTaps:
                 self._input = shared
                 self._served = set()
                 self._layer_calls_this_forward, self._layer_calls = self._layer_calls, 0
-                self._aliases = _FanOut.apply(self, shared)
+                if self._should_stream(shared):
+                    self._aliases = self._stream(shared)
+                else:
+                    self.mode = "fan-out"
+                    self._aliases = _FanOut.apply(self, shared)
             elif shared is not self._input:
                 raise ValueError(
                     f"task head {index} received a different input tensor than the heads before it; heads= needs every head to read "
@@ -138,18 +147,65 @@ class HeadTaps:
         self._layer_input = (args[0], args[0]._version) if args and isinstance(args[0], Tensor) else None
         self._layer_node = output.grad_fn
 
+    def _should_stream(self, shared: Tensor) -> bool:
+        """Stream when holding the T pieces at once would cost more than ``STREAM_ABOVE_BYTES``."""
+        held = (len(self.heads) - 1) * shared.numel() * shared.element_size()
+        return held > STREAM_ABOVE_BYTES and self._segment_mask() is not None
+
+    def _stream(self, shared: Tensor) -> tuple[Tensor, ...]:
+        """Aliases whose gradients are turned into their task's grad_W one by one, as they arrive."""
+        self.mode = "stream"
+        self._pieces = [None] * len(self.heads)
+        self._step_mask = None
+        aliases = tuple(shared.view_as(shared) for _ in self.heads)
+        for index, alias in enumerate(aliases):
+            alias.register_hook(self._make_piece_hook(index))
+        shared.register_hook(self._finish_stream)
+        return aliases
+
+    def _make_piece_hook(self, index: int):
+        def piece(grad: Tensor) -> None:
+            if not self._armed:
+                return
+            if self._step_mask is None:
+                self._step_mask = self._segment_mask()
+            mask = self._step_mask
+            route = self._route(mask)
+            axis = {LINEAR_PRODUCT: -2, CONV_PRODUCT: 1}.get(route, 0)
+            masked = grad if mask is None or mask is True else grad * mask
+            # A product route keeps only this task's grad_W (|W|), never the piece itself.
+            self._pieces[index] = masked.unsqueeze(axis) if route == BATCHED_VJP else self._per_task_weight_grads(masked.unsqueeze(axis), route)
+
+        return piece
+
+    def _finish_stream(self, total: Tensor) -> None:
+        if not self._armed:
+            return
+        self._armed = False
+        pieces, self._pieces = self._pieces, [None] * len(self.heads)
+        self._raise_if_missing(pieces)
+        if self._step_mask is None:  # no product route after all: the general product over the segment
+            per_task = self._per_task_weight_grads(torch.cat(pieces, 0), BATCHED_VJP)
+        else:
+            per_task = torch.cat(pieces, 0)
+        self._input, self._aliases, self._layer_input = None, (), None
+        self.on_norms(norms_of(self.reduce(per_task), self.per_channel))
+
+    def _raise_if_missing(self, pieces) -> None:
+        missing = [i for i, g in enumerate(pieces) if g is None]
+        if missing:
+            raise RuntimeError(
+                f"task heads {missing} sent no gradient to the shared representation this step; every task's loss "
+                "must come from its head's output"
+            )
+
     # -- backward --------------------------------------------------------------------------------
     def _backward(self, grads: tuple[Optional[Tensor], ...]) -> Optional[Tensor]:
         present = [g for g in grads if g is not None]
         if not self._armed:
             return torch.stack(present).sum(0) if present else None
         self._armed = False
-        missing = [i for i, g in enumerate(grads) if g is None]
-        if missing:
-            raise RuntimeError(
-                f"task heads {missing} sent no gradient to the shared representation this step; every task's loss "
-                "must come from its head's output"
-            )
+        self._raise_if_missing(grads)
         mask = self._segment_mask()
         route = self._route(mask)
         # The task axis goes just before the channel axis (last for a Linear, 1 for a convolution), so
@@ -167,7 +223,6 @@ class HeadTaps:
     def _per_task_weight_grads(self, stacked: Tensor, route: str) -> Tensor:
         """(T, *W.shape): grad_W of each head's (masked) piece, by the route chosen for this step."""
         self.path = route
-        num_tasks = len(self.heads)
         if route == BATCHED_VJP:
             if self._layer is not None and not self._warned_fallback:
                 self._warned_fallback = True
@@ -182,12 +237,12 @@ class HeadTaps:
         # autograd hands it to W.
         x = self._layer_input[0].to(stacked.dtype)
         if route == LINEAR_PRODUCT:
-            features = stacked.shape[-1]
+            num_tasks, features = stacked.shape[-2], stacked.shape[-1]
             rows = stacked.reshape(-1, num_tasks * features)  # row t * F + o of the product: grad_W[o] of task t
             product = torch.mm(rows.t(), x.reshape(-1, x.shape[-1]))
             return product.view(num_tasks, features, -1).to(self.parameter.dtype)
         conv = self._layer
-        channels = stacked.shape[2]
+        num_tasks, channels = stacked.shape[1], stacked.shape[2]
         grad_output = stacked.reshape(stacked.shape[0], num_tasks * channels, *stacked.shape[3:])
         weight_shape = (num_tasks * channels, *self.parameter.shape[1:])
         product = torch.nn.grad.conv2d_weight(x, weight_shape, grad_output, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)

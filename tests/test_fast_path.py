@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import hooks
+from hooks import taps as taps_module
 from toolkit import EqualWeights, GradNorm, toy
 
 
@@ -141,6 +142,13 @@ def measured_norms(model: nn.Module, shared, heads, x: torch.Tensor, steps: int 
     return torch.stack(balancer.norms), session
 
 
+@pytest.fixture(params=["fan-out", "stream"])
+def taps_mode(request, monkeypatch):
+    """Both ways the taps collect the heads' gradients: all at once, or one by one as they arrive."""
+    monkeypatch.setattr(taps_module, "STREAM_ABOVE_BYTES", 0 if request.param == "stream" else 1 << 40)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "segment, shape, expected_path",
     [
@@ -153,7 +161,7 @@ def measured_norms(model: nn.Module, shared, heads, x: torch.Tensor, steps: int 
         ("tied", (5, 6), "batched-vjp"),
     ],
 )
-def test_each_route_through_the_segment_matches_the_separate_autograd_measurement(segment, shape, expected_path, tmp_path):
+def test_each_route_through_the_segment_matches_the_separate_autograd_measurement(segment, shape, expected_path, tmp_path, taps_mode):
     torch.manual_seed(0)
     base = TwoHeadNet(segment).double()
     x = torch.randn(3, *shape, dtype=torch.float64)
@@ -163,6 +171,8 @@ def test_each_route_through_the_segment_matches_the_separate_autograd_measuremen
         warnings.simplefilter("always")
         tapped, session = measured_norms(tapped_model, tapped_model.shared, list(tapped_model.heads), x, runs_root=tmp_path, run_name="tapped")
     assert session.taps.path == expected_path
+    # Streaming needs a product route; without one the pieces are all held anyway.
+    assert session.taps.mode == (taps_mode if expected_path != "batched-vjp" else "fan-out")
     torch.testing.assert_close(tapped, reference, rtol=1e-10, atol=1e-12)
     session.close()
     assert json.loads((tmp_path / "tapped" / "run.json").read_text())["grad_norm_path"] == f"head-taps/{expected_path}"
@@ -283,7 +293,7 @@ class ConvTwoHeadNet(nn.Module):
         ("silu", dict(padding=1), False, "batched-vjp"),
     ],
 )
-def test_a_shared_convolution_gets_the_same_norms_on_every_route(segment, conv, per_channel, expected_path):
+def test_a_shared_convolution_gets_the_same_norms_on_every_route(segment, conv, per_channel, expected_path, taps_mode):
     torch.manual_seed(3)
     base = ConvTwoHeadNet(segment, **conv).double()
     x = torch.randn(3, 2, 3, 9, 9, dtype=torch.float64)
@@ -314,13 +324,14 @@ def test_a_shared_convolution_gets_the_same_norms_on_every_route(segment, conv, 
         warnings.simplefilter("ignore")
         tapped, session = norms(tapped_model, list(tapped_model.heads))
     assert session.taps.path == expected_path
+    assert session.taps.mode == (taps_mode if expected_path != "batched-vjp" else "fan-out")
     assert reference.shape == ((3, 2, 5) if per_channel else (3, 2))
     torch.testing.assert_close(tapped, reference, rtol=1e-10, atol=1e-12)
     for a, b in zip(tapped_model.parameters(), reference_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_the_dense_prediction_network_finds_its_heads_and_takes_the_conv_route(tmp_path):
+def test_the_dense_prediction_network_finds_its_heads_and_takes_the_conv_route(tmp_path, taps_mode):
     from toolkit import dense_model
 
     torch.manual_seed(0)
@@ -346,4 +357,5 @@ def test_the_dense_prediction_network_finds_its_heads_and_takes_the_conv_route(t
     tapped, session = run(auto_model, "auto", "auto")
     torch.testing.assert_close(tapped, reference, rtol=1e-9, atol=1e-12)
     assert session.taps.heads == list(auto_model.heads) and session.taps.path == "conv-product"
+    assert session.taps.mode == taps_mode
     assert json.loads((tmp_path / "auto" / "run.json").read_text())["grad_norm_path"] == "head-taps/conv-product (step 0: autograd-batched)"

@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hooks
+from hooks import taps
 from toolkit import GradNorm, toy
 
 SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique", "aten.unique", "aten.equal", "aten.is_nonzero")
@@ -29,13 +30,15 @@ class OperatorLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("heads", [None, "given", "auto"])
-def test_steps_after_the_first_never_wait_for_the_device(heads, tmp_path):
+@pytest.mark.parametrize("heads", [None, "given", "given-stream", "auto"])
+def test_steps_after_the_first_never_wait_for_the_device(heads, tmp_path, monkeypatch):
+    if heads == "given-stream":  # the taps' other way of collecting the heads' gradients
+        monkeypatch.setattr(taps, "STREAM_ABOVE_BYTES", 0)
     config = toy.ToyConfig(num_tasks=3, train_size=64, test_size=8)
     data = toy.make_data(config)
     model = toy.make_model(config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    head_option = {None: None, "given": list(model.heads), "auto": "auto"}[heads]
+    head_option = {None: None, "given": list(model.heads), "given-stream": list(model.heads), "auto": "auto"}[heads]
     session = hooks.attach(model.shared_layer, GradNorm(alpha=0.12), runs_root=tmp_path, run_name="run", heads=head_option, flush_every=1000)
 
     def step(index: int) -> None:
@@ -51,6 +54,8 @@ def test_steps_after_the_first_never_wait_for_the_device(heads, tmp_path):
     with log:
         for index in range(2, 6):
             step(index)
+    if heads == "given-stream":
+        assert session.taps.mode == "stream"
     session.close()
     assert len(log.names) > 100  # the mode saw the steps, backward included
     assert any("mm" in name for name in log.names)
