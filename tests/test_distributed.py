@@ -34,14 +34,17 @@ def model_and_data(num_tasks: int):
     return toy.make_model(config).double(), data.x_train.double(), data.y_train.double()
 
 
-def worker(rank: int, world: int, port: int, root: str, heads: bool, out: str) -> None:
+def worker(rank: int, world: int, port: int, root: str, heads, out: str) -> None:
     try:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
         import hooks
+        from hooks import taps
         from toolkit import GradNorm, toy
 
+        if heads == "stream":  # the taps' other way of collecting the heads' gradients
+            taps.STREAM_ABOVE_BYTES = 0
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
         model, x, y = model_and_data(3)
         ddp = DistributedDataParallel(model)
@@ -58,6 +61,8 @@ def worker(rank: int, world: int, port: int, root: str, heads: bool, out: str) -
                 loss.backward()
                 optimizer.step()
                 trajectory.append(session.balancer.weights().clone())
+        if heads == "stream":
+            assert session.taps.mode == "stream", session.taps.mode
         torch.save({"weights": torch.stack(trajectory), "params": [p.detach().clone() for p in model.parameters()]}, out)
         dist.destroy_process_group()
     except BaseException:
@@ -85,7 +90,7 @@ def single_process_reference():
     return torch.stack(trajectory)
 
 
-@pytest.mark.parametrize("heads", [False, True], ids=["autograd", "heads"])
+@pytest.mark.parametrize("heads", [False, True, "stream"], ids=["autograd", "heads", "heads-stream"])
 def test_ddp_weights_agree_across_ranks_and_with_one_process(tmp_path, heads):
     context = multiprocessing.get_context("spawn")
     port = free_port()
