@@ -169,7 +169,7 @@ class Session:
     # -- internals -------------------------------------------------------------------------------
     def _make_taps(self, heads: list[nn.Module]) -> HeadTaps:
         return HeadTaps(
-            heads, self.layer.parameter, self._norms_from_backward, reduce=distributed.mean_across_ranks, per_channel=self._per_channel, module=self.layer.module
+            heads, self.layer.parameter, self._norms_from_backward, reduce=self._unscale_tapped, per_channel=self._per_channel, module=self.layer.module
         )
 
     def _stop_head_search(self, reason: str) -> None:
@@ -270,15 +270,25 @@ class Session:
         self._pending = (stacked.detach(), applied, epoch, step)
         self.taps.arm()
 
+    def _unscale_tapped(self, per_task: Tensor) -> Tensor:
+        """The tapped (T, *W.shape) gradients, averaged over ranks and with the AMP loss scale divided out.
+
+        Divided before the norms are taken: the scale is a power of two, so the division is exact, while
+        the sum of squares of gradients still multiplied by a large scale (2^100 after a few back-offs
+        from an overflow) would overflow float32 and turn a good step into a skipped one.
+        """
+        per_task = distributed.mean_across_ranks(per_task)
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            scale = self.grad_scaler._get_scale_async()  # a device tensor: no host synchronisation
+            if scale is not None:
+                per_task = per_task / scale.to(per_task.dtype)
+        return per_task
+
     def _norms_from_backward(self, weighted_norms: Tensor) -> None:
         stacked, applied, epoch, step = self._pending
         self._pending = None
         # The taps see grad_W of w_i L_i (the weighted loss); the balancer takes n_i = ||grad_W L_i||.
         norms = weighted_norms.to(applied.dtype) / (applied[:, None] if weighted_norms.dim() == 2 else applied)
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-            scale = self.grad_scaler._get_scale_async()  # a device tensor: no host synchronisation
-            if scale is not None:
-                norms = norms / scale.to(norms.dtype)
         self._finish(stacked, norms, applied, epoch, step)
 
     def _check_first_step(self, values: list[Tensor]) -> None:

@@ -62,3 +62,38 @@ def test_grad_scaler_scale_is_divided_out_of_tapped_norms(setup, tmp_path):
     torch.testing.assert_close(scaled, plain, rtol=1e-4, atol=1e-5)
     norms = {name: pq.read_table(tmp_path / name / "metrics").to_pandas().sort_values(["step", "task"])["grad_norm"].to_numpy() for name in ("plain", "scaled")}
     torch.testing.assert_close(torch.tensor(norms["scaled"]), torch.tensor(norms["plain"]), rtol=1e-4, atol=1e-7)
+
+
+def test_steps_the_grad_scaler_skips_skip_the_weight_update_and_are_recorded(setup, tmp_path):
+    """A loss scale near float32's limit overflows the first backward passes; the scaler skips those
+    optimiser steps and backs off, and GradNorm must skip the same steps and record them as skipped."""
+    import pyarrow.parquet as pq
+
+    base, data = setup
+    model = copy.deepcopy(base)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)  # small enough for the 1e6-scaled losses below
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-4)
+    session = hooks.attach(model.shared_layer, GradNorm(alpha=0.12), heads=list(model.heads), grad_scaler=scaler, runs_root=tmp_path, run_name="overflow")
+    scaler_skipped, weights = [], [session.balancer.weights().clone() if session.balancer.bound else None]
+    for step in range(12):
+        index = torch.arange(step * 16, step * 16 + 16) % len(data.x_train)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = model(data.x_train[index])
+        # Large losses (1e6 x the toy's) make the scaled gradients overflow float32 until the scale backs off.
+        loss = session.loss([1e6 * task_loss for task_loss in toy.task_losses([o.float() for o in outputs], data.y_train[index])])
+        optimizer.zero_grad()
+        scale_before = scaler.get_scale()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scaler_skipped.append(scaler.get_scale() < scale_before)
+        weights.append(session.balancer.weights().clone())
+    session.close()
+    assert any(scaler_skipped[1:]) and not all(scaler_skipped), scaler_skipped  # both kinds of step happened
+    table = pq.read_table(tmp_path / "overflow" / "metrics").to_pandas()
+    recorded = table[table["split"] == "train"].groupby("step")["step_update_skipped"].first().tolist()
+    # Step 0 only sets L_i(0); from step 1 on GradNorm skips exactly where the scaler did.
+    assert recorded[1:] == scaler_skipped[1:], (str(recorded), str(scaler_skipped))
+    for step in range(1, 12):
+        if scaler_skipped[step]:
+            torch.testing.assert_close(weights[step + 1], weights[step], rtol=0, atol=0)
