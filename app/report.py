@@ -10,9 +10,9 @@ from typing import Sequence
 
 import altair as alt
 
-from toolkit import analysis
+from gradnorm.toolkit import analysis
 
-from . import charts
+from . import _charts as charts
 
 MAX_POINTS = 500
 

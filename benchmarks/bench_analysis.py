@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine_info import describe, publish  # noqa: E402
-from toolkit import analysis, runs, schema  # noqa: E402
+from gradnorm.toolkit import analysis, runs, schema
 
 
 def write_synthetic_run(root: Path, run_id: str = "synthetic", steps: int = 1_000_000, tasks: int = 10, files: int = 200, seed: int = 0) -> Path:

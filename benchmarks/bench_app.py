@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_analysis import machine, write_synthetic_run  # noqa: E402
 from machine_info import publish  # noqa: E402
 
-APP = Path(__file__).resolve().parent.parent / "app" / "gradnorm_app.py"
+APP = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
 
 
 def first_view(root: Path) -> tuple[float, float, int, int]:

@@ -30,10 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import hooks  # noqa: E402
+from gradnorm import hooks  # noqa: E402
 from interleaved import BatchStep, summarize, time_interleaved  # noqa: E402
 from machine_info import describe, publish  # noqa: E402
-from toolkit import GradNorm, dense_model  # noqa: E402
+from gradnorm.toolkit.balancers import GradNorm
+from gradnorm.experiments import dense_model  # noqa: E402
 
 ALPHA = 1.5  # the paper's NYUv2 value (section 5)
 

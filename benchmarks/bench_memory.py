@@ -28,9 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import hooks  # noqa: E402
+from gradnorm import hooks  # noqa: E402
 from machine_info import describe, publish  # noqa: E402
-from toolkit import GradNorm, dense_model, toy  # noqa: E402
+from gradnorm.toolkit.balancers import GradNorm
+from gradnorm.experiments import dense_model, toy  # noqa: E402
 
 VARIANTS = ("equal", "gradnorm, heads=", "gradnorm")
 BATCH = 100

@@ -41,10 +41,11 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import hooks  # noqa: E402
+from gradnorm import hooks  # noqa: E402
 from interleaved import BatchStep, summarize, time_interleaved  # noqa: E402
 from machine_info import describe, publish  # noqa: E402
-from toolkit import EqualWeights, GradNorm, toy  # noqa: E402
+from gradnorm.toolkit.balancers import EqualWeights, GradNorm
+from gradnorm.experiments import toy  # noqa: E402
 
 ALPHA = 0.12
 WEIGHT_LR = 0.025

@@ -29,10 +29,10 @@ from typing import Any, Callable, Optional
 import pyarrow.parquet as pq
 import torch
 
-from toolkit import recorder as recorder_module
-from toolkit import runs, schema
-from toolkit.balancers import GradNorm, stats_matrix
-from toolkit.recorder import Recorder
+from gradnorm.toolkit import recorder as recorder_module
+from gradnorm.toolkit import runs, schema
+from gradnorm.toolkit.balancers import GradNorm, stats_matrix
+from gradnorm.toolkit.recorder import Recorder
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "reliability.md"
@@ -43,8 +43,8 @@ RESULTS = REPO / "benchmarks" / "results" / "reliability.md"
 KILL_CHILD = r"""
 import sys, time, torch
 from torch import nn
-import hooks
-from toolkit import GradNorm
+from gradnorm import hooks
+from gradnorm.toolkit.balancers import GradNorm
 root, name, flush_every = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
 trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
@@ -328,8 +328,8 @@ def bad_input_scenario(root: Path) -> list[tuple[str, str, str]]:
             outcome = str(exc).split(":")[0]
         shown = repr(name) if len(name) <= 40 else f"{name[:1]!r} * {len(name)}"
         results.append(("run name", shown, outcome if len(outcome) <= 60 else "invalid run name (too long)"))
-    from toolkit.analysis import load_weights
-    from toolkit.balancers import StaticWeights
+    from gradnorm.toolkit.weights_file import load_weights
+    from gradnorm.toolkit.balancers import StaticWeights
 
     (root / "weights").mkdir(parents=True)
     for label, content in HOSTILE_WEIGHTS.items():
@@ -380,7 +380,7 @@ PART_DAMAGE = ("cut in half", "zero bytes", "data pages overwritten, footer inta
 
 def damaged_part_scenario(root: Path) -> list[dict[str, Any]]:
     """Damage one of four part files in each way; does the analysis answer, leave it out and report it?"""
-    from toolkit import analysis
+    from gradnorm.toolkit import analysis
 
     results = []
     tasks = ["a", "b"]

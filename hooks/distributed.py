@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 import torch.distributed as dist
 
-from toolkit import runs, schema
+from gradnorm.toolkit import runs, schema
 
 
 def world_size() -> int:

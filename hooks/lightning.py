@@ -8,7 +8,7 @@ losses to ``self.gradnorm.loss`` and return the result::
             losses = {"depth": ..., "normals": ...}
             return self.gradnorm.loss(losses, epoch=self.current_epoch)
 
-    trainer = L.Trainer(callbacks=[hooks.lightning.GradNormCallback(lambda m: m.trunk[-1], toolkit.GradNorm(1.5), runs_root="runs")])
+    trainer = L.Trainer(callbacks=[gradnorm.hooks.lightning.GradNormCallback(lambda m: m.trunk[-1], gradnorm.GradNorm(1.5), runs_root="runs")])
 
 The run is closed as ``finished`` at the end of fitting and as ``failed`` when fitting raises.
 """
@@ -17,15 +17,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from toolkit import runs
-from toolkit.balancers import Balancer
+from gradnorm.toolkit import runs
+from gradnorm.toolkit.balancers import Balancer
 
 from .session import Session, attach
 
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # pragma: no cover - exercised only without lightning
-    raise ImportError("hooks.lightning needs the lightning package: pip install 'gradnorm-toolkit[lightning]'") from exc
+    raise ImportError("gradnorm.hooks.lightning needs the lightning package: pip install 'gradnorm-toolkit[lightning]'") from exc
 
 
 class GradNormCallback(pl.Callback):

@@ -1,6 +1,6 @@
 """Attach a balancer and the recorder to a training loop you already have.
 
-    session = hooks.attach(model.trunk[-1], toolkit.GradNorm(alpha=0.12), runs_root="runs")
+    session = gradnorm.attach(model.trunk[-1], gradnorm.GradNorm(alpha=0.12), runs_root="runs")
     for x, y in loader:
         loss = session.loss({"depth": l_depth, "normals": l_normals})
         opt.zero_grad(); loss.backward(); opt.step()
@@ -21,9 +21,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from toolkit import runs
-from toolkit.balancers import Balancer, EqualWeights, StaticWeights, stats_matrix
-from toolkit.recorder import DEFAULT_FLUSH_EVERY, Recorder
+from gradnorm.toolkit import runs
+from gradnorm.toolkit.balancers import Balancer, EqualWeights, StaticWeights, stats_matrix
+from gradnorm.toolkit.recorder import DEFAULT_FLUSH_EVERY, Recorder
 
 from . import distributed
 from .grad_norms import GradNormMeter
@@ -318,14 +318,33 @@ class Session:
         self.step_index += 1
 
 
-def attach(shared: SharedLayer, balancer: Optional[Balancer] = None, **options: Any) -> Session:
-    """Attach ``balancer`` (default: equal weights, monitor only) at the shared layer ``shared``.
+def attach(
+    shared: SharedLayer,
+    balancer: Optional[Balancer] = None,
+    *,
+    runs_root: Optional[Union[str, Path]] = None,
+    run_name: Optional[str] = None,
+    tasks: Optional[Sequence[str]] = None,
+    shadow: bool = False,
+    weights: Optional[Union[Mapping[str, float], Sequence[float]]] = None,
+    flush_every: int = DEFAULT_FLUSH_EVERY,
+    measure_grad_norms: bool = True,
+    config: Optional[Mapping[str, Any]] = None,
+    heads: Union[None, str, Sequence[nn.Module]] = None,
+    grad_scaler: Optional[Any] = None,
+) -> Session:
+    """Attach ``balancer`` (default: equal weights, monitor only) at the shared layer ``shared``
+    (paper section 3: W, the last shared layer, where the per-task gradient norms G_W^(i) are taken).
 
-    Options: ``runs_root``/``run_name`` (write records there), ``shadow``/``weights`` (record without
-    changing training), ``flush_every``, ``tasks``, ``config`` (saved in ``run.json``), ``heads`` (the
-    task heads in task order: gradient norms are tapped from your own backward instead of a separate
-    pass, and the weights update during ``backward()``; see ``hooks/taps.py``), ``grad_scaler`` (the
-    ``torch.amp.GradScaler`` whose scale multiplies the loss you backpropagate, with ``heads``).
+    ``runs_root``/``run_name`` write records there; ``shadow``/``weights`` record without changing
+    training; ``flush_every`` sets how many steps the device buffer holds; ``tasks`` names the tasks of a
+    sequence of losses; ``config`` is saved in ``run.json``; ``heads`` (the task heads in task order, or
+    ``"auto"``) taps the gradient norms from your own backward instead of a separate pass; ``grad_scaler``
+    is the ``torch.amp.GradScaler`` whose scale multiplies the loss you backpropagate, with ``heads``.
     Under ``torch.distributed`` every rank attaches with the same ``run_name``; see ``hooks/distributed.py``.
+    The session owns every hook it registers and removes them on :meth:`Session.close`.
     """
-    return Session(shared, balancer, **options)
+    return Session(
+        shared, balancer, runs_root=runs_root, run_name=run_name, tasks=tasks, shadow=shadow, weights=weights,
+        flush_every=flush_every, measure_grad_norms=measure_grad_norms, config=config, heads=heads, grad_scaler=grad_scaler,
+    )

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from toolkit.balancers import Balancer
+from gradnorm.toolkit.balancers import Balancer
 
 from .grad_norms import GradNormMeter
 

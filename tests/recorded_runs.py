@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import hooks
-from toolkit import GradNorm
+from gradnorm import hooks
+from gradnorm.toolkit.balancers import GradNorm
 
 
 def record_run(root: Path, name: str, steps: int = 60, tasks: int = 3, flush_every: int = 7, validate_every: int = 10, seed: int = 0) -> Path:

@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-import hooks
-from toolkit import GradNorm, toy
+from gradnorm import hooks
+from gradnorm.toolkit.balancers import GradNorm
+from gradnorm.experiments import toy
 
 
 def run(model, data, steps: int, autocast: bool, heads: bool = False, scaler=None, root=None, name="run"):

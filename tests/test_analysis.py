@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from recorded_runs import record_run
-from toolkit import analysis
+from gradnorm.toolkit import analysis
 
 
 def read_all(run: Path, skip: set[str] = frozenset()) -> pd.DataFrame:

@@ -12,9 +12,9 @@ import pytest
 from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 
-from toolkit import analysis, runs
+from gradnorm.toolkit import analysis, runs
 
-APP = Path(__file__).resolve().parent.parent / "app" / "gradnorm_app.py"
+APP = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
 SAMPLE = analysis.default_runs_root()
 
 
@@ -193,7 +193,7 @@ def test_a_run_with_one_task_is_drawn(monkeypatch, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from toolkit import schema
+    from gradnorm.toolkit import schema
 
     run = runs.create_run(tmp_path, "solo", {"tasks": ["only"], "balancer": {"name": "equal"}})
     steps = list(range(50))

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app import charts
-from app.smoothing import debiased_ema, smooth_series
+from gradnorm.app import _charts as charts
+from gradnorm.app._smoothing import debiased_ema, smooth_series
 
 
 def test_debiased_ema_matches_the_closed_form():

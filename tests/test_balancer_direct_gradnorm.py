@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-import hooks
-from toolkit.balancers import DirectGradNorm
+from gradnorm import hooks
+from gradnorm.toolkit.balancers import DirectGradNorm
 
 from balancer_models import TinyNet, batch, task_losses
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit.balancers import DynamicWeightAverage
+from gradnorm.toolkit.balancers import DynamicWeightAverage
 
 TASKS = ["a", "b"]
 

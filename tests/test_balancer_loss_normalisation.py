@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import hooks
-from toolkit.balancers import InitialLossWeights, PriorLossWeights, RealTimeLossWeights, prior_cross_entropy, prior_l2
+from gradnorm import hooks
+from gradnorm.toolkit.balancers import InitialLossWeights, PriorLossWeights, RealTimeLossWeights, prior_cross_entropy, prior_l2
 
 from balancer_models import TinyNet, batch, task_losses
 
@@ -96,7 +96,7 @@ def test_unsupported_options_are_errors():
 
 
 def test_real_time_zero_loss_uses_the_floor_not_infinity():
-    from toolkit.balancers.checks import LOSS_FLOOR
+    from gradnorm.toolkit.balancers.checks import LOSS_FLOOR
 
     balancer = bound(RealTimeLossWeights())
     weights = balancer.step_weights(torch.tensor([0.0, 2.0, 4.0], dtype=torch.float64), None, None)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import hooks
-from toolkit.balancers import MGDA, min_norm_coefficients
+from gradnorm import hooks
+from gradnorm.toolkit.balancers import MGDA, min_norm_coefficients
 
 from balancer_models import TinyNet, batch, task_losses
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import hooks
-from toolkit.balancers import PCGrad, pcgrad_coefficients
+from gradnorm import hooks
+from gradnorm.toolkit.balancers import PCGrad, pcgrad_coefficients
 
 from balancer_models import TinyNet, batch, task_losses
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit.balancers import UncertaintyWeighting
-from toolkit.balancers.uncertainty import uncertainty_objective, uncertainty_state_grad
+from gradnorm.toolkit.balancers import UncertaintyWeighting
+from gradnorm.toolkit.balancers.uncertainty import uncertainty_objective, uncertainty_state_grad
 
 TASKS = ["depth", "seg"]
 

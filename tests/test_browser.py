@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-APP = Path(__file__).resolve().parent.parent / "app" / "gradnorm_app.py"
+APP = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -89,8 +89,8 @@ def test_the_app_renders_its_charts_in_chromium(app_url, tmp_path):
 
 
 def test_the_report_opens_offline_and_draws(tmp_path):
-    from app.report import write_report
-    from toolkit.analysis import default_runs_root
+    from gradnorm.app.report import write_report
+    from gradnorm.toolkit.analysis import default_runs_root
 
     report = write_report(default_runs_root(), ["toy-T2-equal", "toy-T2-gradnorm"], tmp_path / "report.html")
     with playwright_api.sync_playwright() as play:

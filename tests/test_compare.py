@@ -8,8 +8,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 
-from hooks import compare
-from toolkit import cli
+from gradnorm.experiments import compare
+from gradnorm import cli
 
 PER_TASK = ("loss", "loss_ratio", "weight", "grad_norm")
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from toolkit import GradNorm
+from gradnorm.toolkit.balancers import GradNorm
 
 TASKS = [f"t{i}" for i in range(4)]
 

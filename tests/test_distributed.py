@@ -27,7 +27,7 @@ def batches(num: int):
 
 
 def model_and_data(num_tasks: int):
-    from toolkit import toy
+    from gradnorm.experiments import toy
 
     config = toy.ToyConfig(num_tasks=num_tasks, train_size=128, test_size=8)
     data = toy.make_data(config)
@@ -39,9 +39,10 @@ def worker(rank: int, world: int, port: int, root: str, heads, out: str) -> None
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
-        import hooks
-        from hooks import taps
-        from toolkit import GradNorm, toy
+        from gradnorm import hooks
+        from gradnorm.hooks import taps
+        from gradnorm.toolkit.balancers import GradNorm
+        from gradnorm.experiments import toy
 
         if heads == "stream":  # the taps' other way of collecting the heads' gradients
             taps.STREAM_ABOVE_BYTES = 0
@@ -71,8 +72,9 @@ def worker(rank: int, world: int, port: int, root: str, heads, out: str) -> None
 
 
 def single_process_reference():
-    import hooks
-    from toolkit import GradNorm, toy
+    from gradnorm import hooks
+    from gradnorm.toolkit.balancers import GradNorm
+    from gradnorm.experiments import toy
 
     model, x, y = model_and_data(3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -110,7 +112,7 @@ def test_ddp_weights_agree_across_ranks_and_with_one_process(tmp_path, heads):
     torch.testing.assert_close(results[0]["weights"], single_process_reference(), rtol=1e-9, atol=1e-12)
     assert not torch.allclose(results[0]["weights"][-1], torch.ones(3, dtype=torch.float64))  # the weights did move
 
-    from toolkit import analysis, runs
+    from gradnorm.toolkit import analysis, runs
 
     run = tmp_path / "runs" / "ddp"
     assert runs.read_run_json(run)["status"] == "finished"

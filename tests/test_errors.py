@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-import hooks
-from toolkit import runs, schema
-from toolkit.balancers import GradNorm, StaticWeights
-from toolkit.recorder import Recorder
+from gradnorm import hooks
+from gradnorm.toolkit import runs, schema
+from gradnorm.toolkit.balancers import GradNorm, StaticWeights
+from gradnorm.toolkit.recorder import Recorder
 
 
 class TwoHeads(nn.Module):

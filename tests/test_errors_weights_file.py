@@ -1,7 +1,7 @@
 """Hostile exported-weights files: a clear error naming the problem, never weights that train wrongly.
 
 The weights file (paper 5.2/5.3: E_t[w_i] of a run, retrained as static weights) is loaded by
-``toolkit.analysis.load_weights``; a file whose tasks do not match the new run is refused by
+``toolkit.weights_file.load_weights``; a file whose tasks do not match the new run is refused by
 :class:`toolkit.balancers.StaticWeights` when it binds to the run's tasks.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from toolkit import analysis
-from toolkit.balancers import StaticWeights
+from gradnorm.toolkit import weights_file
+from gradnorm.toolkit.balancers import StaticWeights
 
 VALID = {"format": "gradnorm-weights", "version": 1, "weights": {"a": 0.5, "b": 1.5}, "run": "r", "window": [10, 100], "method": "gradnorm", "convergence": 0.01}
 
@@ -31,7 +31,7 @@ def with_weights(**weights):
 
 
 def test_a_valid_file_loads_exactly(tmp_path):
-    assert analysis.load_weights(write(tmp_path, VALID)) == {"a": 0.5, "b": 1.5}
+    assert weights_file.load_weights(write(tmp_path, VALID)) == {"a": 0.5, "b": 1.5}
 
 
 @pytest.mark.parametrize(
@@ -48,7 +48,7 @@ def test_a_valid_file_loads_exactly(tmp_path):
 )
 def test_bad_weight_values_name_the_task(tmp_path, payload, named):
     with pytest.raises(ValueError) as info:
-        analysis.load_weights(write(tmp_path, payload))
+        weights_file.load_weights(write(tmp_path, payload))
     message = str(info.value).lower()
     for part in named:
         assert part.lower() in message, (part, message)
@@ -71,20 +71,20 @@ def test_bad_weight_values_name_the_task(tmp_path, payload, named):
 def test_malformed_files_are_refused_with_the_path(tmp_path, payload):
     path = write(tmp_path, payload, raw=True)
     with pytest.raises(ValueError) as info:
-        analysis.load_weights(path)
+        weights_file.load_weights(path)
     assert str(path) in str(info.value) or path.name in str(info.value)
 
 
 def test_a_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match="nowhere.json"):
-        analysis.load_weights(tmp_path / "nowhere.json")
+        weights_file.load_weights(tmp_path / "nowhere.json")
 
 
 def test_weights_for_other_tasks_are_refused_when_retraining(tmp_path):
-    weights = analysis.load_weights(write(tmp_path, with_weights(a=0.5, z=1.5)))
+    weights = weights_file.load_weights(write(tmp_path, with_weights(a=0.5, z=1.5)))
     with pytest.raises(ValueError, match=r"unknown tasks \['z'\], missing tasks \['b'\]"):
         StaticWeights(weights).bind(["a", "b"], torch.device("cpu"))
-    bound = StaticWeights(analysis.load_weights(write(tmp_path, VALID)))
+    bound = StaticWeights(weights_file.load_weights(write(tmp_path, VALID)))
     bound.bind(["b", "a"], torch.device("cpu"))
     assert bound.weights().tolist() == [1.5, 0.5]  # by name, not by position
     assert all(math.isfinite(w) for w in bound.weights().tolist())

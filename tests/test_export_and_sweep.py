@@ -6,8 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from toolkit import StaticWeights, analysis, cli
-from toolkit.weights_file import load_weights
+from gradnorm.toolkit.balancers import StaticWeights
+from gradnorm.toolkit import analysis
+from gradnorm import cli
+from gradnorm.toolkit.weights_file import load_weights
 
 from recorded_runs import record_run
 
@@ -44,7 +46,7 @@ def test_export_and_summary_commands(root, tmp_path, capsys):
 
 
 def test_demo_retrains_with_the_converged_weights(tmp_path, capsys):
-    from hooks.toy_demo import run_demo
+    from gradnorm.experiments.toy_demo import run_demo
 
     results = run_demo(tmp_path, task_counts=(2,), steps=40, progress=False)
     assert [r.run_name for r in results] == ["toy-T2-equal", "toy-T2-gradnorm", "toy-T2-static-converged"]
@@ -58,7 +60,7 @@ def test_demo_retrains_with_the_converged_weights(tmp_path, capsys):
 
 
 def test_sweep_reports_distances_to_the_gradnorm_average(tmp_path):
-    from hooks.grid_sweep import run_sweep, write_report
+    from gradnorm.experiments.grid_sweep import run_sweep, write_report
 
     result = run_sweep(tmp_path, num_tasks=2, networks=4, steps=30, seed=3)
     target = np.array(list(load_weights(tmp_path / "sweep-T2-gradnorm-weights.json").values()))

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-import hooks
-from hooks import taps as taps_module
-from toolkit import EqualWeights, GradNorm, toy
+from gradnorm import hooks
+from gradnorm.hooks import taps as taps_module
+from gradnorm.toolkit.balancers import EqualWeights, GradNorm
+from gradnorm.experiments import toy
 
 
 def train(model: toy.ToyNet, data: toy.ToyData, balancer, steps: int, fast: bool, root=None, name="run"):
@@ -332,7 +333,7 @@ def test_a_shared_convolution_gets_the_same_norms_on_every_route(segment, conv, 
 
 
 def test_the_dense_prediction_network_finds_its_heads_and_takes_the_conv_route(tmp_path, taps_mode):
-    from toolkit import dense_model
+    from gradnorm.experiments import dense_model
 
     torch.manual_seed(0)
     base = dense_model.DenseMultiTaskNet(width=8).double()

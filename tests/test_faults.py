@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch import nn
 
-import hooks
-from toolkit import runs, schema
-from toolkit.balancers import EqualWeights, GradNorm
-from toolkit.recorder import Recorder
+from gradnorm import hooks
+from gradnorm.toolkit import runs, schema
+from gradnorm.toolkit.balancers import EqualWeights, GradNorm
+from gradnorm.toolkit.recorder import Recorder
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -87,8 +87,8 @@ def test_exception_in_the_loop_marks_the_run_failed_and_writes_every_buffered_ro
 UNCAUGHT_CHILD = r"""
 import sys, torch
 from torch import nn
-import hooks
-from toolkit import GradNorm
+from gradnorm import hooks
+from gradnorm.toolkit.balancers import GradNorm
 torch.manual_seed(0)
 trunk = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
 heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(2)])
@@ -199,7 +199,7 @@ def test_a_recorder_on_a_finished_run_is_refused_and_nothing_is_overwritten(tmp_
 
 LOCK_HOLDER = r"""
 import sys, time
-from toolkit.recorder import Recorder
+from gradnorm.toolkit.recorder import Recorder
 rec = Recorder(sys.argv[1], ["a", "b"], flush_every=5)
 print("holding", flush=True)
 time.sleep(60)
@@ -328,7 +328,7 @@ def test_every_bad_input_of_the_results_file_is_refused_with_a_message(tmp_path)
 
 
 def test_a_rank_other_than_0_that_stops_beating_marks_the_run_interrupted(tmp_path):
-    from toolkit import analysis
+    from gradnorm.toolkit import analysis
 
     run_path = runs.create_run(tmp_path, "ddp", {"tasks": ["a", "b"]})
     rank0 = Recorder(run_path, ["a", "b"], rank=0, heartbeat_interval=0.05)

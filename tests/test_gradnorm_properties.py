@@ -8,10 +8,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import hooks
-from hooks.toy_training import train_toy
-from toolkit import GradNorm, toy
-from toolkit.balancers import gradnorm_terms
+from gradnorm import hooks
+from gradnorm.experiments.toy_training import train_toy
+from gradnorm.toolkit.balancers import GradNorm
+from gradnorm.experiments import toy
+from gradnorm.toolkit.balancers import gradnorm_terms
 
 
 class ThreeHeads(nn.Module):

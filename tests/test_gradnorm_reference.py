@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import hooks
-from toolkit import GradNorm
+from gradnorm import hooks
+from gradnorm.toolkit.balancers import GradNorm
 from gradnorm_reference import reference_gradnorm
 
 STEPS = 23

@@ -8,9 +8,11 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed")
 
-import hooks  # noqa: E402
-from hooks.lightning import GradNormCallback  # noqa: E402
-from toolkit import GradNorm, analysis, runs, toy  # noqa: E402
+from gradnorm import hooks  # noqa: E402
+from gradnorm.hooks.lightning import GradNormCallback  # noqa: E402
+from gradnorm.toolkit.balancers import GradNorm
+from gradnorm.toolkit import analysis, runs
+from gradnorm.experiments import toy  # noqa: E402
 
 STEPS = 8
 

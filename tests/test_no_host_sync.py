@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import hooks
-from hooks import taps
-from toolkit import GradNorm, toy
+from gradnorm import hooks
+from gradnorm.hooks import taps
+from gradnorm.toolkit.balancers import GradNorm
+from gradnorm.experiments import toy
 
 SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique", "aten.unique", "aten.equal", "aten.is_nonzero")
 

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from toolkit.balancers import EqualWeights, GradNorm, StaticWeights
+from gradnorm.toolkit.balancers import EqualWeights, GradNorm, StaticWeights
 
 SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -194,7 +194,7 @@ def test_a_bad_first_loss_is_refused_naming_the_task_and_value(case):
 
 
 # -- the survey's methods that take the same per-step inputs -------------------------------------------
-from toolkit.balancers import (  # noqa: E402
+from gradnorm.toolkit.balancers import (  # noqa: E402
     DirectGradNorm,
     DynamicWeightAverage,
     InitialLossWeights,

@@ -15,8 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from toolkit import analysis, runs, schema
-from toolkit.recorder import Recorder
+from gradnorm.toolkit import analysis, runs, schema
+from gradnorm.toolkit.recorder import Recorder
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-import hooks
-from toolkit import runs, schema
-from toolkit.balancers import EqualWeights
+from gradnorm import hooks
+from gradnorm.toolkit import runs, schema
+from gradnorm.toolkit.balancers import EqualWeights
 
 ESCAPING_NAMES = [
     "../../etc",
@@ -99,7 +99,7 @@ def test_hostile_task_names_are_recorded_as_data(tmp_path):
 
 @pytest.mark.parametrize("command", ["summary", "export"])
 def test_the_command_line_refuses_escaping_run_names_with_a_message(tmp_path, capsys, command):
-    from toolkit import cli
+    from gradnorm import cli
 
     (tmp_path / "root").mkdir()
     code = cli.main([command, "--root", str(tmp_path / "root"), "../../etc"])

@@ -1,24 +1,8 @@
-"""GradNorm toolkit: balance and monitor multitask PyTorch training (Chen et al., 2018).
+"""The library layer of ``gradnorm``: balancers, the record schema, the recorder, the DuckDB analysis and
+the weights files.
 
-The library half of the product: balancers, the recorder and its schema, the DuckDB analysis, weight
-export and the command line. The hook layer that attaches to a model lives in the ``hooks`` package.
+Nothing here imports the hook layer (``gradnorm.hooks``) or the app (``gradnorm.app``); the contracts in
+``pyproject.toml`` enforce it. Importing this package imports nothing heavy: ``gradnorm.toolkit.schema``
+is what the app reads without pulling in torch.
 """
 __version__ = "0.1.0"
-
-from .balancers import Balancer, EqualWeights, GradNorm, StaticWeights, StepStats  # noqa: E402
-from .balancers import (  # noqa: E402
-    MGDA,
-    DirectGradNorm,
-    DynamicWeightAverage,
-    InitialLossWeights,
-    PCGrad,
-    PriorLossWeights,
-    RealTimeLossWeights,
-    UncertaintyWeighting,
-)
-from .recorder import Recorder  # noqa: E402
-
-__all__ = ["Balancer", "EqualWeights", "GradNorm", "StaticWeights", "StepStats", "Recorder", "__version__",
-    "MGDA", "DirectGradNorm", "DynamicWeightAverage", "InitialLossWeights", "PCGrad", "PriorLossWeights",
-    "RealTimeLossWeights", "UncertaintyWeighting",
-]

@@ -39,7 +39,6 @@ import torch
 from torch import Tensor
 
 from . import runs, schema
-from .balancers.base import RECORDED_FIELDS
 
 DEFAULT_FLUSH_EVERY = 100
 #: A write refreshes the heartbeat at most this often: ``run.json`` is fsynced, and a run flushing
@@ -54,7 +53,7 @@ class _Batch:
     steps: list[int]
     epochs: list[Optional[int]]
     wall_times: list[float]
-    values: Optional[Tensor]  # (n, T, len(RECORDED_FIELDS)) on the host
+    values: Optional[Tensor]  # (n, T, len(schema.RECORDED_FIELDS)) on the host
     defined: frozenset[str]
     ready: Any = None  # a CUDA event to wait on before reading ``values``
     validation: list[tuple[int, Optional[int], float, str, float]] = field(default_factory=list)
@@ -311,7 +310,7 @@ class Recorder:
     def _note_skips(self, batch: _Batch) -> None:
         if batch.values is None or "step_update_skipped" not in batch.defined:
             return
-        column = RECORDED_FIELDS.index("step_update_skipped")
+        column = schema.RECORDED_FIELDS.index("step_update_skipped")
         skipped_steps = [s for s, flag in zip(batch.steps, batch.values[:, 0, column].tolist()) if flag > 0.5]
         self.skipped_updates += len(skipped_steps)
         if skipped_steps and not self._warned_skip:
@@ -336,8 +335,8 @@ class Recorder:
             columns["wall_time"] = np.repeat(np.asarray(batch.wall_times, dtype=np.float64), num_tasks).tolist()
             columns["split"] = [schema.TRAIN] * (n * num_tasks)
             columns["task"] = self.tasks * n
-            flat = values.reshape(n * num_tasks, len(RECORDED_FIELDS))
-            for index, name in enumerate(RECORDED_FIELDS):
+            flat = values.reshape(n * num_tasks, len(schema.RECORDED_FIELDS))
+            for index, name in enumerate(schema.RECORDED_FIELDS):
                 if name not in batch.defined:
                     columns[name] = [None] * (n * num_tasks)
                 elif name == "step_update_skipped":

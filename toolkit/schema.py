@@ -54,6 +54,9 @@ METRICS_SCHEMA = pa.schema(
 COLUMNS: tuple[str, ...] = tuple(METRICS_SCHEMA.names)
 
 #: Metrics a user may ask the analysis for (numeric columns).
+#: The per-task fields a balancer reports each step, in the order the recorder packs them.
+RECORDED_FIELDS: tuple[str, ...] = TASK_METRICS + STEP_METRICS
+
 NUMERIC_COLUMNS: tuple[str, ...] = TASK_METRICS + ("step_grad_loss",)
 
 METRICS_DIR = "metrics"

@@ -23,29 +23,6 @@ REQUIRED = ("format", "version", "weights")
 PathLike = Union[str, os.PathLike]
 
 
-def export_weights(
-    root: PathLike, run_id: str, out_path: Optional[PathLike] = None, *, window: Optional[Sequence[Optional[int]]] = None, burn_in: float = 0.1
-) -> dict[str, Any]:
-    """E_t[w_i] of ``run_id`` over ``window`` (default: after the first ``burn_in`` of the run) as a
-    weights document; written atomically to ``out_path`` when given."""
-    from toolkit.analysis import weight_average
-
-    average = weight_average(root, run_id, window=window, burn_in=burn_in)
-    document = {
-        "format": FORMAT,
-        "version": VERSION,
-        "weights": {task: float(value) for task, value in average.weights.items()},
-        "run": run_id,
-        "window": [average.start_step, average.end_step],
-        "method": average.method,
-        "convergence": None if math.isnan(average.convergence) else float(average.convergence),
-    }
-    check_weights(document["weights"], f"run {run_id!r}")
-    if out_path is not None:
-        write_weights(out_path, document)
-    return document
-
-
 def write_weights(path: PathLike, document: dict[str, Any]) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

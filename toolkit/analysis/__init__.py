@@ -1,10 +1,12 @@
 """DuckDB analysis over recorded runs: listing, downsampled series, E_t[w_i], overfitting, balance.
 
 Every function takes a runs root (a folder of run directories) first; ``default_runs_root()`` is
-``$GRADNORM_RUNS_ROOT`` or the bundled ``sample_runs/``. Damaged part files are left out and reported by
+``$GRADNORM_RUNS_ROOT``, else ``./runs`` when it exists, else the bundled sample runs (see
+``resolve_runs_root``). Damaged part files are left out and reported by
 ``problems()`` (and in ``list_runs()``), never fail a query. User values reach SQL only as parameters.
 """
-from .catalog import default_runs_root, list_runs, problems, run_ids
+from .export import export_weights
+from .catalog import RunsRoot, bundled_runs_root, default_runs_root, list_runs, problems, resolve_runs_root, run_ids
 from .overfitting import overfitting, overfitting_onsets
 from .series import balance_series, balance_summary, metric_series
 from .source import AnalysisError
@@ -13,10 +15,14 @@ from .weights import WeightAverage, weight_average
 
 __all__ = [
     "AnalysisError",
+    "RunsRoot",
+    "bundled_runs_root",
+    "resolve_runs_root",
     "WeightAverage",
     "balance_series",
     "balance_summary",
     "default_runs_root",
+    "export_weights",
     "list_runs",
     "metric_series",
     "overfitting",
@@ -26,10 +32,3 @@ __all__ = [
     "summary",
     "weight_average",
 ]
-
-try:  # the weights file lives beside the analysis; re-exported here for one import path
-    from toolkit.weights_file import export_weights, load_weights  # noqa: F401
-
-    __all__ += ["export_weights", "load_weights"]
-except ImportError:  # pragma: no cover - only while the module is absent
-    pass

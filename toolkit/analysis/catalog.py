@@ -18,8 +18,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import toolkit
-from toolkit import runs, schema
+from gradnorm import toolkit
+from gradnorm.toolkit import runs, schema
 
 PathLike = Union[str, os.PathLike]
 
@@ -30,12 +30,43 @@ INVALID = "invalid"
 REQUIRED_COLUMNS = {"step": pa.types.is_integer, "split": pa.types.is_string, "task": pa.types.is_string}
 
 
-def default_runs_root() -> Path:
-    """``$GRADNORM_RUNS_ROOT`` if set, else the repository's bundled ``sample_runs/``."""
+#: Where ``attach(..., runs_root="runs")`` and the training commands write, relative to the working folder.
+LOCAL_RUNS = Path("runs")
+
+
+def bundled_runs_root() -> Path:
+    """The small demo runs shipped with the package (``sample_runs/`` in the repository)."""
+    return Path(toolkit.__file__).resolve().parent.parent / "sample_runs"
+
+
+@dataclass(frozen=True)
+class RunsRoot:
+    """A runs root and why it was chosen, in words a page or a command can show."""
+
+    path: Path
+    reason: str
+
+
+def resolve_runs_root(explicit: Optional[PathLike] = None) -> RunsRoot:
+    """The runs root every entry point uses (the CLI, ``streamlit run app``, ``gradnorm app``).
+
+    In order: ``explicit`` (``--root``), then ``$GRADNORM_RUNS_ROOT``, then ``./runs`` when it exists, then
+    the bundled sample runs. The first two are returned even when they do not exist, so the caller can say
+    so instead of silently showing something else.
+    """
+    if explicit is not None and str(explicit) != "":
+        return RunsRoot(Path(explicit), "given with --root")
     configured = os.environ.get(RUNS_ROOT_ENV)
     if configured:
-        return Path(configured)
-    return Path(toolkit.__file__).resolve().parent.parent / "sample_runs"
+        return RunsRoot(Path(configured), f"from ${RUNS_ROOT_ENV}")
+    if LOCAL_RUNS.is_dir():
+        return RunsRoot(LOCAL_RUNS.resolve(), "./runs in the working folder")
+    return RunsRoot(bundled_runs_root(), f"the bundled sample runs (no --root, no ${RUNS_ROOT_ENV}, no ./runs here)")
+
+
+def default_runs_root() -> Path:
+    """The root :func:`resolve_runs_root` picks when none is given."""
+    return resolve_runs_root().path
 
 
 @dataclass(frozen=True)

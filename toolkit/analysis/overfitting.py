@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from toolkit import schema
+from gradnorm.toolkit import schema
 
 from .catalog import PathLike
 from .source import query, resolve_runs

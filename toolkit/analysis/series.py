@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence, Union
 
 import pandas as pd
 
-from toolkit import schema
+from gradnorm.toolkit import schema
 
 from .catalog import PathLike, RunFiles
 from .source import AnalysisError, check_metric, query, resolve_runs

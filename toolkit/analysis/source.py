@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import duckdb
 import pandas as pd
 
-from toolkit import runs, schema
+from gradnorm.toolkit import runs, schema
 
 from .catalog import PathLike, RunFiles, load_run_files
 

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from toolkit import schema
+from gradnorm.toolkit import schema
 
 from .catalog import PathLike
 from .overfitting import overfitting_onsets

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from toolkit import schema
+from gradnorm.toolkit import schema
 
 from .catalog import PathLike, RunFiles
 from .source import AnalysisError, query, resolve_runs

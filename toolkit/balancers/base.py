@@ -208,7 +208,7 @@ class Balancer(ABC):
         """Compute this step's record and set ``self._weights`` to w(t+1)."""
 
 
-RECORDED_FIELDS: tuple[str, ...] = schema.TASK_METRICS + schema.STEP_METRICS
+RECORDED_FIELDS = schema.RECORDED_FIELDS
 
 
 def stats_matrix(stats: StepStats, num_tasks: int, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, frozenset[str]]:

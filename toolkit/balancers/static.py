@@ -27,7 +27,7 @@ class StaticWeights(Balancer):
     @classmethod
     def from_file(cls, path: Union[str, "os.PathLike[str]"], initial_loss: InitialLossSpec = "first") -> "StaticWeights":
         """Retrain with the weights of a file written by ``gradnorm export`` (paper 5.2)."""
-        from toolkit.weights_file import load_weights
+        from gradnorm.toolkit.weights_file import load_weights
 
         balancer = cls(load_weights(path), initial_loss=initial_loss)
         balancer.source = str(path)

@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from toolkit.analysis import default_runs_root, summary, weight_average
+    from gradnorm.toolkit.analysis import default_runs_root, summary, weight_average
 
     root = args.root or default_runs_root()
     average = weight_average(root, args.run, window=window_of(args), burn_in=args.burn_in)

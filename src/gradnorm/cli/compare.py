@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from hooks import compare
+    from gradnorm.experiments import compare
 
     methods = compare.ordered(args.methods or compare.METHODS)
     if args.seeds < 1:

@@ -17,8 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from toolkit.analysis import default_runs_root
-    from toolkit.weights_file import export_weights
+    from gradnorm.toolkit.analysis import default_runs_root
+    from gradnorm.toolkit.analysis import export_weights
 
     root = args.root or default_runs_root()
     out = args.out or Path(f"{args.run}-weights.json")

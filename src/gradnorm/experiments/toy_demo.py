@@ -11,8 +11,9 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from toolkit import EqualWeights, GradNorm, StaticWeights, toy
-from toolkit.weights_file import export_weights
+from gradnorm.toolkit.balancers import EqualWeights, GradNorm, StaticWeights
+from gradnorm.experiments import toy
+from gradnorm.toolkit.analysis import export_weights
 
 from .toy_training import ToyResult, train_toy
 

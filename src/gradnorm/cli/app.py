@@ -17,9 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def app_entry() -> Path:
-    import app
+    """The installed package's Streamlit entry, the file ``streamlit run app`` runs in a checkout."""
+    from gradnorm import app
 
-    return Path(app.__file__).resolve().parent / "gradnorm_app.py"
+    return Path(app.__file__).resolve().parent / "streamlit_app.py"
 
 
 def command(args: argparse.Namespace) -> list[str]:

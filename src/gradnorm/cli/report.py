@@ -14,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.report import write_report
-    from toolkit.analysis import default_runs_root
+    from gradnorm.app.report import write_report
+    from gradnorm.toolkit.analysis import default_runs_root
 
     out = write_report(args.root or default_runs_root(), args.runs, args.out)
     print(f"report written to {out} ({out.stat().st_size / 1e6:.1f} MB, opens offline)")

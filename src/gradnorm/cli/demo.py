@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hooks.toy_demo import run_demo
+    from gradnorm.experiments.toy_demo import run_demo
 
     root = args.runs_root or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     run_demo(root, task_counts=args.tasks, steps=args.steps, alpha=args.alpha, seed=args.seed, progress=not args.no_progress)

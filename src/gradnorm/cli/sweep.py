@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from hooks.grid_sweep import run_sweep, write_report
+    from gradnorm.experiments.grid_sweep import run_sweep, write_report
 
     root = args.runs_root or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S")
     with tqdm(total=args.steps * (args.networks + 1), desc="sweep", unit="step", disable=args.no_progress) as bar:

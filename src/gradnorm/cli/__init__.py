@@ -1,6 +1,6 @@
-"""The ``gradnorm`` command line. Each sub-command lives in ``toolkit/commands/<name>.py`` and exposes
-``register(subparsers)``; commands that train import the ``hooks`` layer lazily, inside the command,
-so that importing ``toolkit`` never pulls in the hook layer."""
+"""The ``gradnorm`` command line. Each sub-command lives in ``gradnorm/cli/<name>.py`` and exposes
+``register(subparsers)``; commands import what they train or read lazily, inside the command, so that
+``gradnorm --help`` answers without importing torch."""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +9,13 @@ import sys
 from typing import Optional, Sequence
 
 COMMAND_MODULES = (
-    "toolkit.commands.demo",
-    "toolkit.commands.compare",
-    "toolkit.commands.export",
-    "toolkit.commands.summary",
-    "toolkit.commands.sweep",
-    "toolkit.commands.app",
-    "toolkit.commands.report",
+    "gradnorm.cli.demo",
+    "gradnorm.cli.compare",
+    "gradnorm.cli.export",
+    "gradnorm.cli.summary",
+    "gradnorm.cli.sweep",
+    "gradnorm.cli.app",
+    "gradnorm.cli.report",
 )
 
 

@@ -1,6 +1,6 @@
 """The GradNorm runs app: balance and overfitting, live and after the fact, and the weights to take home.
 
-    streamlit run app/gradnorm_app.py -- --root runs/     (or: gradnorm app --root runs/)
+    streamlit run app -- --root runs/     (or: gradnorm app --root runs/)
 
 Opens on the bundled ``sample_runs/`` without arguments (``$GRADNORM_RUNS_ROOT`` overrides). Reads runs
 only through ``toolkit.analysis``; the charts come from ``app.charts``.
@@ -14,14 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
+import streamlit as st
 
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
-
-from app import charts, data  # noqa: E402
-from app.smoothing import smooth_series  # noqa: E402
-from toolkit import analysis, runs  # noqa: E402
+from gradnorm.app import _charts as charts, _data as data
+from gradnorm.app._smoothing import smooth_series
+from gradnorm.toolkit import analysis, runs
 
 LIVE_REFRESH_SECONDS = 5.0
 USER_ERRORS = (analysis.AnalysisError, runs.RunError, FileNotFoundError, PermissionError, ValueError)
@@ -59,7 +57,7 @@ def run_table(root: str) -> Optional[pd.DataFrame]:
         st.error(f"Cannot list the runs under {root}: {exc}")
         return None
     if listing.empty:
-        st.info(f"No runs under {root} yet. Record one with hooks.attach(..., runs_root=...) or `gradnorm demo --runs-root {root}`.")
+        st.info(f"No runs under {root} yet. Record one with gradnorm.attach(..., runs_root=...) or `gradnorm demo --runs-root {root}`.")
         return None
     return listing
 
@@ -194,7 +192,7 @@ def export_tab(root: str, selected: list[str], signature: tuple) -> None:
     st.dataframe(pd.DataFrame({"task": list(document["weights"]), "weight": list(document["weights"].values())}), hide_index=True)
     st.download_button("Download weights JSON", json.dumps(document, indent=2, sort_keys=True), file_name=f"{run_id}-weights.json", mime="application/json")
     st.code(f"gradnorm export {run_id} --window {document['window'][0]} {document['window'][1]}\n"
-            f"toolkit.StaticWeights.from_file('{run_id}-weights.json')", language="python")
+            f"gradnorm.StaticWeights.from_file('{run_id}-weights.json')", language="python")
 
 
 def _first_gradnorm(root: str, selected: list[str]) -> int:

@@ -17,8 +17,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from toolkit import toy
-from toolkit.balancers import (
+from gradnorm.experiments import toy
+from gradnorm.toolkit.balancers import (
     MGDA,
     Balancer,
     DirectGradNorm,
@@ -36,7 +36,7 @@ from toolkit.balancers import (
 )
 
 from . import penguins
-from .session import attach
+from gradnorm.hooks.session import attach
 from .toy_training import train_toy
 
 METHODS = (

@@ -12,10 +12,10 @@ from typing import Callable, Optional
 
 import torch
 
-from toolkit import toy
-from toolkit.balancers import Balancer
+from gradnorm.experiments import toy
+from gradnorm.toolkit.balancers import Balancer
 
-from .session import attach
+from gradnorm.hooks.session import attach
 
 NETWORK_LR = 1e-3
 BATCH_SIZE = 100

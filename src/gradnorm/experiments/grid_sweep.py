@@ -17,8 +17,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from toolkit import GradNorm, StaticWeights, toy
-from toolkit.weights_file import export_weights
+from gradnorm.toolkit.balancers import GradNorm, StaticWeights
+from gradnorm.experiments import toy
+from gradnorm.toolkit.analysis import export_weights
 
 from .toy_training import train_toy
 

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 import streamlit as st
 
-from toolkit import analysis, schema
+from gradnorm.toolkit import analysis, schema
 
 
 def runs_signature(root: str, run_ids: Sequence[str]) -> tuple:

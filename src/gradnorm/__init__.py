@@ -1,0 +1,75 @@
+"""GradNorm toolkit: balance and monitor multitask PyTorch training (Chen et al., 2018).
+
+    import gradnorm
+    session = gradnorm.attach(model.trunk[-1], gradnorm.GradNorm(alpha=1.5), runs_root="runs")
+    ...
+    session.close()
+
+This module is the public API. Its names load on first use (PEP 562), so ``import gradnorm`` and the
+``gradnorm`` command line start without importing torch. The layers behind it are internal:
+``gradnorm.toolkit`` (balancers, schema, recorder, analysis, weights files), ``gradnorm.hooks`` (the
+session that attaches to a model) and ``gradnorm.app`` (the Streamlit app); ``gradnorm.cli`` and
+``gradnorm.experiments`` sit on top. ``gradnorm.toolkit.analysis`` is the documented analysis API.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from gradnorm.toolkit import __version__
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "attach": "gradnorm.hooks.session",
+    "Session": "gradnorm.hooks.session",
+    "Balancer": "gradnorm.toolkit.balancers",
+    "StepStats": "gradnorm.toolkit.balancers",
+    "GradNorm": "gradnorm.toolkit.balancers",
+    "EqualWeights": "gradnorm.toolkit.balancers",
+    "StaticWeights": "gradnorm.toolkit.balancers",
+    "DirectGradNorm": "gradnorm.toolkit.balancers",
+    "DynamicWeightAverage": "gradnorm.toolkit.balancers",
+    "InitialLossWeights": "gradnorm.toolkit.balancers",
+    "PriorLossWeights": "gradnorm.toolkit.balancers",
+    "RealTimeLossWeights": "gradnorm.toolkit.balancers",
+    "UncertaintyWeighting": "gradnorm.toolkit.balancers",
+    "MGDA": "gradnorm.toolkit.balancers",
+    "PCGrad": "gradnorm.toolkit.balancers",
+    "load_weights": "gradnorm.toolkit.weights_file",
+    "export_weights": "gradnorm.toolkit.analysis",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
+    from gradnorm.hooks.session import Session, attach
+    from gradnorm.toolkit.analysis import export_weights
+    from gradnorm.toolkit.balancers import (
+        MGDA,
+        Balancer,
+        DirectGradNorm,
+        DynamicWeightAverage,
+        EqualWeights,
+        GradNorm,
+        InitialLossWeights,
+        PCGrad,
+        PriorLossWeights,
+        RealTimeLossWeights,
+        StaticWeights,
+        StepStats,
+        UncertaintyWeighting,
+    )
+    from gradnorm.toolkit.weights_file import load_weights
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradnorm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
