@@ -4,6 +4,7 @@ They know nothing of Streamlit, so the app, ``gradnorm report`` and the tests sh
 fixed per task name (one scale over every task shown), so a task keeps its colour across runs and charts.
 Each per-run panel is one chart of a horizontal concatenation, titled with the run id.
 """
+
 from __future__ import annotations
 
 import re
@@ -86,7 +87,9 @@ def per_run(panels: Sequence[alt.Chart]) -> alt.HConcatChart:
     return alt.hconcat(*panels).resolve_scale(color="shared")
 
 
-def metric_chart(series: pd.DataFrame, y_title: str, *, x: str = "step", log: bool = False, band: bool = True, tasks: Optional[Sequence[str]] = None) -> alt.HConcatChart:
+def metric_chart(
+    series: pd.DataFrame, y_title: str, *, x: str = "step", log: bool = False, band: bool = True, tasks: Optional[Sequence[str]] = None
+) -> alt.HConcatChart:
     """One panel per run: a metric per task over x, with its min/max band."""
     colour = task_scale(tasks if tasks is not None else series["task"].unique())
     panels = []
@@ -138,7 +141,9 @@ def weights_chart(
     return per_run(panels)
 
 
-def grad_norm_chart(norms: pd.DataFrame, targets: pd.DataFrame, *, x: str = "step", log: bool = True, tasks: Optional[Sequence[str]] = None) -> alt.HConcatChart:
+def grad_norm_chart(
+    norms: pd.DataFrame, targets: pd.DataFrame, *, x: str = "step", log: bool = True, tasks: Optional[Sequence[str]] = None
+) -> alt.HConcatChart:
     """G_i(t) (solid) against the GradNorm target mean_j G_j * r_i^alpha (dashed), per run."""
     frames = [norms.assign(kind="G_i")]
     if targets is not None and len(targets):
@@ -146,13 +151,17 @@ def grad_norm_chart(norms: pd.DataFrame, targets: pd.DataFrame, *, x: str = "ste
     combined = pd.concat(frames, ignore_index=True)
     colour = task_scale(tasks if tasks is not None else combined["task"].unique())
     panels = [
-        line_layer(frame, colour, "gradient norm at W", x, log, dash="kind").properties(title=run_id, width=panel_width(combined["run_id"].nunique()), height=PANEL_HEIGHT)
+        line_layer(frame, colour, "gradient norm at W", x, log, dash="kind").properties(
+            title=run_id, width=panel_width(combined["run_id"].nunique()), height=PANEL_HEIGHT
+        )
         for run_id, frame in _runs(combined)
     ]
     return per_run(panels)
 
 
-def overfitting_chart(frame: pd.DataFrame, onsets: pd.DataFrame, *, run_id: str = "", log: bool = False, tasks: Optional[Sequence[str]] = None) -> alt.VConcatChart:
+def overfitting_chart(
+    frame: pd.DataFrame, onsets: pd.DataFrame, *, run_id: str = "", log: bool = False, tasks: Optional[Sequence[str]] = None
+) -> alt.VConcatChart:
     """Top: one small panel per task (own y scale: task losses differ by orders of magnitude) with the
     training (solid) and validation (dashed) loss and a rule where overfitting starts. Bottom: the
     relative gap (validation - training) / validation of every task on one axis."""
@@ -163,13 +172,17 @@ def overfitting_chart(frame: pd.DataFrame, onsets: pd.DataFrame, *, run_id: str 
     long["onset_step"] = long["task"].map(lambda t: None if pd.isna(onset_by_task.get(t, None)) else float(onset_by_task[t]))
     first = long.groupby("task")["step"].transform("min")
     long["marker_row"] = (long["step"] == first) & (long["split"] == "validation")
-    lines = alt.Chart().mark_line(point=alt.OverlayMarkDef(size=10)).encode(
-        x=alt.X("step:Q"),
-        y=_y("loss", "loss", log),
-        color=alt.Color("task:N", scale=colour),
-        strokeDash=alt.StrokeDash("split:N", title=None),
-        detail="split:N",
-        tooltip=["task:N", "split:N", alt.Tooltip("step:Q"), alt.Tooltip("loss:Q", format=".6g")],
+    lines = (
+        alt.Chart()
+        .mark_line(point=alt.OverlayMarkDef(size=10))
+        .encode(
+            x=alt.X("step:Q"),
+            y=_y("loss", "loss", log),
+            color=alt.Color("task:N", scale=colour),
+            strokeDash=alt.StrokeDash("split:N", title=None),
+            detail="split:N",
+            tooltip=["task:N", "split:N", alt.Tooltip("step:Q"), alt.Tooltip("loss:Q", format=".6g")],
+        )
     )
     rule = (
         alt.Chart()

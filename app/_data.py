@@ -3,6 +3,7 @@
 A cached answer is reused until a run's part files change (count, total size, newest mtime), so a live
 run's refresh re-queries only when a new batch has landed and a finished run is read once.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,12 @@ def list_runs(root: str, listing_signature: tuple) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def metric_series(root: str, run_ids: tuple, metric: str, split: str, tasks: Optional[tuple], step_range: Optional[tuple], max_points: int, x: str, signature: tuple) -> pd.DataFrame:
-    return analysis.metric_series(root, list(run_ids), metric, split=split, tasks=None if tasks is None else list(tasks), step_range=step_range, max_points=max_points, x=x)
+def metric_series(
+    root: str, run_ids: tuple, metric: str, split: str, tasks: Optional[tuple], step_range: Optional[tuple], max_points: int, x: str, signature: tuple
+) -> pd.DataFrame:
+    return analysis.metric_series(
+        root, list(run_ids), metric, split=split, tasks=None if tasks is None else list(tasks), step_range=step_range, max_points=max_points, x=x
+    )
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

@@ -4,6 +4,7 @@ A plain EMA starting at 0 drags the first points towards 0; dividing by 1 - weig
 finite points seen) removes that bias, which is what TensorBoard's scalar dashboard does. Non-finite
 values are passed through unsmoothed and do not enter the average.
 """
+
 from __future__ import annotations
 
 import math

@@ -2,6 +2,7 @@
 
 The Vega, Vega-Lite and Vega-Embed scripts are inlined (``vl-convert``), so the file opens offline.
 """
+
 from __future__ import annotations
 
 import html

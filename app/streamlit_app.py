@@ -5,6 +5,7 @@
 Opens on the bundled ``sample_runs/`` without arguments (``$GRADNORM_RUNS_ROOT`` overrides). Reads runs
 only through ``toolkit.analysis``; the charts come from ``app.charts``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,8 @@ from typing import Optional
 import pandas as pd
 import streamlit as st
 
-from gradnorm.app import _charts as charts, _data as data
+from gradnorm.app import _charts as charts
+from gradnorm.app import _data as data
 from gradnorm.app._smoothing import smooth_series
 from gradnorm.toolkit import analysis, runs
 
@@ -129,7 +131,9 @@ def headline(root: str, listing: pd.DataFrame, selected: list[str], signature: t
             row["note"] = str(exc)
         rows.append(row)
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-    st.caption("Spread: coefficient of variation across tasks (0 = perfectly balanced). E_t[w] drift: largest relative change between the two halves of the averaging window.")
+    st.caption(
+        "Spread: coefficient of variation across tasks (0 = perfectly balanced). E_t[w] drift: largest relative change between the two halves of the averaging window."
+    )
 
 
 def weights_tab(root: str, selected: list[str], controls: Controls, signature: tuple, task_names: list[str]) -> None:
@@ -170,7 +174,9 @@ def overfitting_tab(root: str, selected: list[str], controls: Controls, signatur
         return
     st.altair_chart(charts.overfitting_chart(frame, onsets, run_id=run_id, log=controls.log, tasks=task_names), width="content")
     st.dataframe(onsets, hide_index=True)
-    st.caption("Onset: the validation minimum, when the validation loss ends more than 2% above it and the gap has widened since. Slope: per step, over the second half of the validation points.")
+    st.caption(
+        "Onset: the validation minimum, when the validation loss ends more than 2% above it and the gap has widened since. Slope: per step, over the second half of the validation points."
+    )
 
 
 def balance_tab(root: str, selected: list[str], controls: Controls, signature: tuple) -> None:
@@ -187,12 +193,16 @@ def export_tab(root: str, selected: list[str], signature: tuple) -> None:
     start, end = average["window"]
     low, high = st.slider("Averaging window (steps)", start if start == end else 0, end, (start, end), key="export_window")
     document = data.export_document(root, run_id, (int(low), int(high)), signature)
-    st.markdown(f"E_t[w_i] of **{run_id}** ({document['method']}) over steps **{document['window'][0]}-{document['window'][1]}**; "
-                f"drift between the window's halves: **{(document['convergence'] or 0):.2%}**.")
+    st.markdown(
+        f"E_t[w_i] of **{run_id}** ({document['method']}) over steps **{document['window'][0]}-{document['window'][1]}**; "
+        f"drift between the window's halves: **{(document['convergence'] or 0):.2%}**."
+    )
     st.dataframe(pd.DataFrame({"task": list(document["weights"]), "weight": list(document["weights"].values())}), hide_index=True)
     st.download_button("Download weights JSON", json.dumps(document, indent=2, sort_keys=True), file_name=f"{run_id}-weights.json", mime="application/json")
-    st.code(f"gradnorm export {run_id} --window {document['window'][0]} {document['window'][1]}\n"
-            f"gradnorm.StaticWeights.from_file('{run_id}-weights.json')", language="python")
+    st.code(
+        f"gradnorm export {run_id} --window {document['window'][0]} {document['window'][1]}\ngradnorm.StaticWeights.from_file('{run_id}-weights.json')",
+        language="python",
+    )
 
 
 def _first_gradnorm(root: str, selected: list[str]) -> int:

@@ -7,6 +7,7 @@ downsampled series < 1 s. Usage::
 
     python benchmarks/bench_analysis.py [--steps 1000000] [--tasks 10] [--files 200] [--markdown FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine_info import describe, publish  # noqa: E402
+
 from gradnorm.toolkit import analysis, runs, schema
 
 

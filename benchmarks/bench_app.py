@@ -5,6 +5,7 @@ the first run is cold (nothing cached), the second shows the cache keyed by the 
 reports the largest number of points any chart sends to the browser. Target: under 3 s.
 Usage: ``python benchmarks/bench_app.py [--steps 1000000] [--markdown FILE]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_analysis import machine, write_synthetic_run  # noqa: E402

@@ -13,11 +13,12 @@ session as ``grad_scaler=``), and ``--check-sync`` then runs steps of the ``head
     python benchmarks/bench_dense.py --markdown benchmarks/results/dense.md
     python benchmarks/bench_dense.py --device cuda --batch 32 --size 128 --amp --check-sync --markdown benchmarks/results/dense.md
 """
+
 from __future__ import annotations
 
 import argparse
-import copy
 import contextlib
+import copy
 import json
 import sys
 import tempfile
@@ -27,14 +28,14 @@ from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gradnorm import hooks  # noqa: E402
 from interleaved import BatchStep, summarize, time_interleaved  # noqa: E402
 from machine_info import describe, publish  # noqa: E402
-from gradnorm.toolkit.balancers import GradNorm
+
+from gradnorm import hooks  # noqa: E402
 from gradnorm.experiments import dense_model  # noqa: E402
+from gradnorm.toolkit.balancers import GradNorm
 
 ALPHA = 1.5  # the paper's NYUv2 value (section 5)
 
@@ -55,8 +56,12 @@ def make_variants(args: argparse.Namespace, device: torch.device, runs_root: Pat
         session = None
         if balancer is not None:
             session = hooks.attach(
-                model.shared, balancer, heads=list(model.heads) if heads else None, runs_root=runs_root if record else None,
-                run_name=record, grad_scaler=scaler if amp else None,
+                model.shared,
+                balancer,
+                heads=list(model.heads) if heads else None,
+                runs_root=runs_root if record else None,
+                run_name=record,
+                grad_scaler=scaler if amp else None,
             )
             closers.append(session.close)
 
@@ -108,7 +113,9 @@ def check_sync(step: BatchStep, steps: int) -> str:
 
 
 def to_markdown(summary: dict, device: torch.device, args: argparse.Namespace, sync_note: Optional[str]) -> str:
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else describe(f"{torch.get_num_threads()} torch threads", f"torch {torch.__version__}")
+    machine = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else describe(f"{torch.get_num_threads()} torch threads", f"torch {torch.__version__}")
+    )
     precision = "float16 autocast + GradScaler" if args.amp and device.type == "cuda" else "float32"
     lines = [
         f"### {time.strftime('%Y-%m-%d')}, {device.type}: {machine}",

@@ -11,6 +11,7 @@ analogue of the GPU figure. Usage::
     python benchmarks/bench_memory.py --markdown benchmarks/results/memory.md
     python benchmarks/bench_memory.py --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,13 +26,13 @@ from typing import Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gradnorm import hooks  # noqa: E402
 from machine_info import describe, publish  # noqa: E402
-from gradnorm.toolkit.balancers import GradNorm
+
+from gradnorm import hooks  # noqa: E402
 from gradnorm.experiments import dense_model, toy  # noqa: E402
+from gradnorm.toolkit.balancers import GradNorm
 
 VARIANTS = ("equal", "gradnorm, heads=", "gradnorm")
 BATCH = 100
@@ -113,7 +114,10 @@ def measure_in_subprocess(variant: str, num_tasks: int, device: str, model_name:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run(
         [sys.executable, __file__, "--child", variant, "--tasks", str(num_tasks), "--device", device, "--model", model_name],
-        env=env, check=True, capture_output=True, text=True,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -123,7 +127,11 @@ def to_markdown(results: dict[int, dict[str, dict[str, float]]], device: torch.d
     lines = [
         f"### {time.strftime('%Y-%m-%d')}, {device.type}: {machine}",
         "",
-        ("Encoder-decoder with 3 pixel-wise tasks (`toolkit/dense_model.py`), batch 8 of 64x64" if model_name == "dense" else f"Toy problem (paper section 4), batch {BATCH}")
+        (
+            "Encoder-decoder with 3 pixel-wise tasks (`toolkit/dense_model.py`), batch 8 of 64x64"
+            if model_name == "dense"
+            else f"Toy problem (paper section 4), batch {BATCH}"
+        )
         + f", Adam; peak over {STEPS} steps after 10 warm-up steps, each variant "
         f"in its own process, median of {repeats} processes. `working` is the step's transient memory, `total` adds "
         "parameters, gradients, optimiser state and the batch. Ratios to `equal` from the same run.",

@@ -24,6 +24,7 @@ run.  Usage::
     python benchmarks/bench_step_time.py --device cuda   # on a GPU
     python benchmarks/bench_step_time.py --markdown benchmarks/results/step_time.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,14 +39,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gradnorm import hooks  # noqa: E402
 from interleaved import BatchStep, summarize, time_interleaved  # noqa: E402
 from machine_info import describe, publish  # noqa: E402
-from gradnorm.toolkit.balancers import EqualWeights, GradNorm
+
+from gradnorm import hooks  # noqa: E402
 from gradnorm.experiments import toy  # noqa: E402
+from gradnorm.toolkit.balancers import EqualWeights, GradNorm
 
 ALPHA = 0.12
 WEIGHT_LR = 0.025

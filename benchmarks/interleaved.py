@@ -3,6 +3,7 @@
 Variants run interleaved in short blocks, their order shuffled each round, so that drift of the machine
 (other jobs, frequency, caches) hits all of them alike; each figure is the median of per-step times.
 """
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """The machine line and the writing of results sections, shared by the benchmarks."""
+
 from __future__ import annotations
 
 import os

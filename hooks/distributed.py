@@ -7,14 +7,15 @@ and the per-task gradients at W are averaged across ranks before the norms are t
 the same update on the same numbers and the weights stay identical without being broadcast. Rank 0
 creates the run and owns ``run.json``; each rank writes its own ``metrics/rank=<r>/`` part files.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import Tensor
 import torch.distributed as dist
+from torch import Tensor
 
 from gradnorm.toolkit import runs, schema
 

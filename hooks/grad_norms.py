@@ -4,6 +4,7 @@ All T vector-Jacobian products run in one batched autograd call (``is_grads_batc
 backward from the losses to W only, so the trunk below W is never visited). Where an operator has no
 batching rule the call falls back, once and for good, to a loop of T calls.
 """
+
 from __future__ import annotations
 
 import warnings

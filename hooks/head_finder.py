@@ -8,6 +8,7 @@ takes H and leads to that task alone, and the shared layer W lies below H, those
 heads (for nested modules, the outermost). Otherwise the reason is returned and the general path stays.
 Nothing of this runs after the first step.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -17,7 +18,6 @@ from typing import Optional, Sequence
 from torch import Tensor, nn
 
 from .shared_layer import graph_nodes, reaches
-
 
 MAX_CALLS = 4096
 
@@ -86,4 +86,3 @@ def layer_call(calls: Sequence[ModuleCall], module: Optional[nn.Module]) -> tupl
     """The last call of ``module`` in ``calls`` and how many times it ran."""
     mine = [call for call in calls if call.module is module] if module is not None else []
     return (mine[-1] if mine else None), len(mine)
-

@@ -12,6 +12,7 @@ losses to ``self.gradnorm.loss`` and return the result::
 
 The run is closed as ``finished`` at the end of fitting and as ``failed`` when fitting raises.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -12,6 +12,7 @@ does no backward of the total loss itself, it also works where a framework calls
 Shadow mode (``shadow=True``) keeps the user's own fixed weights for training and records what the
 balancer would have set.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,8 @@ from gradnorm.toolkit.recorder import DEFAULT_FLUSH_EVERY, Recorder
 from . import distributed
 from .grad_norms import GradNormMeter
 from .head_finder import HeadFinder, layer_call
-from .taps import HeadTaps
 from .shared_layer import SharedLayer, reaches, resolve_shared_layer
+from .taps import HeadTaps
 from .task_gradients import RepresentationCapture, reweight_representation, step_weights
 
 Losses = Union[Mapping[str, Tensor], Sequence[Tensor]]
@@ -160,7 +161,7 @@ class Session:
         if self.recorder is not None:
             self.recorder.close(status=status)
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
@@ -202,7 +203,9 @@ class Session:
             raise ValueError(f"GradNorm balances two or more task losses; got {len(values)} ({names})")
         for name, value in zip(names, values):
             if not isinstance(value, Tensor) or value.numel() != 1:
-                raise TypeError(f"loss of task {name!r} must be a scalar tensor, got {type(value).__name__}{'' if not isinstance(value, Tensor) else tuple(value.shape)}")
+                raise TypeError(
+                    f"loss of task {name!r} must be a scalar tensor, got {type(value).__name__}{'' if not isinstance(value, Tensor) else tuple(value.shape)}"
+                )
             if self.measure and not value.requires_grad:
                 raise ValueError(f"loss of task {name!r} does not require grad: it is not connected to the model")
         if self.tasks is not None and names != self.tasks:
@@ -345,6 +348,16 @@ def attach(
     The session owns every hook it registers and removes them on :meth:`Session.close`.
     """
     return Session(
-        shared, balancer, runs_root=runs_root, run_name=run_name, tasks=tasks, shadow=shadow, weights=weights,
-        flush_every=flush_every, measure_grad_norms=measure_grad_norms, config=config, heads=heads, grad_scaler=grad_scaler,
+        shared,
+        balancer,
+        runs_root=runs_root,
+        run_name=run_name,
+        tasks=tasks,
+        shadow=shadow,
+        weights=weights,
+        flush_every=flush_every,
+        measure_grad_norms=measure_grad_norms,
+        config=config,
+        heads=heads,
+        grad_scaler=grad_scaler,
     )

@@ -3,6 +3,7 @@
 W is "one downstream filter" of the shared trunk, usually its last layer. For a dense or convolutional
 module we take its weight and leave the bias out, as the paper does ("Bias terms are left unnormalized").
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -20,6 +20,7 @@ The segment H -> W is crossed one of three ways, chosen per step and stated by `
 
 Everything stays on the device and nothing synchronises with the host.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -44,7 +45,7 @@ class _FanOut(torch.autograd.Function):
     """Identity from H to T aliases of H; its backward sees the T heads' gradients at once."""
 
     @staticmethod
-    def forward(ctx, taps: "HeadTaps", shared: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx, taps: HeadTaps, shared: Tensor) -> tuple[Tensor, ...]:
         ctx.taps = taps
         ctx.set_materialize_grads(False)
         return tuple(shared.view_as(shared) for _ in range(len(taps.heads)))
@@ -195,8 +196,7 @@ class HeadTaps:
         missing = [i for i, g in enumerate(pieces) if g is None]
         if missing:
             raise RuntimeError(
-                f"task heads {missing} sent no gradient to the shared representation this step; every task's loss "
-                "must come from its head's output"
+                f"task heads {missing} sent no gradient to the shared representation this step; every task's loss must come from its head's output"
             )
 
     # -- backward --------------------------------------------------------------------------------
@@ -280,6 +280,4 @@ def _has_product_route(module: Optional[nn.Module], parameter: Tensor) -> bool:
         return False
     if isinstance(module, nn.Linear):
         return True
-    return (
-        isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    )
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)

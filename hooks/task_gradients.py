@@ -7,6 +7,7 @@ gradients. For gradient surgery at Z (``weights_act_on_representation``), :func:
 adds sum_j (beta_j - 1) grad_Z L_j to the gradient that reaches Z in the user's backward, so the network
 below Z trains on sum_j beta_j grad_Z L_j while the heads keep their own gradients.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence

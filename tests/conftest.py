@@ -4,6 +4,7 @@ Hypothesis runs derandomised by default, so the suite gives the same verdict on 
 ``HYPOTHESIS_PROFILE=explore`` draws fresh random examples, many more of them, to hunt for new failures
 (a failure found that way becomes an explicit ``@example``).
 """
+
 from __future__ import annotations
 
 import os

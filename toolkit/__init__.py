@@ -5,4 +5,5 @@ Nothing here imports the hook layer (``gradnorm.hooks``) or the app (``gradnorm.
 ``pyproject.toml`` enforce it. Importing this package imports nothing heavy: ``gradnorm.toolkit.schema``
 is what the app reads without pulling in torch.
 """
+
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ second, and every ``heartbeat_interval`` seconds when idle): a run killed with S
 A recorder refuses to start on a run that is not ``running`` or whose rank another live process is
 writing (:class:`toolkit.runs.WriterLock`), so records are never mixed or overwritten.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -101,7 +102,7 @@ class Recorder:
         self._epochs: list[Optional[int]] = []
         self._wall: list[float] = []
         self._validation: list[tuple[int, Optional[int], float, str, float]] = []
-        self._queue: "queue.Queue[Optional[_Batch]]" = queue.Queue()
+        self._queue: queue.Queue[Optional[_Batch]] = queue.Queue()
         self._pending: list[_Batch] = []  # batches whose write failed, retried first
         self.rows_written = 0
         self.rows_lost = 0
@@ -385,7 +386,7 @@ def _last_sequence(directory: Path) -> int:
     return last
 
 
-_OPEN_RECORDERS: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+_OPEN_RECORDERS: weakref.WeakSet[Recorder] = weakref.WeakSet()
 _uncaught: list[BaseException] = []
 _previous_excepthook = sys.excepthook
 

@@ -7,6 +7,7 @@ A process killed with SIGKILL cannot mark its run: ``run.json`` keeps saying ``r
 therefore refreshes a ``heartbeat`` time in it while it lives, and :func:`effective_status` reads a
 ``running`` run whose heartbeat is older than a threshold as ``interrupted``.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,7 @@ def validate_run_id(run_id: str) -> str:
     """Accept plain names only, so a run id can never escape its runs root (``../x``, ``/etc``)."""
     if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
         raise RunError(
-            f"invalid run name {run_id!r}: use letters, digits, '.', '_', '=' and '-' "
-            "(at most 128 characters, not starting with '.' and without '..')"
+            f"invalid run name {run_id!r}: use letters, digits, '.', '_', '=' and '-' (at most 128 characters, not starting with '.' and without '..')"
         )
     return run_id
 
@@ -114,9 +114,7 @@ def create_run(root: str | os.PathLike, run_id: str, meta: Mapping[str, Any]) ->
     try:
         path.mkdir()
     except FileExistsError:
-        raise RunError(
-            f"run {run_id!r} already exists under {root}: choose another name or remove it first"
-        ) from None
+        raise RunError(f"run {run_id!r} already exists under {root}: choose another name or remove it first") from None
     (path / schema.METRICS_DIR).mkdir()
     now = time.time()
     payload = dict(meta)
@@ -258,8 +256,7 @@ class WriterLock:
         except BlockingIOError:
             handle.close()
             raise RunError(
-                f"another process is writing records to {self.path.parent}: two writers of the same run "
-                "and rank would mix their records; use another run name"
+                f"another process is writing records to {self.path.parent}: two writers of the same run and rank would mix their records; use another run name"
             ) from None
         self._handle = handle
 

@@ -7,6 +7,7 @@ task's row of that step under names that start with ``step_``, so a run is one t
 Part files live at ``<run>/metrics/rank=<r>/part-<seq>.parquet`` (hive partitioning: DuckDB adds a
 ``rank`` column when it reads them).
 """
+
 from __future__ import annotations
 
 import pyarrow as pa

@@ -7,6 +7,7 @@ keeps where the weights came from, so a retrained run can say so::
     {"format": "gradnorm-weights", "version": 1, "weights": {"depth": 0.71, ...},
      "run": "nyu-gradnorm", "window": [800, 8000], "method": "gradnorm", "convergence": 0.012}
 """
+
 from __future__ import annotations
 
 import json

@@ -11,6 +11,7 @@ This module is the public API. Its names load on first use (PEP 562), so ``impor
 session that attaches to a model) and ``gradnorm.app`` (the Streamlit app); ``gradnorm.cli`` and
 ``gradnorm.experiments`` sit on top. ``gradnorm.toolkit.analysis`` is the documented analysis API.
 """
+
 from __future__ import annotations
 
 import importlib

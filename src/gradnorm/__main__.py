@@ -1,4 +1,5 @@
 """``python -m gradnorm ...``: the same command line as ``gradnorm ...``."""
+
 import sys
 
 from gradnorm.cli import main

@@ -5,8 +5,9 @@ Every function takes a runs root (a folder of run directories) first; ``default_
 ``resolve_runs_root``). Damaged part files are left out and reported by
 ``problems()`` (and in ``list_runs()``), never fail a query. User values reach SQL only as parameters.
 """
-from .export import export_weights
+
 from .catalog import RunsRoot, bundled_runs_root, default_runs_root, list_runs, problems, resolve_runs_root, run_ids
+from .export import export_weights
 from .overfitting import overfitting, overfitting_onsets
 from .series import balance_series, balance_summary, metric_series
 from .source import AnalysisError

@@ -5,6 +5,7 @@ from its Parquet footer (a file cut short has none) and its schema (the columns 
 usable types). The verdict is cached by (path, size, mtime), so a live run costs only its new files.
 Everything outside the chosen root is refused: run ids are validated and resolved paths must stay under it.
 """
+
 from __future__ import annotations
 
 import os

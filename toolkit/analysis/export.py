@@ -1,5 +1,6 @@
 """E_t[w_i] of a recorded run as a weights document (paper 5.2: "GradNorm Converged Weights"), written with
 :mod:`gradnorm.toolkit.weights_file` so that :meth:`StaticWeights.from_file` can retrain with it."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ its training loss need not). At each validation step the training loss is the me
 steps since the previous validation step (so both sides cover the same stretch of training); the gap is
 validation minus training loss.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence

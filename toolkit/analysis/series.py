@@ -4,6 +4,7 @@ Each series is cut into at most ``max_points`` equal-width buckets along x; a bu
 min/max band and the last value, so a spike is never averaged away unseen and the end of a live run is
 exact. The cost is one scan of the needed columns, whatever the run's length.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
@@ -70,7 +71,7 @@ def metric_series(
     body = f"""
         , src AS (
             SELECT run_id, task, {x_value} AS x, "{metric}"::DOUBLE AS v,
-                   CASE WHEN x_hi > x_lo THEN least(floor(({x_value} - {'x_lo' if x == 'step' else '0'}) / ({x_span}) * $points), $points - 1)
+                   CASE WHEN x_hi > x_lo THEN least(floor(({x_value} - {"x_lo" if x == "step" else "0"}) / ({x_span}) * $points), $points - 1)
                         ELSE 0 END AS bucket
             FROM metrics WHERE {where} AND "{metric}" IS NOT NULL
         )

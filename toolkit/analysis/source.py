@@ -6,6 +6,7 @@ different schema versions are combined by column name (missing columns read as n
 trips on a file the footer check passed (a damaged data page), that file is reported and left out, and
 the query runs again without it.
 """
+
 from __future__ import annotations
 
 import re
@@ -62,9 +63,7 @@ def metrics_cte(run_list: Sequence[RunFiles], params: dict[str, Any], constants:
         for name, values in (constants or {}).items():
             params[f"{name}{index}"] = values[index]
             extra += f", ${name}{index} AS {name}"
-        selects.append(
-            f"SELECT $run{index}::VARCHAR AS run_id{extra}, * FROM read_parquet($files{index}, union_by_name = true, hive_partitioning = true)"
-        )
+        selects.append(f"SELECT $run{index}::VARCHAR AS run_id{extra}, * FROM read_parquet($files{index}, union_by_name = true, hive_partitioning = true)")
     if not selects:
         return None
     return "metrics AS (" + " UNION ALL BY NAME ".join(selects) + ")"

@@ -1,4 +1,5 @@
 """One table per run: what to retrain with and how each task ended."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -25,8 +26,7 @@ def summary(root: PathLike, run_id: str, *, window: Optional[Sequence[Optional[i
     tail_start = average.end_step - int(FINAL_FRACTION * (average.end_step - average.start_step))
     final = query(
         [run],
-        "SELECT task, avg(loss_ratio) AS final_loss_ratio FROM metrics "
-        "WHERE split = $split AND step BETWEEN $start AND $end GROUP BY task",
+        "SELECT task, avg(loss_ratio) AS final_loss_ratio FROM metrics WHERE split = $split AND step BETWEEN $start AND $end GROUP BY task",
         {"split": schema.TRAIN, "start": tail_start, "end": average.end_step},
         ["task", "final_loss_ratio"],
     )

@@ -7,6 +7,7 @@ into consecutive batches, so the autocorrelation of w(t) is not mistaken for ind
 the drift between the window's two halves relative to the mean. In shadow mode the balancer's own
 weights (what it would have set) are averaged, not the user's fixed ones.
 """
+
 from __future__ import annotations
 
 import math
@@ -121,7 +122,16 @@ def _table(parts: pd.DataFrame, task_order: Sequence[str]) -> pd.DataFrame:
             drift = abs(s[~first].sum() / n[~first].sum() - s[first].sum() / n[first].sum()) / abs(mean) if mean else float("inf")
         else:
             drift = float("nan")
-        rows.append({"task": task, "mean": mean, "std": math.sqrt(variance) if variance == variance else variance, "n": int(total), "stderr": stderr, "half_drift": drift})
+        rows.append(
+            {
+                "task": task,
+                "mean": mean,
+                "std": math.sqrt(variance) if variance == variance else variance,
+                "n": int(total),
+                "stderr": stderr,
+                "half_drift": drift,
+            }
+        )
     table = pd.DataFrame(rows, columns=WEIGHT_TABLE_COLUMNS)
     order = {task: index for index, task in enumerate(task_order)}
     return table.sort_values("task", key=lambda col: col.map(lambda t: order.get(t, len(order)))).reset_index(drop=True)

@@ -5,6 +5,7 @@ measures the unweighted gradient norms ||grad_W L_i|| at the shared layer when a
 monitor) asks for them, and hands them to :meth:`Balancer.update`. Everything here runs on the
 device without host synchronisation, except the one check of the initial losses at the first step.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import schema
+from gradnorm.toolkit import schema
 
 InitialLossSpec = Union[str, int, Sequence[float], Mapping[str, float]]
 
@@ -202,9 +203,7 @@ class Balancer(ABC):
         return stats
 
     @abstractmethod
-    def _update(
-        self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]
-    ) -> StepStats:
+    def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:
         """Compute this step's record and set ``self._weights`` to w(t+1)."""
 
 

@@ -1,11 +1,11 @@
 """Input checks shared by the methods that divide by a loss or take its logarithm."""
+
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
 from torch import Tensor
-
 
 #: Divisions by a loss use max(L, LOSS_FLOOR): a task fitted exactly (a saturated cross-entropy reads 0.0
 #: in float32) must not turn a weight into inf or NaN.

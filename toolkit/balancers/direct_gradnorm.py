@@ -6,6 +6,7 @@ with r_i the inverse training rate of GradNorm (paper eq. 1) and W the shared la
 gradient at W has norm r_i^alpha (1 for alpha = 0, the survey's first form). GradNorm reaches this
 balance by gradient descent on the weights; this method imposes it at every step.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional

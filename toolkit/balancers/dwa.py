@@ -7,6 +7,7 @@ with temperature K (paper: 2) and w_i = 1 for the first two periods. The paper's
 L_i is the loss averaged over it; here a period is ``window`` consecutive steps (window=1: per step, the
 common iteration-level variant), and the weights stay fixed within a period.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional

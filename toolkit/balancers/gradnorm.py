@@ -6,13 +6,14 @@ constant"), so for L_grad = (1/T) sum_i |G_i - c_i| (eq. 2, the mean over tasks)
 
     dL_grad / dw_i = (1/T) * sign(G_i - c_i) * n_i.
 
-No second-order backward pass is needed; ``tests/test_gradnorm_reference.py`` checks this against a
+No second-order backward pass is needed; ``tests/toolkit/balancers/test_gradnorm_reference.py`` checks this against a
 create_graph double-backward implementation of the paper's equations.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch

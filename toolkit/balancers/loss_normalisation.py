@@ -9,6 +9,7 @@
 - :class:`RealTimeLossWeights`: w_i(t) = 1 / stopgrad(L_i(t)), so every task's gradient is
   grad L_i / L_i (survey 1.3).
 """
+
 from __future__ import annotations
 
 import math

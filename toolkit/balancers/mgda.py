@@ -9,6 +9,7 @@ MGDA-UB upper bound (section 3.3) that needs no gradient over the shared paramet
 Recording: the min-norm coefficients alpha_i(t) are the effective weights; they are written in the
 ``weight`` column (they sum to 1, not T).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional

@@ -14,6 +14,7 @@ Recording: beta_j is the effective weight, written in the ``weight`` column: the
 gradient in the combined gradient at Z and, since W's gradient is linear in Z's, also at W (so
 ``grad_norm`` = beta_j ||grad_W L_j||).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -69,10 +70,7 @@ class PCGrad(Balancer):
     def config(self) -> dict[str, Any]:
         cfg = super().config()
         cfg.update(space="representation", reduction=self.reduction, seed=self.seed)
-        cfg["recorded_weight"] = (
-            "effective: beta_j with sum_i g_i^PC = sum_j beta_j g_j at the shared representation; "
-            "the heads train on unit-weighted losses"
-        )
+        cfg["recorded_weight"] = "effective: beta_j with sum_i g_i^PC = sum_j beta_j g_j at the shared representation; the heads train on unit-weighted losses"
         return cfg
 
     def orders(self) -> list[list[int]]:

@@ -1,4 +1,5 @@
 """Fixed weights: the equal-weights baseline and retraining with exported weights (paper 5.2)."""
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ class StaticWeights(Balancer):
         self.given = dict(weights) if isinstance(weights, Mapping) else [float(w) for w in weights]
 
     @classmethod
-    def from_file(cls, path: Union[str, "os.PathLike[str]"], initial_loss: InitialLossSpec = "first") -> "StaticWeights":
+    def from_file(cls, path: Union[str, os.PathLike[str]], initial_loss: InitialLossSpec = "first") -> StaticWeights:
         """Retrain with the weights of a file written by ``gradnorm export`` (paper 5.2)."""
         from gradnorm.toolkit.weights_file import load_weights
 

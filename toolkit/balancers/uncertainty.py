@@ -14,6 +14,7 @@ and the network sees the detached weights w_i = exp(-s_i) (resp. 1/(2 sigma_i^2)
 not depend on the network, so the network's gradient is the same as with the full objective. The state
 (s or sigma) is trained by its own Adam optimiser (paper 5.5 uses learning rate 0.025 for the weights).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -104,6 +105,9 @@ class UncertaintyWeighting(Balancer):
             self.state = self.state.clamp_min(1e-6)  # sigma must stay positive for 1/(2 sigma^2)
         self._weights = uncertainty_weights(self.state, self.regulariser)
         return StepStats(
-            loss=losses, loss_ratio=loss_ratio, inverse_rate=inverse_rate, weight=weights,
+            loss=losses,
+            loss_ratio=loss_ratio,
+            inverse_rate=inverse_rate,
+            weight=weights,
             step_update_skipped=~finite,
         )

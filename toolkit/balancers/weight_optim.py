@@ -6,6 +6,7 @@ optimiser's state* untouched, and deciding that with ``torch.where`` on the devi
 step free of host-device synchronisation. The arithmetic follows ``torch.optim.Adam`` / ``SGD``
 exactly (no weight decay, no amsgrad), so trajectories match a reference built on them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

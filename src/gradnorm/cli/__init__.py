@@ -1,6 +1,7 @@
 """The ``gradnorm`` command line. Each sub-command lives in ``gradnorm/cli/<name>.py`` and exposes
 ``register(subparsers)``; commands import what they train or read lazily, inside the command, so that
 ``gradnorm --help`` answers without importing torch."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Options shared by the commands that read recorded runs."""
+
 from __future__ import annotations
 
 import argparse

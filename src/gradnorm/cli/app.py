@@ -1,4 +1,5 @@
 """``gradnorm app``: open the Streamlit app on a runs root (default: the bundled sample runs)."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,19 @@ def app_entry() -> Path:
 
 
 def command(args: argparse.Namespace) -> list[str]:
-    line = [sys.executable, "-m", "streamlit", "run", str(app_entry()), "--server.address", args.address, "--server.port", str(args.port),
-            "--browser.gatherUsageStats", "false"]
+    line = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app_entry()),
+        "--server.address",
+        args.address,
+        "--server.port",
+        str(args.port),
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     if args.headless:
         line += ["--server.headless", "true"]
     if args.root is not None:

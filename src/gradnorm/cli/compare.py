@@ -1,5 +1,6 @@
 """``gradnorm compare``: every balancing method on the paper's toy problem (T=2, T=10) and on the Palmer
 penguins, same initialisation and data per seed; writes a Table-1-style markdown table (paper Table 1)."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """``gradnorm demo``: the paper's toy problem (section 4), equal weights vs GradNorm, same seeds."""
+
 from __future__ import annotations
 
 import argparse

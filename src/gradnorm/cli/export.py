@@ -1,4 +1,5 @@
 """``gradnorm export RUN``: write E_t[w_i] of a run as static weights for retraining (paper 5.2)."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradnorm.toolkit.analysis import default_runs_root
-    from gradnorm.toolkit.analysis import export_weights
+    from gradnorm.toolkit.analysis import default_runs_root, export_weights
 
     root = args.root or default_runs_root()
     out = args.out or Path(f"{args.run}-weights.json")

@@ -1,4 +1,5 @@
 """``gradnorm report RUN...``: one self-contained HTML file with the app's charts and summary tables."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """``gradnorm summary RUN``: per task E_t[w_i], its spread, the final loss ratio and the overfitting gap."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,10 @@ def run(args: argparse.Namespace) -> int:
     average = weight_average(root, args.run, window=window_of(args), burn_in=args.burn_in)
     table = summary(root, args.run, window=(average.start_step, average.end_step))
     table = table.merge(average.table[["task", "stderr"]].rename(columns={"stderr": "weight_stderr"}), on="task")
-    print(f"run {args.run} ({average.method}), steps {average.start_step}-{average.end_step}; "
-          f"convergence (largest drift between the window's halves): {average.convergence:.2%}")
+    print(
+        f"run {args.run} ({average.method}), steps {average.start_step}-{average.end_step}; "
+        f"convergence (largest drift between the window's halves): {average.convergence:.2%}"
+    )
     columns = ["task", "weight_mean", "weight_std", "weight_stderr", "final_loss_ratio", "overfitting_gap"]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0

@@ -1,4 +1,5 @@
 """``gradnorm sweep``: the paper's section 5.3 on the toy problem, at a small default size."""
+
 from __future__ import annotations
 
 import argparse

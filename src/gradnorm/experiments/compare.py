@@ -7,6 +7,7 @@ rates and RMSE) and the task-normalised test loss sum_i L_i(test) / L_i(test, in
 as mean +- standard deviation over the seeds. "static" retrains with the time-averaged weights E_t[w_i] of
 the same seed's GradNorm run (paper 5.3).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -18,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from gradnorm.experiments import toy
+from gradnorm.hooks.session import attach
 from gradnorm.toolkit.balancers import (
     MGDA,
     Balancer,
@@ -36,12 +38,22 @@ from gradnorm.toolkit.balancers import (
 )
 
 from . import penguins
-from gradnorm.hooks.session import attach
 from .toy_training import train_toy
 
 METHODS = (
-    "equal", "static", "initial-loss", "prior-loss", "real-time-loss", "uncertainty", "uncertainty-log1p",
-    "dwa", "gradnorm", "direct-gradnorm", "pcgrad", "mgda", "mgda-ub",
+    "equal",
+    "static",
+    "initial-loss",
+    "prior-loss",
+    "real-time-loss",
+    "uncertainty",
+    "uncertainty-log1p",
+    "dwa",
+    "gradnorm",
+    "direct-gradnorm",
+    "pcgrad",
+    "mgda",
+    "mgda-ub",
 )
 TOY_ALPHA = 0.12  # paper section 4
 PENGUIN_ALPHA = 1.5  # paper 5.4 (NYUv2); no tuned value exists for this problem
@@ -104,7 +116,9 @@ def time_average(weights: list[list[float]]) -> list[float]:
     return torch.tensor(weights[start:]).mean(dim=0).tolist()
 
 
-def run_toy(num_tasks: int, seed: int, methods: Sequence[str], steps: int, runs_root: Path, train_size: int = 10_000, progress: Optional[Callable[[int], None]] = None) -> list[MethodResult]:
+def run_toy(
+    num_tasks: int, seed: int, methods: Sequence[str], steps: int, runs_root: Path, train_size: int = 10_000, progress: Optional[Callable[[int], None]] = None
+) -> list[MethodResult]:
     config = toy.ToyConfig(num_tasks=num_tasks, data_seed=seed, init_seed=seed + 1, train_size=train_size)
     data = toy.make_data(config)
     priors = [prior_l2(data.y_train[:, i]) for i in range(num_tasks)]
@@ -121,7 +135,9 @@ def run_toy(num_tasks: int, seed: int, methods: Sequence[str], steps: int, runs_
     return results
 
 
-def train_penguins(data: penguins.PenguinData, balancer: Balancer, steps: int, run_name: str, runs_root: Path, progress: Optional[Callable[[int], None]] = None) -> MethodResult:
+def train_penguins(
+    data: penguins.PenguinData, balancer: Balancer, steps: int, run_name: str, runs_root: Path, progress: Optional[Callable[[int], None]] = None
+) -> MethodResult:
     model = penguins.make_model(data)
     optimizer = torch.optim.Adam(model.parameters(), lr=PENGUIN_LR)
     baseline = penguins.test_losses(model, data)

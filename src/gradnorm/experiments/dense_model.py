@@ -8,6 +8,7 @@ the trunk's last convolution (paper 3.1: "the last shared layer"); each head rea
 The scenes are generated, not downloaded: a smooth random depth field, its surface normals, and a
 segmentation by depth bands, with the image a noisy shading of the three.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,11 @@ class ResidualBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout),
         )
         self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
@@ -48,8 +52,10 @@ class DenseMultiTaskNet(nn.Module):
             ResidualBlock(4 * width, 4 * width),
         )
         self.decoder = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), _conv_bn_relu(4 * width, 2 * width),
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), _conv_bn_relu(2 * width, width),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            _conv_bn_relu(4 * width, 2 * width),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            _conv_bn_relu(2 * width, width),
         )
         self.shared = nn.Conv2d(width, width, 3, 1, 1)
 

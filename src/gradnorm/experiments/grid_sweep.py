@@ -6,6 +6,7 @@ network: its task-normalised test loss and the L2 distance between its weights a
 time-averaged weights E_t[w_i] (read back from the recorded run). The paper finds a strong positive
 correlation (networks far from E_t[w_i] do worse; its Figure 4 plots the change in performance).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from gradnorm.toolkit.balancers import GradNorm, StaticWeights
 from gradnorm.experiments import toy
 from gradnorm.toolkit.analysis import export_weights
+from gradnorm.toolkit.balancers import GradNorm, StaticWeights
 
 from .toy_training import train_toy
 
@@ -146,10 +147,14 @@ def sweep_chart(result: SweepResult):
     import pandas as pd
 
     frame = pd.DataFrame([{"run": p.run, "distance": p.distance, "test_loss": p.test_loss} for p in result.points])
-    points = alt.Chart(frame).mark_circle(size=70).encode(
-        x=alt.X("distance:Q", title="L2 distance to GradNorm's E_t[w_i]"),
-        y=alt.Y("test_loss:Q", title="task-normalised test loss", scale=alt.Scale(zero=False)),
-        tooltip=["run", alt.Tooltip("distance:Q", format=".3f"), alt.Tooltip("test_loss:Q", format=".4f")],
+    points = (
+        alt.Chart(frame)
+        .mark_circle(size=70)
+        .encode(
+            x=alt.X("distance:Q", title="L2 distance to GradNorm's E_t[w_i]"),
+            y=alt.Y("test_loss:Q", title="task-normalised test loss", scale=alt.Scale(zero=False)),
+            tooltip=["run", alt.Tooltip("distance:Q", format=".3f"), alt.Tooltip("test_loss:Q", format=".4f")],
+        )
     )
     rule = alt.Chart(pd.DataFrame({"gradnorm": [result.gradnorm_test_loss]})).mark_rule(strokeDash=[4, 4], color="firebrick").encode(y="gradnorm:Q")
     title = f"Random static weights vs GradNorm (T={result.num_tasks}); Pearson {result.pearson:.2f}"

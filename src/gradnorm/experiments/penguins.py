@@ -6,6 +6,7 @@ sex (2-class cross-entropy) and body mass (mean squared error in kg). Rows with 
 dropped (333 remain); the train/test split and the network's initialisation are fixed by the seed, so
 every method sees the same data and starts from the same weights.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,9 +54,12 @@ def load_penguins(seed: int = 0) -> PenguinData:
     mean, std = numeric[train].mean(0), numeric[train].std(0)
     x = torch.cat([(numeric - mean) / std, island], dim=1)
     return PenguinData(
-        x_train=x[train], x_test=x[test],
-        y_train={k: v[train] for k, v in labels.items()}, y_test={k: v[test] for k, v in labels.items()},
-        num_species=len(species), seed=seed,
+        x_train=x[train],
+        x_test=x[test],
+        y_train={k: v[train] for k, v in labels.items()},
+        y_test={k: v[test] for k, v in labels.items()},
+        num_species=len(species),
+        seed=seed,
     )
 
 

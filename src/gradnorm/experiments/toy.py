@@ -9,6 +9,7 @@ optimiser and the batch size open; our choices (written to each run's ``run.json
 - T = 2: sigma = (1, 100) (paper); T = 10: sigma_i log-uniform on [1, 100] (a wide spread);
 - 10,000 training and 2,000 test points; Adam, learning rate 1e-3, batch 100 for the network.
 """
+
 from __future__ import annotations
 
 import math

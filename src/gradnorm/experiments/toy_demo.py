@@ -4,6 +4,7 @@ For each task count, three runs from the same initialisation and batches: equal 
 a network retrained with GradNorm's converged weights E_t[w_i] (section 5.2, "GradNorm Converged
 Weights"), read back from the GradNorm run's records through the analysis and its weights file.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,9 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from gradnorm.toolkit.balancers import EqualWeights, GradNorm, StaticWeights
 from gradnorm.experiments import toy
 from gradnorm.toolkit.analysis import export_weights
+from gradnorm.toolkit.balancers import EqualWeights, GradNorm, StaticWeights
 
 from .toy_training import ToyResult, train_toy
 

@@ -3,6 +3,7 @@
 Used by ``gradnorm demo``, the benchmarks and the sample runs. Equal weights and GradNorm start from the
 same initialisation and see the same batches (both seeded), as the paper requires.
 """
+
 from __future__ import annotations
 
 import time
@@ -13,9 +14,8 @@ from typing import Callable, Optional
 import torch
 
 from gradnorm.experiments import toy
-from gradnorm.toolkit.balancers import Balancer
-
 from gradnorm.hooks.session import attach
+from gradnorm.toolkit.balancers import Balancer
 
 NETWORK_LR = 1e-3
 BATCH_SIZE = 100

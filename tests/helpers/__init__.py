@@ -1,0 +1,1 @@
+"""Shared test helpers: small models, the independent GradNorm reference, recorded runs."""
