@@ -177,7 +177,7 @@ def load_run_files(root: PathLike, run_id: str) -> RunFiles:
     path = run_directory(root, run_id)
     run = RunFiles(run_id=run_id, path=path)
     if not path.is_dir():
-        raise runs.RunError(f"no run {run_id!r} under {Path(root).resolve()}")
+        raise runs.RunError(f"no run {run_id!r} under {Path(root).resolve()} (choose the runs root with --root or ${RUNS_ROOT_ENV})")
     try:
         run.meta = runs.read_run_json(path)
     except runs.RunError as exc:
