@@ -8,9 +8,20 @@ Hypothesis runs derandomised by default, so the suite gives the same verdict on 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("default", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False, max_examples=2000, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package built as a wheel and installed (non-editable) into its own folder, once per test session."""
+    from tests.helpers.packaging import build_wheel, install_wheel
+
+    workdir = tmp_path_factory.mktemp("wheel")
+    return install_wheel(build_wheel(workdir), workdir / "site")
