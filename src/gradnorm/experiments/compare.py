@@ -75,9 +75,15 @@ class MethodResult:
 
 def make_balancer(method: str, alpha: float, priors: Sequence[float], seed: int, static: Optional[Sequence[float]] = None) -> Balancer:
     """One balancer per method name, with the hyperparameters of its source."""
+
+    def static_weights() -> Balancer:
+        if static is None:
+            raise ValueError("method 'static' needs static= weights")
+        return StaticWeights(static)
+
     factories: dict[str, Callable[[], Balancer]] = {
         "equal": EqualWeights,
-        "static": lambda: StaticWeights(static),
+        "static": static_weights,
         "initial-loss": InitialLossWeights,
         "prior-loss": lambda: PriorLossWeights(list(priors)),
         "real-time-loss": RealTimeLossWeights,

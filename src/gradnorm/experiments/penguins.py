@@ -73,7 +73,9 @@ class PenguinNet(nn.Module):
 
     @property
     def shared_layer(self) -> nn.Linear:
-        return self.trunk[2]
+        layer = self.trunk[2]
+        assert isinstance(layer, nn.Linear)
+        return layer
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = self.trunk(x)

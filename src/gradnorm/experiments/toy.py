@@ -97,7 +97,9 @@ class ToyNet(nn.Module):
 
     @property
     def shared_layer(self) -> nn.Linear:
-        return self.trunk[-2]
+        layer = self.trunk[-2]
+        assert isinstance(layer, nn.Linear)
+        return layer
 
     def forward(self, x: Tensor) -> list[Tensor]:
         features = self.trunk(x)

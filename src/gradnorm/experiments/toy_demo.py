@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from gradnorm.experiments import toy
 from gradnorm.toolkit.analysis import export_weights
-from gradnorm.toolkit.balancers import EqualWeights, GradNorm, StaticWeights
+from gradnorm.toolkit.balancers import Balancer, EqualWeights, GradNorm, StaticWeights
 
 from .toy_training import ToyResult, train_toy
 
@@ -33,6 +33,7 @@ def run_demo(root: Path, task_counts: Sequence[int] = (2, 10), steps: int = 2000
             for method in METHODS:
                 bar.set_postfix_str(f"T={num_tasks} {method}")
                 name = f"toy-T{num_tasks}-{method}"
+                balancer: Balancer
                 if method == "equal":
                     balancer = EqualWeights()
                 elif method == "gradnorm":
