@@ -48,7 +48,7 @@ def test_export_and_summary_commands(root, tmp_path, capsys):
 def test_demo_retrains_with_the_converged_weights(tmp_path, capsys):
     from gradnorm.experiments.toy_demo import run_demo
 
-    results = run_demo(tmp_path, task_counts=(2,), steps=40, progress=False)
+    results = [run.result for run in run_demo(tmp_path, task_counts=(2,), steps=40, progress=False)]
     assert [r.run_name for r in results] == ["toy-T2-equal", "toy-T2-gradnorm", "toy-T2-static-converged"]
     exported = load_weights(tmp_path / "toy-T2-gradnorm-weights.json")
     recorded = analysis.weight_average(tmp_path, "toy-T2-gradnorm").weights
@@ -56,7 +56,29 @@ def test_demo_retrains_with_the_converged_weights(tmp_path, capsys):
     retrained = analysis.weight_average(tmp_path, "toy-T2-static-converged", window=(0, 39)).weights
     assert retrained == pytest.approx(exported, rel=1e-6)  # float32 on the device
     printed = capsys.readouterr().out
-    assert "toy-T2-static-converged" in printed and "test sum_i L_i/L_i(0)" in printed
+    assert "Lower is better" in printed and "the untrained network scores T" in printed
+    assert f"{results[1].normalized_test_loss:.3f}" in printed and "best: " in printed
+
+
+def test_export_writes_next_to_the_run_not_into_the_working_folder(root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["export", "source", "--root", str(root)]) == 0
+    assert (root / "source-weights.json").is_file() and not list(tmp_path.glob("*.json"))
+    assert json.loads(capsys.readouterr().out)["run"] == "source"
+    (root / "source-weights.json").unlink()
+    assert cli.main(["export", "source", "--root", str(root), "--out", "-"]) == 0
+    assert not (root / "source-weights.json").exists()
+    assert json.loads(capsys.readouterr().out)["weights"]
+
+
+def test_export_of_the_bundled_runs_prints_instead_of_writing_into_the_package(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GRADNORM_RUNS_ROOT", raising=False)
+    before = sorted(p.name for p in analysis.bundled_runs_root().iterdir())
+    assert cli.main(["export", "toy-T2-gradnorm"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["run"] == "toy-T2-gradnorm" and "--out" in captured.err
+    assert sorted(p.name for p in analysis.bundled_runs_root().iterdir()) == before and not list(tmp_path.iterdir())
 
 
 def test_sweep_reports_distances_to_the_gradnorm_average(tmp_path):

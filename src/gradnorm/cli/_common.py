@@ -8,7 +8,9 @@ from typing import Optional
 
 
 def add_root_and_window(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", type=Path, default=None, help="runs root (default: $GRADNORM_RUNS_ROOT or the bundled sample_runs/)")
+    parser.add_argument(
+        "--root", type=Path, default=None, help="runs root (default: $GRADNORM_RUNS_ROOT, else ./runs if it exists, else the bundled sample runs)"
+    )
     parser.add_argument("--window", type=int, nargs=2, metavar=("START", "END"), default=None, help="step window, inclusive (default: after the burn-in)")
     parser.add_argument("--burn-in", type=float, default=0.1, help="fraction of steps left out at the start when no window is given (default: 0.1)")
 

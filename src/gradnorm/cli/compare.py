@@ -8,6 +8,8 @@ import platform
 import time
 from pathlib import Path
 
+from gradnorm.experiments.threads import SMALL_MODEL_THREADS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("compare", help="run every loss-balancing method on the toy problem and the penguins; write a table")
@@ -19,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per problem (default: 3)")
     parser.add_argument("--runs-root", type=Path, default=None, help="where to write the runs (default: runs/compare-<time>)")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here (default: <runs-root>/compare.md)")
+    parser.add_argument(
+        "--threads", type=int, default=SMALL_MODEL_THREADS, help=f"intra-op threads (default: {SMALL_MODEL_THREADS}: these small models gain nothing from more)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run)
 
@@ -27,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from gradnorm.experiments import compare
+    from gradnorm.experiments.threads import intra_op_threads
 
     methods = compare.ordered(args.methods or compare.METHODS)
     if args.seeds < 1:
@@ -42,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     total = len(methods) * len(seeds) * (args.toy_steps * len(args.tasks) + args.penguin_steps)
     sections = []
     started = time.perf_counter()
-    with tqdm(total=total, desc="compare", unit="step", disable=args.no_progress) as bar:
+    with intra_op_threads(args.threads), tqdm(total=total, desc="compare", unit="step", disable=args.no_progress) as bar:
         for num_tasks in args.tasks if args.toy_steps else []:
             results = []
             for seed in seeds:

@@ -9,7 +9,9 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("report", help="write a self-contained HTML report of one or more runs")
     parser.add_argument("runs", nargs="+", help="run ids under the runs root")
-    parser.add_argument("--root", type=Path, default=None, help="runs root (default: $GRADNORM_RUNS_ROOT or the bundled sample_runs/)")
+    parser.add_argument(
+        "--root", type=Path, default=None, help="runs root (default: $GRADNORM_RUNS_ROOT, else ./runs if it exists, else the bundled sample runs)"
+    )
     parser.add_argument("--out", type=Path, default=Path("gradnorm-report.html"), help="output file (default: gradnorm-report.html)")
     parser.set_defaults(handler=run)
 

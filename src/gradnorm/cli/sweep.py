@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from gradnorm.experiments.threads import SMALL_MODEL_THREADS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("sweep", help="random static weights vs GradNorm's E_t[w_i] on the toy problem (paper 5.3)")
@@ -16,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-root", type=Path, default=None, help="where to record the runs (default: runs/sweep-<time>)")
     parser.add_argument("--out", type=Path, default=None, help="where to write sweep.md/.json/.html (default: the runs root)")
+    parser.add_argument(
+        "--threads", type=int, default=SMALL_MODEL_THREADS, help=f"intra-op threads (default: {SMALL_MODEL_THREADS}: these small models gain nothing from more)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run)
 
@@ -24,9 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from gradnorm.experiments.grid_sweep import run_sweep, write_report
+    from gradnorm.experiments.threads import intra_op_threads
 
     root = args.runs_root or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S")
-    with tqdm(total=args.steps * (args.networks + 1), desc="sweep", unit="step", disable=args.no_progress) as bar:
+    with intra_op_threads(args.threads), tqdm(total=args.steps * (args.networks + 1), desc="sweep", unit="step", disable=args.no_progress) as bar:
         result = run_sweep(root, args.tasks, args.networks, args.steps, args.alpha, args.seed, progress=bar.update)
     written = write_report(result, args.out or root)
     print(written[0].read_text(encoding="utf-8"))
