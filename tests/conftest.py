@@ -25,3 +25,11 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     workdir = tmp_path_factory.mktemp("wheel")
     return install_wheel(build_wheel(workdir), workdir / "site")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The suite's models are tiny (the toy's 100 x 100 layers and smaller): a second intra-op thread buys
+    # nothing and, on a shared 2-core machine, makes every small operation wait for a busy core.
+    import torch
+
+    torch.set_num_threads(1)
