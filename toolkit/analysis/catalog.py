@@ -223,7 +223,8 @@ def list_runs(root: PathLike, now: Optional[float] = None) -> pd.DataFrame:
     for run_id in run_ids(root):
         run = _load_or_invalid(root, run_id)
         meta = run.meta
-        balancer = meta.get("balancer") if isinstance(meta.get("balancer"), dict) else {}
+        recorded = meta.get("balancer")
+        balancer = recorded if isinstance(recorded, dict) else {}
         tasks = list(meta.get("tasks", [])) if not run.invalid else []
         last_steps = [p.last_step for p in run.parts if p.last_step is not None]
         status = INVALID if run.invalid else runs.effective_status(meta, now=now)

@@ -8,7 +8,7 @@ validation minus training loss.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,7 @@ ONSET_TOLERANCE = 0.02
 def overfitting(root: PathLike, run_id: str, *, tasks: Optional[Sequence[str]] = None, max_points: int = 2000) -> pd.DataFrame:
     """Per task and validation step: training loss, validation loss and the gap between them."""
     (run,) = resolve_runs(root, [run_id])
-    params = {"train": schema.TRAIN, "val": schema.VALIDATION}
+    params: dict[str, Any] = {"train": schema.TRAIN, "val": schema.VALIDATION}
     task_filter = ""
     if tasks is not None:
         params["tasks"] = [str(t) for t in tasks]

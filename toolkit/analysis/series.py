@@ -27,7 +27,7 @@ def _check_points(max_points: int) -> int:
     return max_points
 
 
-def _filters(params: dict[str, Any], split: Optional[str], tasks: Optional[Sequence[str]], step_range: Optional[Sequence[int]]) -> str:
+def _filters(params: dict[str, Any], split: Optional[str], tasks: Optional[Sequence[str]], step_range: Optional[Sequence[Optional[int]]]) -> str:
     clauses = []
     if split is not None:
         params["split"] = split

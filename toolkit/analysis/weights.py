@@ -95,7 +95,8 @@ def weight_average(root: PathLike, run_id: str, *, window: Optional[Sequence[Opt
         raise AnalysisError(f"run {run_id!r} has no recorded weights in steps [{start}, {end}]")
     table = _table(parts, run.meta.get("tasks") or sorted(parts["task"].unique()))
     drifts = table["half_drift"].dropna()
-    balancer = run.meta.get("balancer") if isinstance(run.meta.get("balancer"), dict) else {}
+    recorded = run.meta.get("balancer")
+    balancer = recorded if isinstance(recorded, dict) else {}
     return WeightAverage(
         run_id=run_id,
         start_step=start,

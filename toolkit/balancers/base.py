@@ -8,17 +8,26 @@ device without host synchronisation, except the one check of the initial losses 
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from gradnorm.toolkit import schema
 
+from .state import STATE_FORMAT, cloned, config_differences, expect_count, expect_mapping, expect_tensor, plain, restored, saved
+
 InitialLossSpec = Union[str, int, Sequence[float], Mapping[str, float]]
+
+#: Where a method needs this step's per-task gradients (:attr:`Balancer.task_gradients`).
+TaskGradients = Literal["shared_layer", "representation"]
+
+INITIAL_LOSS_STATE = ("value", "sum", "seen")
+BALANCER_STATE = ("format", "class", "config", "tasks", "step_count", "weights", "initial_loss", "method")
 
 
 @dataclass
@@ -60,6 +69,7 @@ class InitialLoss:
     """
 
     def __init__(self, spec: InitialLossSpec = "first") -> None:
+        self._explicit: Optional[Union[Sequence[float], Mapping[str, float]]] = None
         if isinstance(spec, str):
             if spec != "first":
                 raise ValueError(f"initial_loss must be 'first', an int k, or explicit values; got {spec!r}")
@@ -72,6 +82,7 @@ class InitialLoss:
             self._first_k = spec
         else:
             self._first_k = 0
+            self._explicit = spec
         self.spec = spec
         self._sum: Optional[Tensor] = None
         self._seen = 0
@@ -81,16 +92,17 @@ class InitialLoss:
         return self.spec if not isinstance(self.spec, Mapping) else dict(self.spec)
 
     def bind(self, tasks: Sequence[str], device: torch.device, dtype: torch.dtype) -> None:
-        if self._first_k:
+        explicit = self._explicit
+        if explicit is None:
             return
-        if isinstance(self.spec, Mapping):
-            missing = [t for t in tasks if t not in self.spec]
-            extra = [t for t in self.spec if t not in tasks]
+        if isinstance(explicit, Mapping):
+            missing = [t for t in tasks if t not in explicit]
+            extra = [t for t in explicit if t not in tasks]
             if missing or extra:
                 raise ValueError(f"initial_loss values: missing tasks {missing}, unknown tasks {extra}")
-            values = [float(self.spec[t]) for t in tasks]
+            values = [float(explicit[t]) for t in tasks]
         else:
-            values = [float(v) for v in self.spec]
+            values = [float(v) for v in explicit]
             if len(values) != len(tasks):
                 raise ValueError(f"initial_loss has {len(values)} values for {len(tasks)} tasks")
         check_initial_losses(tasks, values, "given as initial_loss")
@@ -100,7 +112,7 @@ class InitialLoss:
         """Feed one step's losses; return the reference to divide by for this step."""
         if self._seen < self._first_k:
             detached = losses.detach()
-            if self._seen == 0:
+            if self._sum is None:  # the first step (no step seen yet)
                 # The one host synchronisation of the run: a bad L(0) must fail loudly and at once.
                 check_initial_losses(tasks, detached.tolist(), "the first step's loss")
                 self._sum = detached.clone()
@@ -108,8 +120,36 @@ class InitialLoss:
                 self._sum = self._sum + detached
             self._seen += 1
             self.value = self._sum / self._seen
-        assert self.value is not None
+        return self.current()
+
+    def current(self) -> Tensor:
+        """The reference known so far: an error before the first step (before bind() for explicit values)."""
+        if self.value is None:
+            raise RuntimeError("the initial losses L(0) are not known yet: no step has been taken")
         return self.value
+
+    # -- checkpoint -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """L_i(0) so far, the running sum behind it and how many steps it averages (paper 3.1)."""
+        return {"value": saved(self.value), "sum": saved(self._sum), "seen": self._seen}
+
+    def check_state(self, state: Any, num_tasks: int) -> Mapping[str, Any]:
+        state = expect_mapping(state, "'initial_loss'", INITIAL_LOSS_STATE)
+        seen = expect_count(state["seen"], "'initial_loss.seen'", 0, self._first_k)
+        expect_tensor(state["value"], "'initial_loss.value'", (num_tasks,), optional=True)
+        expect_tensor(state["sum"], "'initial_loss.sum'", (num_tasks,), optional=True)
+        if (state["sum"] is not None) != (seen > 0):
+            raise ValueError(f"balancer state: 'initial_loss' has seen={seen} steps but {'a' if state['sum'] is not None else 'no'} running sum")
+        # Explicit values are known from bind() on; a reference from the first k steps once one is seen.
+        if (state["value"] is not None) != (seen > 0 or not self._first_k):
+            raise ValueError(f"balancer state: 'initial_loss' has seen={seen} steps but {'a' if state['value'] is not None else 'no'} value")
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        """Restore a state that :meth:`check_state` accepted."""
+        self.value = restored(state["value"], device, dtype)
+        self._sum = restored(state["sum"], device, dtype)
+        self._seen = state["seen"]
 
 
 class Balancer(ABC):
@@ -118,6 +158,21 @@ class Balancer(ABC):
     Subclasses implement :meth:`_update`; the base keeps the task list, the current weights and the
     loss-ratio reference. ``needs_grad_norms`` tells the hook layer whether ||grad_W L_i|| must be
     measured for the method itself (the monitor may measure them anyway).
+
+    Checkpoint and resume, as with ``torch.optim``: :meth:`state_dict` holds everything that decides the
+    weights of later steps, as tensors and plain Python values; save it beside the model's and the
+    network optimiser's state, and load it into a balancer constructed with the same configuration::
+
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "balancer": balancer.state_dict()}, path)
+        ...
+        checkpoint = torch.load(path, weights_only=True)
+        balancer = GradNorm(alpha=1.5)  # the configuration of the interrupted run
+        balancer.load_state_dict(checkpoint["balancer"])
+        session = gradnorm.attach(model.shared, balancer)
+
+    From there the weights follow, bit for bit, the trajectory of the uninterrupted run. A balancer not
+    yet bound keeps the loaded state until :meth:`bind` (a session binds at its first step), which then
+    requires the same task names in the same order and moves the state to that step's device and dtype.
     """
 
     name: str = "balancer"
@@ -125,29 +180,45 @@ class Balancer(ABC):
     #: Where the method needs this step's per-task gradients before the total loss is formed: None,
     #: ``"shared_layer"`` (grad_W L_i at the shared layer W) or ``"representation"`` (grad_Z L_i at the
     #: shared layer's output Z, the MGDA-UB bound of Sener & Koltun, 2018, section 3.3).
-    task_gradients: Optional[str] = None
+    task_gradients: Optional[TaskGradients] = None
     #: True for methods whose weights depend on this step's own losses or gradients (see
     #: :meth:`step_weights`); the hook layer then asks for them before it forms the total loss.
     uses_current_step: bool = False
     #: True for gradient surgery (PCGrad): the loss is summed with unit weights and the step weights are
     #: applied to the gradient at the shared representation only, so the heads see their own gradients.
     weights_act_on_representation: bool = False
+    #: :meth:`config` keys that do not change the weights; a state loads whatever they are.
+    config_not_checked: tuple[str, ...] = ()
+    #: :meth:`config` keys that describe the method rather than configure it, left out of ``repr``.
+    repr_omits: tuple[str, ...] = ("name",)
 
     def __init__(self, initial_loss: InitialLossSpec = "first") -> None:
         self.tasks: list[str] = []
         self.initial_loss = InitialLoss(initial_loss)
         self._weights: Optional[Tensor] = None
+        #: Updates taken (calls of :meth:`update`).
+        self.step_count = 0
+        self._pending_state: Optional[dict[str, Any]] = None
 
     # -- set-up -----------------------------------------------------------------------------------
     def bind(self, tasks: Sequence[str], device: torch.device, dtype: torch.dtype = torch.float32) -> None:
-        """Fix the task list (order matters) and create the state on ``device``."""
+        """Fix the task list (order matters) and create the state on ``device``.
+
+        A state loaded before binding is restored here; its tasks must be ``tasks``.
+        """
         if len(tasks) < 2:
             raise ValueError(f"a multitask balancer needs at least two tasks, got {list(tasks)}")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"task names must be unique, got {list(tasks)}")
+        pending = self._pending_state
+        if pending is not None:
+            self._check_tasks(pending["tasks"], list(tasks))
         self.tasks = list(tasks)
         self.initial_loss.bind(self.tasks, device, dtype)
         self._weights = self.initial_weights(device, dtype)
+        if pending is not None:
+            self._restore(pending, device, dtype)
+            self._pending_state = None
 
     def initial_weights(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         return torch.ones(len(self.tasks), device=device, dtype=dtype)
@@ -169,6 +240,17 @@ class Balancer(ABC):
     def config(self) -> dict[str, Any]:
         """Name and hyperparameters, written to ``run.json``."""
         return {"name": self.name, "initial_loss": self.initial_loss.config()}
+
+    def repr_config(self) -> dict[str, Any]:
+        """The configuration ``repr`` shows: :meth:`config` without the descriptive keys."""
+        return {key: value for key, value in self.config().items() if key not in self.repr_omits}
+
+    def __repr__(self) -> str:
+        # Constructor arguments first, in the constructor's order, then the derived settings.
+        shown = self.repr_config()
+        parameters = [name for name in inspect.signature(type(self).__init__).parameters if name in shown]
+        order = parameters + [key for key in shown if key not in parameters]
+        return f"{type(self).__name__}({', '.join(f'{key}={shown[key]!r}' for key in order)})"
 
     def step_weights(self, losses: Tensor, grad_norms: Optional[Tensor], task_grads: Optional[Tensor]) -> Tensor:
         """The weights applied in this step, for methods with ``uses_current_step``.
@@ -200,11 +282,109 @@ class Balancer(ABC):
             stats.grad_norm = applied * whole
         stats.weight = applied
         stats.balancer_weight = own
+        self.step_count += 1
         return stats
 
     @abstractmethod
     def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:
         """Compute this step's record and set ``self._weights`` to w(t+1)."""
+
+    # -- checkpoint -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the weights of later steps, for ``torch.save``.
+
+        Keys: ``format`` (the layout's version), ``class`` and ``config`` (checked on loading),
+        ``tasks``, ``step_count`` (updates taken), ``weights`` (w(t)), ``initial_loss`` (L_i(0) of the
+        loss ratio, paper eq. 1, with the running sum and the number of steps averaged so far) and
+        ``method``: the method's own state (e.g. GradNorm's weight-optimiser moments and step count,
+        paper 5.5). Tensors are copies on the balancer's device; the rest is plain Python, so
+        ``torch.load(..., weights_only=True)`` reads it. A balancer that holds a loaded state not yet
+        bound returns that state.
+        """
+        if self._pending_state is not None:
+            return cloned(self._pending_state)
+        return {
+            "format": STATE_FORMAT,
+            "class": type(self).__name__,
+            "config": plain(self.config()),
+            "tasks": list(self.tasks),
+            "step_count": self.step_count,
+            "weights": saved(self._weights),
+            "initial_loss": self.initial_loss.state_dict(),
+            "method": self._method_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` of a balancer of the same class, configuration and tasks.
+
+        A state of another class (a GradNorm state into DWA), another configuration (alpha 0.12 vs 1.5)
+        or other tasks (['a', 'b'] vs ['a', 'c']) is a ValueError naming the difference, and nothing is
+        restored. Bound: restored now, on this balancer's device and in its dtype. Not bound: kept until
+        :meth:`bind`, which checks the tasks. A state taken before bind() holds no tasks and is the
+        fresh state of its configuration; it loads into a balancer not yet bound.
+        """
+        state = expect_mapping(state, "the state", BALANCER_STATE)
+        if state["format"] != STATE_FORMAT:
+            raise ValueError(f"balancer state: format {state['format']!r} is not supported (this toolkit reads format {STATE_FORMAT})")
+        if state["class"] != type(self).__name__:
+            raise ValueError(f"balancer state is from a {state['class']} balancer, not {type(self).__name__}; construct a {state['class']} to load it")
+        saved_config = state["config"]
+        if not isinstance(saved_config, Mapping):
+            raise ValueError(f"balancer state: 'config' must be a dict, got {type(saved_config).__name__}")
+        differences = config_differences(saved_config, plain(self.config()), self.config_not_checked)
+        if differences:
+            raise ValueError(f"{type(self).__name__} state has another configuration: {'; '.join(differences)}")
+        tasks = state["tasks"]
+        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise ValueError(f"balancer state: 'tasks' must be a list of task names, got {tasks!r}")
+        if not tasks:
+            if self.bound:
+                raise ValueError(
+                    f"{type(self).__name__} state was taken before bind() and holds no tasks, this balancer is bound to {self.tasks}; "
+                    "construct a new balancer to start afresh"
+                )
+            self._pending_state = None  # the fresh state: what a balancer not yet bound already holds
+            return
+        if len(set(tasks)) != len(tasks) or len(tasks) < 2:
+            raise ValueError(f"balancer state: 'tasks' must be two or more unique names, got {tasks}")
+        self._check_state(state, len(tasks))
+        if self._weights is None:
+            self._pending_state = cloned(dict(state))
+            return
+        self._check_tasks(tasks, self.tasks)
+        self._restore(state, self._weights.device, self._weights.dtype)
+
+    def _check_tasks(self, saved_tasks: list[str], tasks: list[str]) -> None:
+        if saved_tasks != tasks:
+            missing = [t for t in saved_tasks if t not in tasks]
+            extra = [t for t in tasks if t not in saved_tasks]
+            detail = f"missing here {missing}, not in the state {extra}" if (missing or extra) else "the same names in another order"
+            raise ValueError(f"{type(self).__name__} state has tasks {saved_tasks}, this balancer {tasks} ({detail})")
+
+    def _check_state(self, state: Mapping[str, Any], num_tasks: int) -> None:
+        """Check every part of a state with tasks before any of it is restored."""
+        expect_tensor(state["weights"], "'weights'", (num_tasks,))
+        expect_count(state["step_count"], "'step_count'", 0)
+        self.initial_loss.check_state(state["initial_loss"], num_tasks)
+        self._check_method_state(state["method"], num_tasks)
+
+    def _restore(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        self._weights = restored(state["weights"], device, dtype)
+        self.step_count = state["step_count"]
+        self.initial_loss.load_state_dict(state["initial_loss"], device, dtype)
+        self._load_method_state(state["method"], device, dtype)
+
+    def _method_state(self) -> dict[str, Any]:
+        """The method's own state beyond weights and L_i(0); none by default."""
+        return {}
+
+    def _check_method_state(self, state: Any, num_tasks: int) -> None:
+        """Raise ValueError unless ``state`` is a valid :meth:`_method_state` for ``num_tasks`` tasks."""
+        expect_mapping(state, "'method'", ())
+
+    def _load_method_state(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        """Restore a :meth:`_method_state` that :meth:`_check_method_state` accepted (by default: nothing)."""
+        return None
 
 
 RECORDED_FIELDS = schema.RECORDED_FIELDS

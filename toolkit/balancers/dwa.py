@@ -10,13 +10,14 @@ common iteration-level variant), and the weights stay fixed within a period.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from .base import Balancer, StepStats
 from .checks import LOSS_FLOOR, require_non_negative_losses
+from .state import expect_count, expect_mapping, expect_tensor, restored, saved
 
 
 def dwa_weights(previous: Tensor, before_previous: Tensor, temperature: float) -> Tensor:
@@ -26,7 +27,11 @@ def dwa_weights(previous: Tensor, before_previous: Tensor, temperature: float) -
 
 
 class DynamicWeightAverage(Balancer):
-    """DWA weights from the rate of change of each task's loss over the last two periods."""
+    """DWA weights from the rate of change of each task's loss over the last two periods.
+
+    ``state_dict()`` adds the loss history: the mean losses of the last two completed periods and the sum
+    and step count of the period in progress, so a run resumed mid-period keeps Liu et al.'s eq. 7 exact.
+    """
 
     name = "dwa"
 
@@ -57,3 +62,23 @@ class DynamicWeightAverage(Balancer):
             if len(self._history) == 2:
                 self._weights = dwa_weights(self._history[1], self._history[0], self.temperature)
         return StepStats(loss=losses, loss_ratio=loss_ratio, inverse_rate=inverse_rate, weight=weights)
+
+    def _method_state(self) -> dict[str, Any]:
+        return {"period_sum": saved(self._sum), "period_steps": self._count, "history": [saved(h) for h in self._history]}
+
+    def _check_method_state(self, state: Any, num_tasks: int) -> None:
+        state = expect_mapping(state, "'method'", ("period_sum", "period_steps", "history"))
+        steps = expect_count(state["period_steps"], "'method.period_steps'", 0, self.window - 1)
+        expect_tensor(state["period_sum"], "'method.period_sum'", (num_tasks,), optional=steps == 0)
+        if steps == 0 and state["period_sum"] is not None:
+            raise ValueError("balancer state: 'method.period_sum' is set but no step of the period is counted")
+        history = state["history"]
+        if not isinstance(history, list) or len(history) > 2:
+            raise ValueError(f"balancer state: 'method.history' must be a list of at most two periods' mean losses, got {history!r}")
+        for index, mean in enumerate(history):
+            expect_tensor(mean, f"'method.history[{index}]'", (num_tasks,))
+
+    def _load_method_state(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        self._sum = restored(state["period_sum"], device, dtype)
+        self._count = state["period_steps"]
+        self._history = [restored(mean, device, dtype) for mean in state["history"]]

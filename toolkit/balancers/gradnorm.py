@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from .base import Balancer, InitialLossSpec, StepStats
-from .weight_optim import WeightOptimizer, keep_where
+from .state import expect_mapping
+from .weight_optim import OptimizerState, WeightOptimizer, keep_where
 
 REDUCTIONS = ("mean", "sum")
 
@@ -33,6 +34,10 @@ class GradNormTerms:
     target_norm: Tensor  # c_i = mean_j G_j * r_i^alpha (constant)
     grad_loss: Tensor  # L_grad
     weight_grad: Tensor  # dL_grad / dw_i
+
+
+#: What :func:`gradnorm_update` returns: new weights, new optimiser state, eq. 2 terms, whether applied.
+UpdateResult = tuple[Tensor, OptimizerState, GradNormTerms, Tensor]
 
 
 def gradnorm_terms(weights: Tensor, unweighted_norms: Tensor, inverse_rate: Tensor, alpha: float, reduction: str = "mean") -> GradNormTerms:
@@ -83,12 +88,12 @@ def gradnorm_update(
     grad_norms: Tensor,
     inverse_rate: Tensor,
     losses: Tensor,
-    state: tuple[Tensor, Tensor, Tensor],
+    state: OptimizerState,
     alpha: float,
     reduction: str,
     min_weight: float,
     optimizer: WeightOptimizer,
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], GradNormTerms, Tensor]:
+) -> UpdateResult:
     """One GradNorm step as a pure function: (new weights, new optimiser state, eq. 2 terms, applied).
 
     The update is kept only if every loss, norm and inverse rate is finite (the inverse rates are 0/0
@@ -128,10 +133,15 @@ class GradNorm(Balancer):
             of it (``benchmarks/results/step_time.md``); the first step then pays the compilation (tens
             of seconds on a CPU, which needs a C++ compiler). If compiling fails, a warning says so and
             the eager update runs.
+
+    ``state_dict()`` adds the weight optimiser's step count and moments (paper 5.5) to the base state
+    (see :class:`~toolkit.balancers.base.Balancer` for checkpoint and resume); ``compile_update`` may
+    differ between the saved and the resumed run.
     """
 
     name = "gradnorm"
     needs_grad_norms = True
+    config_not_checked = ("compile_update",)
 
     def __init__(
         self,
@@ -146,7 +156,7 @@ class GradNorm(Balancer):
     ) -> None:
         super().__init__(initial_loss=initial_loss)
         self.compile_update = bool(compile_update)
-        self._compiled: Optional[Callable] = None
+        self._compiled: Optional[Callable[..., UpdateResult]] = None
         self.per_channel = bool(per_channel)
         if not (alpha >= 0):
             raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
@@ -166,7 +176,7 @@ class GradNorm(Balancer):
             cfg["compile_update"] = True
         return cfg
 
-    def _run_update(self, *args: Any):
+    def _run_update(self, *args: Any) -> UpdateResult:
         if not self.compile_update:
             return gradnorm_update(*args)
         if self._compiled is None:
@@ -195,3 +205,13 @@ class GradNorm(Balancer):
             step_grad_loss=terms.grad_loss,
             step_update_skipped=~applied_update,
         )
+
+    def _method_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def _check_method_state(self, state: Any, num_tasks: int) -> None:
+        state = expect_mapping(state, "'method'", ("optimizer",))
+        self.optimizer.check_state(state["optimizer"], num_tasks, "'method.optimizer'")
+
+    def _load_method_state(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        self.optimizer.load_state_dict(state["optimizer"], device, dtype)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -58,7 +58,7 @@ def prior_l2(targets: Tensor) -> float:
 
 class _FixedReferenceWeights(Balancer):
     def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:
-        self._weights = 1.0 / self.initial_loss.value
+        self._weights = 1.0 / self.initial_loss.current()
         return StepStats(loss=losses, loss_ratio=loss_ratio, inverse_rate=inverse_rate, weight=weights)
 
 
@@ -93,7 +93,12 @@ class PriorLossWeights(_FixedReferenceWeights):
         super().__init__(initial_loss=dict(priors) if isinstance(priors, Mapping) else [float(v) for v in priors])
 
     def initial_weights(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        return 1.0 / self.initial_loss.value
+        return 1.0 / self.initial_loss.current()
+
+    def repr_config(self) -> dict[str, Any]:
+        shown = super().repr_config()
+        shown["priors"] = shown.pop("initial_loss")  # the priors are this method's L_i(0)
+        return shown
 
 
 class RealTimeLossWeights(Balancer):

@@ -46,7 +46,11 @@ def _polish_on_support(gram: Tensor, alpha: Tensor, threshold: float = 1e-4) -> 
     system[k, :k] = 1.0
     rhs = torch.zeros(k + 1, dtype=gram.dtype, device=gram.device)
     rhs[k] = 1.0
-    solution = torch.linalg.lstsq(system, rhs.unsqueeze(1)).solution.flatten()[:k]
+    # On a CPU, lstsq's default driver (gelsy) does not return the same bits for the same system from one
+    # call to the next (seen with MKL's LAPACK), so a run could not be repeated or resumed exactly; the
+    # SVD-based gelsd is repeatable and, like gelsy, solves rank-deficient systems. CUDA has only gels.
+    driver = "gelsd" if gram.device.type == "cpu" else None
+    solution = torch.linalg.lstsq(system, rhs.unsqueeze(1), driver=driver).solution.flatten()[:k]
     if not bool(torch.isfinite(solution).all()) or bool((solution < 0).any()):
         return alpha
     candidate = torch.zeros_like(alpha)
@@ -68,12 +72,14 @@ def min_norm_coefficients(gram: Tensor, max_iter: int = 250, tol: float = 1e-7) 
     gram = gram.double()
     count = gram.shape[0]
     alpha = torch.zeros(count, dtype=torch.float64, device=gram.device)
-    best = None
+    best: Optional[tuple[float, int, int, float]] = None
     for i in range(count):
         for j in range(i + 1, count):
             gamma, value = _pair_min_norm(gram, i, j)
             if best is None or value < best[0]:
                 best = (value, i, j, gamma)
+    if best is None:
+        raise ValueError(f"min_norm_coefficients needs the Gram matrix of two or more gradients, got shape {tuple(gram.shape)}")
     _, i, j, gamma = best
     alpha[i], alpha[j] = gamma, 1.0 - gamma
     for _ in range(max_iter):
@@ -106,6 +112,7 @@ class MGDA(Balancer):
 
     name = "mgda"
     uses_current_step = True
+    repr_omits = ("name", "recorded_weight")
 
     def __init__(self, space: str = "shared_layer", normalisation: str = "none", max_iter: int = 250) -> None:
         super().__init__()
@@ -114,7 +121,7 @@ class MGDA(Balancer):
         if max_iter < 1:
             raise ValueError(f"{self.name}: max_iter must be >= 1, got {max_iter}")
         self.space = space
-        self.task_gradients = space
+        self.task_gradients = "representation" if space == "representation" else "shared_layer"
         self.normalisation = normalisation
         self.max_iter = max_iter
         self.name = "mgda-ub" if space == "representation" else "mgda"

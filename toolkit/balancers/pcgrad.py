@@ -17,13 +17,14 @@ gradient in the combined gradient at Z and, since W's gradient is linear in Z's,
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from .base import Balancer, StepStats
+from .base import Balancer, StepStats, TaskGradients
 from .checks import require_choice
+from .state import expect_count, expect_mapping
 
 SPACES = ("representation",)
 REDUCTIONS = ("sum", "mean")
@@ -51,12 +52,16 @@ class PCGrad(Balancer):
         space: only ``"representation"`` (the output of the shared layer); other spaces are an error.
         reduction: ``"sum"`` (Algorithm 1) or ``"mean"`` (sum / T, as in a common implementation).
         seed: seed of the random order of Algorithm 1, line 4.
+
+    ``state_dict()`` adds the state of the generator of that order, so a resumed run draws the orders
+    the uninterrupted run would have drawn.
     """
 
     name = "pcgrad"
     uses_current_step = True
     weights_act_on_representation = True
-    task_gradients = "representation"
+    task_gradients: TaskGradients = "representation"
+    repr_omits = ("name", "recorded_weight")
 
     def __init__(self, space: str = "representation", reduction: str = "sum", seed: int = 0) -> None:
         super().__init__()
@@ -95,3 +100,19 @@ class PCGrad(Balancer):
 
     def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:
         return StepStats(loss=losses, loss_ratio=loss_ratio, inverse_rate=inverse_rate, weight=weights)
+
+    def _method_state(self) -> dict[str, Any]:
+        return {"generator": self._generator.get_state(), "projections": self.projections}
+
+    def _check_method_state(self, state: Any, num_tasks: int) -> None:
+        state = expect_mapping(state, "'method'", ("generator", "projections"))
+        generator = state["generator"]
+        size = self._generator.get_state().numel()
+        if not isinstance(generator, Tensor) or generator.dtype != torch.uint8 or tuple(generator.shape) != (size,):
+            raise ValueError(f"balancer state: 'method.generator' must be the uint8 tensor of torch.Generator.get_state(), got {generator!r}")
+        expect_count(state["projections"], "'method.projections'", 0)
+
+    def _load_method_state(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        # The order generator lives on the host whatever the balancer's device (set_state takes a CPU tensor).
+        self._generator.set_state(state["generator"].to("cpu", copy=True))
+        self.projections = state["projections"]

@@ -16,14 +16,18 @@ class StaticWeights(Balancer):
     """Constant weights w_i, e.g. GradNorm's time average E_t[w_i] of an earlier run (paper 5.2, 5.3).
 
     ``weights`` is a mapping task -> weight (every task named exactly once) or a sequence in task order.
-    Weights must be finite and positive.
+    Weights must be finite and positive. A state (``state_dict``) loads whatever file the weights came
+    from, as long as the weights are the same.
     """
 
     name = "static"
+    config_not_checked = ("source",)
 
     def __init__(self, weights: Union[Mapping[str, float], Sequence[float]], initial_loss: InitialLossSpec = "first") -> None:
         super().__init__(initial_loss=initial_loss)
-        self.given = dict(weights) if isinstance(weights, Mapping) else [float(w) for w in weights]
+        self.given: Union[dict[str, float], list[float]] = dict(weights) if isinstance(weights, Mapping) else [float(w) for w in weights]
+        #: The weights file they were read from (:meth:`from_file`).
+        self.source: Optional[str] = None
 
     @classmethod
     def from_file(cls, path: Union[str, os.PathLike[str]], initial_loss: InitialLossSpec = "first") -> StaticWeights:
@@ -37,7 +41,7 @@ class StaticWeights(Balancer):
     def config(self) -> dict[str, Any]:
         cfg = super().config()
         cfg["weights"] = self.given
-        if getattr(self, "source", None):
+        if self.source:
             cfg["source"] = self.source
         return cfg
 

@@ -17,13 +17,14 @@ not depend on the network, so the network's gradient is the same as with the ful
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from .base import Balancer, StepStats
 from .checks import require_choice, require_non_negative_losses
+from .state import expect_mapping, expect_tensor, restored, saved
 from .weight_optim import WeightOptimizer
 
 REGULARISERS = ("log", "log1p")
@@ -66,10 +67,12 @@ class UncertaintyWeighting(Balancer):
             the survey's code).
 
     ``run.json`` records ``trainable_state`` (what the state is and its optimiser); losses must be non-
-    negative (log L is the optimum of s), a negative loss is an error naming the task.
+    negative (log L is the optimum of s), a negative loss is an error naming the task. ``state_dict()``
+    adds the trainable state (s or sigma) and its optimiser's step count and moments.
     """
 
     name = "uncertainty"
+    repr_omits = ("name", "trainable_state")
 
     def __init__(self, regulariser: str = "log", lr: float = 0.025, optimizer: str = "adam", initial_state: Optional[float] = None) -> None:
         super().__init__()
@@ -111,3 +114,15 @@ class UncertaintyWeighting(Balancer):
             weight=weights,
             step_update_skipped=~finite,
         )
+
+    def _method_state(self) -> dict[str, Any]:
+        return {"trainable_state": saved(self.state), "optimizer": self.optimizer.state_dict()}
+
+    def _check_method_state(self, state: Any, num_tasks: int) -> None:
+        state = expect_mapping(state, "'method'", ("trainable_state", "optimizer"))
+        expect_tensor(state["trainable_state"], "'method.trainable_state'", (num_tasks,))
+        self.optimizer.check_state(state["optimizer"], num_tasks, "'method.optimizer'")
+
+    def _load_method_state(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        self.state = restored(state["trainable_state"], device, dtype)
+        self.optimizer.load_state_dict(state["optimizer"], device, dtype)

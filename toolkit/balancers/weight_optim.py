@@ -10,12 +10,18 @@ exactly (no weight decay, no amsgrad), so trajectories match a reference built o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
 
+from .state import expect_mapping, expect_tensor, restored, saved
+
 OPTIMIZERS = ("adam", "sgd")
+
+#: (steps taken, first moment or momentum buffer, second moment).
+OptimizerState = tuple[Tensor, Tensor, Tensor]
+OPTIMIZER_STATE = ("steps", "exp_avg", "exp_avg_sq")
 
 
 @dataclass
@@ -37,24 +43,46 @@ class WeightOptimizer:
         self._exp_avg_sq: Optional[Tensor] = None
         self._steps: Optional[Tensor] = None
 
-    def config(self) -> dict:
-        cfg = {"optimizer": self.kind, "lr": self.lr}
+    def config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"optimizer": self.kind, "lr": self.lr}
         if self.kind == "adam":
             cfg.update(betas=list(self.betas), eps=self.eps)
         else:
             cfg.update(momentum=self.momentum)
         return cfg
 
-    def state_for(self, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def state_for(self, weights: Tensor) -> OptimizerState:
         """(steps, first moment or momentum buffer, second moment), created at the first step."""
-        if self._exp_avg is None:
+        if self._steps is None or self._exp_avg is None or self._exp_avg_sq is None:
             self._exp_avg = torch.zeros_like(weights)
             self._exp_avg_sq = torch.zeros_like(weights)
             self._steps = torch.zeros((), dtype=weights.dtype, device=weights.device)
         return (self._steps, self._exp_avg, self._exp_avg_sq)
 
-    def load(self, state: tuple[Tensor, Tensor, Tensor]) -> None:
+    def load(self, state: OptimizerState) -> None:
         self._steps, self._exp_avg, self._exp_avg_sq = state
+
+    # -- checkpoint -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Optional[Tensor]]:
+        """The step count and the moments (Adam) or momentum buffer (SGD); all None before the first step."""
+        return {"steps": saved(self._steps), "exp_avg": saved(self._exp_avg), "exp_avg_sq": saved(self._exp_avg_sq)}
+
+    @staticmethod
+    def check_state(state: Any, size: int, where: str) -> Mapping[str, Any]:
+        state = expect_mapping(state, where, OPTIMIZER_STATE)
+        absent = [key for key in OPTIMIZER_STATE if state[key] is None]
+        if absent and len(absent) != len(OPTIMIZER_STATE):
+            raise ValueError(f"balancer state: {where} lacks {absent} but holds the rest")
+        expect_tensor(state["steps"], f"{where}.steps", (), optional=True)
+        expect_tensor(state["exp_avg"], f"{where}.exp_avg", (size,), optional=True)
+        expect_tensor(state["exp_avg_sq"], f"{where}.exp_avg_sq", (size,), optional=True)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        """Restore a state that :meth:`check_state` accepted."""
+        self._steps = restored(state["steps"], device, dtype)
+        self._exp_avg = restored(state["exp_avg"], device, dtype)
+        self._exp_avg_sq = restored(state["exp_avg_sq"], device, dtype)
 
     def step(self, weights: Tensor, grad: Tensor, apply: Tensor) -> Tensor:
         """Return the updated weights; where ``apply`` (a 0-d bool tensor) is False, nothing changes."""
@@ -63,7 +91,7 @@ class WeightOptimizer:
         self.load(keep_where(apply, proposed, state))
         return torch.where(apply, updated, weights)
 
-    def propose(self, state: tuple[Tensor, Tensor, Tensor], weights: Tensor, grad: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    def propose(self, state: OptimizerState, weights: Tensor, grad: Tensor) -> tuple[Tensor, OptimizerState]:
         """The updated weights and the state they imply, from ``state``: a pure function, nothing is kept.
 
         Splitting the step lets the caller decide whether to keep it from the step's result as well
@@ -90,6 +118,10 @@ class WeightOptimizer:
         return updated, (steps, exp_avg, exp_avg_sq)
 
 
-def keep_where(apply: Tensor, proposed: tuple[Tensor, ...], current: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+def keep_where(apply: Tensor, proposed: OptimizerState, current: OptimizerState) -> OptimizerState:
     """The proposed state where ``apply`` (a 0-d bool tensor) is True, else the current one."""
-    return tuple(torch.where(apply, new, old) for new, old in zip(proposed, current))
+    return (
+        torch.where(apply, proposed[0], current[0]),
+        torch.where(apply, proposed[1], current[1]),
+        torch.where(apply, proposed[2], current[2]),
+    )
