@@ -36,8 +36,8 @@ class GradNormMeter:
             except RuntimeError as exc:
                 self.batched = False
                 warnings.warn(f"gradnorm: batched gradient norms unavailable for this model ({exc}); using one backward per task", RuntimeWarning)
-        grads = [torch.autograd.grad(loss, self.parameter, retain_graph=True)[0] for loss in losses]
-        return norms_of(self.reduce(torch.stack(grads)), self.per_channel)
+        rows = [torch.autograd.grad(loss, self.parameter, retain_graph=True)[0] for loss in losses]
+        return norms_of(self.reduce(torch.stack(rows)), self.per_channel)
 
 
 def norms_of(per_task: Tensor, per_channel: bool = False) -> Tensor:

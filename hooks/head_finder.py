@@ -44,7 +44,8 @@ class HeadFinder:
     def __init__(self) -> None:
         # Bounded, so that forwards run before the first balanced loss cannot pile up tensors.
         self.calls: deque[ModuleCall] = deque(maxlen=MAX_CALLS)
-        self._handle = nn.modules.module.register_module_forward_hook(self._record)
+        # Public so that its owner (the session) can remove the hook without keeping the noted calls alive.
+        self.handle = nn.modules.module.register_module_forward_hook(self._record)
 
     def _record(self, module: nn.Module, args: tuple, output) -> None:
         if not args or not isinstance(args[0], Tensor):
@@ -54,7 +55,8 @@ class HeadFinder:
         self.calls.append(ModuleCall(module, args[0], args[0]._version, output.grad_fn))
 
     def stop(self) -> None:
-        self._handle.remove()
+        """Remove the global hook (again: a no-op); the calls noted so far stay for :meth:`find`."""
+        self.handle.remove()
 
     def find(self, losses: Sequence[Tensor], parameter: Tensor) -> FoundHeads:
         """The heads of ``losses`` (one per task, in task order) above the shared parameter W."""

@@ -16,7 +16,7 @@ The run is closed as ``finished`` at the end of fitting and as ``failed`` when f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union, cast
 
 from gradnorm.toolkit import runs
 from gradnorm.toolkit.balancers import Balancer
@@ -63,7 +63,8 @@ class GradNormCallback(pl.Callback):
         elif self.heads is not None:
             options["heads"] = list(self.heads(pl_module))
         self.session = attach(self.shared_layer(pl_module), self.balancer, runs_root=self.runs_root, **options)
-        pl_module.gradnorm = self.session
+        # nn.Module.__setattr__ is annotated for tensors and modules, though it keeps any other value as a plain attribute.
+        cast(Any, pl_module).gradnorm = self.session
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.session is not None:

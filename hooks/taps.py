@@ -28,6 +28,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import Node
+from torch.nn.grad import conv2d_weight
+from torch.utils.hooks import RemovableHandle
 
 from .grad_norms import norms_of
 
@@ -78,10 +81,12 @@ class HeadTaps:
         self._aliases: tuple[Tensor, ...] = ()
         self._served: set[int] = set()  # heads that read H in this forward pass
         self._armed = False
-        self._handles = [head.register_forward_pre_hook(self._make_pre_hook(i)) for i, head in enumerate(self.heads)]
+        self._handles: list[RemovableHandle] = [head.register_forward_pre_hook(self._make_pre_hook(i)) for i, head in enumerate(self.heads)]
+        # The streaming taps' hooks on the tensors of a forward pass whose graph may still be alive.
+        self._tensor_handles: list[RemovableHandle] = []
         self._layer = module if _has_product_route(module, parameter) else None
         self._layer_input: Optional[tuple[Tensor, int]] = None  # (X, its version when captured)
-        self._layer_node = None  # grad_fn of the layer's output, taken before any in-place op on it
+        self._layer_node: Optional[Node] = None  # grad_fn of the layer's output, taken before any in-place op on it
         self._layer_calls = 0  # calls of the layer since the heads last read H
         self._layer_calls_this_forward = 0
         if self._layer is not None:
@@ -90,15 +95,24 @@ class HeadTaps:
         self.path: Optional[str] = None  # the route of the last measured step
         self.mode: Optional[str] = None  # "fan-out" or "stream", of the last forward pass
         self._pieces: list[Optional[Tensor]] = []
-        self._step_mask = None
+        self._step_mask: Union[None, bool, Tensor] = None
 
     def arm(self) -> None:
         """Measure on the next backward (called once the step's losses are known)."""
         self._armed = True
 
     def remove(self) -> None:
-        for handle in self._handles:
+        """Remove every hook the taps registered (again: a no-op) and let go of the forward pass they saw.
+
+        A graph built before still backpropagates: the fan-out node then only adds the heads' gradients
+        up, as the graph without taps would, and measures nothing.
+        """
+        self._armed = False
+        for handle in self._handles + self._tensor_handles:
             handle.remove()
+        self._handles, self._tensor_handles = [], []
+        self._input, self._aliases, self._served = None, (), set()
+        self._layer_input, self._layer_node, self._pieces, self._step_mask = None, None, [], None
 
     def describe_path(self) -> str:
         """The route the next measurement will take (for ``run.json``), decided from this step's graph."""
@@ -159,9 +173,11 @@ class HeadTaps:
         self._pieces = [None] * len(self.heads)
         self._step_mask = None
         aliases = tuple(shared.view_as(shared) for _ in self.heads)
-        for index, alias in enumerate(aliases):
-            alias.register_hook(self._make_piece_hook(index))
-        shared.register_hook(self._finish_stream)
+        # Handles of graphs already freed are dropped (their hooks went with their tensors).
+        handles = [handle for handle in self._tensor_handles if handle.hooks_dict_ref() is not None]
+        handles += [alias.register_hook(self._make_piece_hook(index)) for index, alias in enumerate(aliases)]
+        handles.append(shared.register_hook(self._finish_stream))
+        self._tensor_handles = handles
         return aliases
 
     def _make_piece_hook(self, index: int):
@@ -173,7 +189,7 @@ class HeadTaps:
             mask = self._step_mask
             route = self._route(mask)
             axis = {LINEAR_PRODUCT: -2, CONV_PRODUCT: 1}.get(route, 0)
-            masked = grad if mask is None or mask is True else grad * mask
+            masked = grad * mask if isinstance(mask, Tensor) else grad
             # A product route keeps only this task's grad_W (|W|), never the piece itself.
             self._pieces[index] = masked.unsqueeze(axis) if route == BATCHED_VJP else self._per_task_weight_grads(masked.unsqueeze(axis), route)
 
@@ -183,8 +199,7 @@ class HeadTaps:
         if not self._armed:
             return
         self._armed = False
-        pieces, self._pieces = self._pieces, [None] * len(self.heads)
-        self._raise_if_missing(pieces)
+        pieces, self._pieces = self._present(self._pieces), [None] * len(self.heads)
         if self._step_mask is None:  # no product route after all: the general product over the segment
             per_task = self._per_task_weight_grads(torch.cat(pieces, 0), BATCHED_VJP)
         else:
@@ -192,12 +207,14 @@ class HeadTaps:
         self._input, self._aliases, self._layer_input = None, (), None
         self.on_norms(norms_of(self.reduce(per_task), self.per_channel))
 
-    def _raise_if_missing(self, pieces) -> None:
+    def _present(self, pieces: Sequence[Optional[Tensor]]) -> list[Tensor]:
+        """Every head's piece; a head that sent none is an error naming it."""
         missing = [i for i, g in enumerate(pieces) if g is None]
         if missing:
             raise RuntimeError(
                 f"task heads {missing} sent no gradient to the shared representation this step; every task's loss must come from its head's output"
             )
+        return [g for g in pieces if g is not None]
 
     # -- backward --------------------------------------------------------------------------------
     def _backward(self, grads: tuple[Optional[Tensor], ...]) -> Optional[Tensor]:
@@ -205,15 +222,15 @@ class HeadTaps:
         if not self._armed:
             return torch.stack(present).sum(0) if present else None
         self._armed = False
-        self._raise_if_missing(grads)
+        pieces = self._present(grads)
         mask = self._segment_mask()
         route = self._route(mask)
         # The task axis goes just before the channel axis (last for a Linear, 1 for a convolution), so
         # that the product routes read the T pieces as T * C channels without a copy.
         axis = {LINEAR_PRODUCT: -2, CONV_PRODUCT: 1, BATCHED_VJP: 0}[route]
-        stacked = torch.stack(grads, dim=axis)
+        stacked = torch.stack(pieces, dim=axis)
         total = stacked.sum(axis)
-        if mask is not None and mask is not True:
+        if isinstance(mask, Tensor):
             stacked.mul_(mask.unsqueeze(axis))  # stacked is ours and not needed unmasked any more
         per_task = self._per_task_weight_grads(stacked, route)
         self._input, self._aliases, self._layer_input = None, (), None
@@ -231,8 +248,12 @@ class HeadTaps:
                     "ReLU/identity (or the layer ran more than once); using one batched vector-Jacobian product per step",
                     RuntimeWarning,
                 )
+            if self._input is None:
+                raise RuntimeError("heads=: a backward reached the taps without the forward pass that feeds them")
             (per_task,) = torch.autograd.grad(self._input, self.parameter, grad_outputs=stacked, is_grads_batched=True, retain_graph=True)
             return per_task
+        if self._layer_input is None:  # a product route is chosen only with the layer's input captured
+            raise RuntimeError(f"heads=: {route} without the shared layer's captured input")
         # In the gradient's dtype, as autograd computes it (bf16 under autocast), then in W's dtype, as
         # autograd hands it to W.
         x = self._layer_input[0].to(stacked.dtype)
@@ -242,10 +263,12 @@ class HeadTaps:
             product = torch.mm(rows.t(), x.reshape(-1, x.shape[-1]))
             return product.view(num_tasks, features, -1).to(self.parameter.dtype)
         conv = self._layer
+        if not isinstance(conv, nn.Conv2d):  # the other product route: _has_product_route admits Linear and Conv2d only
+            raise RuntimeError(f"heads=: {route} needs an nn.Conv2d shared layer, got {type(conv).__name__}")
         num_tasks, channels = stacked.shape[1], stacked.shape[2]
         grad_output = stacked.reshape(stacked.shape[0], num_tasks * channels, *stacked.shape[3:])
         weight_shape = (num_tasks * channels, *self.parameter.shape[1:])
-        product = torch.nn.grad.conv2d_weight(x, weight_shape, grad_output, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        product = conv2d_weight(x, weight_shape, grad_output, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
         return product.view(num_tasks, *self.parameter.shape).to(self.parameter.dtype)
 
     def _segment_mask(self, shared=None, layer_input=None, layer_node=None, layer_calls=None) -> Union[None, bool, Tensor]:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from gradnorm.toolkit.balancers import Balancer
 
@@ -56,7 +57,9 @@ class RepresentationCapture:
         return self.output
 
     def remove(self) -> None:
+        """Remove the forward hook (idempotent) and let go of the last output and its graph."""
         self._handle.remove()
+        self.output = None
 
 
 def step_weights(
@@ -82,10 +85,12 @@ def step_weights(
     return balancer.step_weights(stacked.detach(), norms, grads), norms, grads
 
 
-def reweight_representation(capture: RepresentationCapture, grads: Tensor, weights: Tensor) -> None:
-    """Make the gradient reaching Z equal sum_j w_j grad_Z L_j (plus any non-task term the user adds)."""
+def reweight_representation(capture: RepresentationCapture, grads: Tensor, weights: Tensor) -> RemovableHandle:
+    """Make the gradient reaching Z equal sum_j w_j grad_Z L_j (plus any non-task term the user adds).
+
+    Returns the hook's handle, so that a session closed before the step's backward can take it off Z.
+    """
     extra = ((weights.to(grads.dtype) - 1.0).view(-1, *([1] * (grads.dim() - 1))) * grads).sum(dim=0)
-    handle = None
 
     def once(grad: Tensor) -> Tensor:
         # Only the first backward through Z after the step's loss() is the user's training backward.
@@ -93,3 +98,4 @@ def reweight_representation(capture: RepresentationCapture, grads: Tensor, weigh
         return grad + extra.to(grad.dtype)
 
     handle = capture.current().register_hook(once)
+    return handle

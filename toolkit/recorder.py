@@ -16,6 +16,11 @@ second, and every ``heartbeat_interval`` seconds when idle): a run killed with S
 ``running`` but stops beating, and :func:`toolkit.runs.effective_status` shows it as ``interrupted``.
 A recorder refuses to start on a run that is not ``running`` or whose rank another live process is
 writing (:class:`toolkit.runs.WriterLock`), so records are never mixed or overwritten.
+
+Runs still open when the interpreter exits are closed then (``failed`` after an uncaught exception,
+``interrupted`` after Ctrl-C, else ``finished``). The handlers that do it (an ``atexit`` handler and a
+``sys.excepthook`` wrapper) are installed when the first recorder opens and removed when the last one
+closes: importing this module changes nothing in the process.
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ import sys
 import threading
 import time
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from types import TracebackType
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -116,7 +121,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_loop, name=f"gradnorm-recorder-{self.run_path.name}", daemon=True)
         self._thread.start()
-        _OPEN_RECORDERS.add(self)
+        _EXIT.opened(self)
 
     # -- training thread ------------------------------------------------------------------------
     def record(self, step: int, matrix: Tensor, defined: frozenset[str], epoch: Optional[int] = None) -> None:
@@ -137,7 +142,7 @@ class Recorder:
         if self._filled == self.flush_every:
             self._flush_buffer()
 
-    def record_validation(self, step: int, losses: Mapping[str, float], epoch: Optional[int] = None) -> None:
+    def record_validation(self, step: int, losses: Mapping[str, Union[float, Tensor]], epoch: Optional[int] = None) -> None:
         """Store validation losses of some tasks (rows with split ``val``); written with the next flush."""
         if self.closed:
             raise RuntimeError(f"recorder of {self.run_path} is closed")
@@ -158,21 +163,33 @@ class Recorder:
         self.flush()
         self._queue.join()
 
-    def close(self, status: str = runs.FINISHED) -> None:
-        """Flush, stop the writer and set the run's status and row counts in ``run.json``."""
+    def close(self, status: str = runs.FINISHED, *, closed_by: Optional[str] = None) -> None:
+        """Flush, stop the writer and set the run's status and row counts in ``run.json``.
+
+        ``closed_by`` (saved as such) says what closed a run its owner did not close, e.g. ``"garbage collection"``.
+        """
         if self.closed:
+            return
+        if threading.current_thread() is self._thread:
+            # A garbage collection that ran on the writer thread finalised the session owning this recorder;
+            # the writer cannot wait for itself to finish, so another thread closes the run.
+            helper = threading.Thread(target=self.close, args=(status,), kwargs={"closed_by": closed_by}, name=f"gradnorm-close-{self.run_path.name}")
+            helper.start()
             return
         self.flush()
         self.closed = True
         self._queue.put(None)
         self._thread.join()
-        _OPEN_RECORDERS.discard(self)
+        _EXIT.closed(self)
+        final: dict[str, Any] = {"status": status, "finished": time.time(), **self.counts()}
+        if closed_by is not None:
+            final["closed_by"] = closed_by
         try:
             if self.rank == 0:
-                runs.update_run_json(self.run_path, status=status, finished=time.time(), **self.counts())
+                runs.update_run_json(self.run_path, **final)
             else:
                 # run.json belongs to rank 0; another rank's counts stay beside its own part files.
-                runs.write_json_atomic(self.directory / RANK_FILE, {"rank": self.rank, "status": status, "finished": time.time(), **self.counts()})
+                runs.write_json_atomic(self.directory / RANK_FILE, {"rank": self.rank, **final})
         except (OSError, runs.RunError) as exc:
             warnings.warn(f"gradnorm recorder: could not update {self.run_path / schema.RUN_FILE}: {exc}", RuntimeWarning, stacklevel=2)
         finally:
@@ -192,7 +209,7 @@ class Recorder:
             return
         values = None
         ready = None
-        if self._filled:
+        if self._filled and self._buffer is not None:  # (the buffer exists whenever rows are filled)
             block = self._buffer[: self._filled]
             if block.is_cuda:
                 values = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
@@ -386,30 +403,84 @@ def _last_sequence(directory: Path) -> int:
     return last
 
 
-_OPEN_RECORDERS: weakref.WeakSet[Recorder] = weakref.WeakSet()
-_uncaught: list[BaseException] = []
-_previous_excepthook = sys.excepthook
+_ExceptHook = Callable[[type[BaseException], BaseException, Optional[TracebackType]], Any]
 
 
-def _note_uncaught(kind, value, traceback) -> None:
-    _uncaught.append(value)
-    _previous_excepthook(kind, value, traceback)
+class _ExitHandling:
+    """Closes the runs still open when the interpreter exits, with a status that says how it exited.
 
-
-sys.excepthook = _note_uncaught
-
-
-@atexit.register
-def _close_open_recorders() -> None:
-    """At interpreter exit, flush every open recorder; an uncaught exception marks its runs failed.
-
-    Ctrl-C (an uncaught KeyboardInterrupt) is the user stopping the run, not the run failing: ``interrupted``.
+    Installed when the first recorder opens and removed when the last one closes, so that importing the
+    toolkit changes nothing in the process: no ``atexit`` handler, no ``sys.excepthook`` replaced. While
+    installed, an ``atexit`` handler closes every open recorder, and a ``sys.excepthook`` wrapper notes
+    the uncaught exception that ends the program (it then calls the hook it replaced), so that those runs
+    are marked ``failed`` (``interrupted`` for Ctrl-C) rather than ``finished``.
     """
-    if not _uncaught:
-        status = runs.FINISHED
-    elif all(isinstance(exc, KeyboardInterrupt) for exc in _uncaught):
-        status = runs.INTERRUPTED
-    else:
-        status = runs.FAILED
-    for recorder in list(_OPEN_RECORDERS):
-        recorder.close(status=status)
+
+    def __init__(self) -> None:
+        # Re-entrant: a garbage collection inside these methods can run a session's finalizer, which
+        # closes a recorder and comes back here on the same thread.
+        self._lock = threading.RLock()
+        self.open: set[Recorder] = set()
+        self.uncaught: list[BaseException] = []
+        self._previous_hook: _ExceptHook = sys.__excepthook__  # the hook ours replaced and calls
+        self._hook_in_chain = False  # our wrapper is sys.excepthook, or inside a hook set after it
+        self._exiting = False
+
+    def opened(self, recorder: Recorder) -> None:
+        with self._lock:
+            first = not self.open
+            self.open.add(recorder)
+            if first:
+                self._install()
+
+    def closed(self, recorder: Recorder) -> None:
+        with self._lock:
+            if recorder not in self.open:
+                return
+            self.open.discard(recorder)
+            if not self.open:
+                self._uninstall()
+
+    def _install(self) -> None:
+        atexit.register(self.close_open_recorders)
+        if not self._hook_in_chain:
+            self._previous_hook = sys.excepthook
+            sys.excepthook = self.note_uncaught
+            self._hook_in_chain = True
+
+    def _uninstall(self) -> None:
+        if not self._exiting:
+            # (Left alone while the handler itself runs: it is called once and then discarded anyway.)
+            atexit.unregister(self.close_open_recorders)
+        # An exception that ended no run (one shown at an interactive prompt) says nothing about later runs.
+        self.uncaught.clear()
+        if sys.excepthook == self.note_uncaught:
+            sys.excepthook = self._previous_hook
+            self._hook_in_chain = False
+        # Otherwise someone set a hook after ours that may still call ours: it stays in their chain,
+        # passing every exception on, and is reused (not wrapped again) by the next run.
+
+    def note_uncaught(self, kind: type[BaseException], value: BaseException, traceback: Optional[TracebackType]) -> None:
+        if self.open:
+            self.uncaught.append(value)
+        self._previous_hook(kind, value, traceback)
+
+    def close_open_recorders(self) -> None:
+        """At interpreter exit, flush every open recorder; an uncaught exception marks its runs failed.
+
+        Ctrl-C (an uncaught KeyboardInterrupt) is the user stopping the run, not the run failing: ``interrupted``.
+        """
+        with self._lock:
+            self._exiting = True
+            if not self.uncaught:
+                status = runs.FINISHED
+            elif all(isinstance(exc, KeyboardInterrupt) for exc in self.uncaught):
+                status = runs.INTERRUPTED
+            else:
+                status = runs.FAILED
+            recorders = list(self.open)
+        for recorder in recorders:
+            recorder.close(status=status)
+
+
+_EXIT = _ExitHandling()

@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import IO, Any, Mapping, Optional
 
 from . import schema
 
@@ -200,8 +200,8 @@ def effective_status(meta: Mapping[str, Any], now: Optional[float] = None, stale
         return status
     now = time.time() if now is None else float(now)
     limit = stale_after_default() if stale_after is None else float(stale_after)
-    beats = [meta.get(key) for key in ("heartbeat", "updated", "created")]
-    beats = [float(b) for b in beats if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)]
+    recorded = [meta.get(key) for key in ("heartbeat", "updated", "created")]
+    beats = [float(b) for b in recorded if isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)]
     # A time far in the future (a hostile or corrupted run.json) proves nothing; slight skew between
     # machines sharing the runs root is tolerated up to the threshold itself.
     beats = [b for b in beats if b - now <= limit]
@@ -243,7 +243,7 @@ class WriterLock:
 
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / self.FILE_NAME
-        self._handle = None
+        self._handle: Optional[IO[str]] = None
 
     def acquire(self) -> None:
         try:
