@@ -74,3 +74,48 @@ def rank_dir_name(rank: int) -> str:
 def part_file_name(sequence: int) -> str:
     """Name of the ``sequence``-th part file of a rank; zero-padded so names sort in write order."""
     return f"{PART_PREFIX}{int(sequence):06d}{PART_SUFFIX}"
+
+
+def compacted_part_file_name(first: int, last: int) -> str:
+    """Name of a part file that holds, merged, the rows of part files ``first`` to ``last`` (inclusive)."""
+    if not 0 < int(first) <= int(last):
+        raise ValueError(f"a compacted part file covers sequences first <= last, got {first}..{last}")
+    return f"{PART_PREFIX}{int(first):06d}-{int(last):06d}{PART_SUFFIX}"
+
+
+def part_file_range(name: str) -> tuple[int, int] | None:
+    """The sequences a part file's name says it holds: ``part-000007.parquet`` -> (7, 7),
+    ``part-000001-000050.parquet`` -> (1, 50); None for any other name."""
+    if not (name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)):
+        return None
+    fields = name[len(PART_PREFIX) : -len(PART_SUFFIX)].split("-")
+    if not 1 <= len(fields) <= 2 or not all(f.isascii() and f.isdigit() for f in fields):
+        return None
+    first, last = int(fields[0]), int(fields[-1])
+    return (first, last) if 0 < first <= last else None
+
+
+def live_part_files(names: list[str]) -> tuple[list[str], list[str]]:
+    """The part files a reader must read, each row exactly once, in sequence order, and the part files
+    that overlap them partially (left out; the caller reports them).
+
+    Compaction writes the merged file under its covering name (temporary name, then an atomic rename)
+    and only then deletes the files it merged. A file whose range lies inside another file's range is
+    therefore already counted there and is left out, so a reader at any moment of a compaction, or after
+    a crash in the middle of one, sees every row once: the originals until the rename, the merged file
+    after it. A file that overlaps another without lying inside it is never written by the recorder;
+    it is left out rather than counted twice. Names that are not part files are ignored.
+    """
+    ranged = sorted(((r, n) for n in names if (r := part_file_range(n)) is not None), key=lambda item: (item[0][0], -item[0][1], item[1]))
+    live: list[str] = []
+    overlapping: list[str] = []
+    covered_to = 0
+    for (first, last), name in ranged:
+        if last <= covered_to:
+            continue  # inside a file already taken: its rows are read there
+        if first <= covered_to:
+            overlapping.append(name)
+            continue
+        live.append(name)
+        covered_to = last
+    return live, overlapping
