@@ -33,9 +33,16 @@ def _y(field: str, title: str, log: bool, zero: bool = False) -> alt.Y:
     return alt.Y(f"{field}:Q", title=title, scale=scale)
 
 
+#: Width of one row of panels, axes included: the main column of a wide page beside the sidebar in a
+#: 1440-1500 px browser window, so that three runs side by side are not cut off.
+ROW_WIDTH = 980
+#: What a panel needs besides its plot: the y axis' labels and title, and the spacing to the next panel.
+PANEL_CHROME = 75
+
+
 def panel_width(panels: int) -> int:
-    """Panels of one row share about 1100 px."""
-    return max(240, min(PANEL_WIDTH, 1100 // max(panels, 1) - 40))
+    """The plot width of each of ``panels`` panels in one row."""
+    return max(180, min(PANEL_WIDTH, ROW_WIDTH // max(panels, 1) - PANEL_CHROME))
 
 
 def _tooltip(value_title: str) -> list:

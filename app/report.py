@@ -6,10 +6,12 @@ The Vega, Vega-Lite and Vega-Embed scripts are inlined (``vl-convert``), so the 
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import altair as alt
+import pandas as pd
 
 from gradnorm.toolkit import analysis
 
@@ -17,17 +19,23 @@ from . import _charts as charts
 
 MAX_POINTS = 500
 
+#: What the chart builders return: one panel per run side by side, or the overfitting view's rows.
+Chart = Union[alt.HConcatChart, alt.VConcatChart]
+PathLike = Union[str, os.PathLike]
 
-def build_charts(root, run_ids: Sequence[str]) -> list[tuple[str, alt.TopLevelMixin]]:
+
+def build_charts(root: PathLike, run_ids: Sequence[str]) -> list[tuple[str, Chart]]:
     """(title, chart) in the app's order: weights, gradient norms, loss ratios, balance, overfitting."""
     run_ids = list(run_ids)
-    tasks = sorted({t for r in run_ids for t in analysis.catalog.load_run_files(root, r).meta.get("tasks", [])}, key=charts.natural_key)
-    averages, windows = {}, {}
+    averages: dict[str, pd.DataFrame] = {}
+    windows: dict[str, tuple[int, int]] = {}
     for run_id in run_ids:
         average = analysis.weight_average(root, run_id)
         averages[run_id], windows[run_id] = average.table, (average.start_step, average.end_step)
+    # E_t[w_i]'s table has one row per recorded task, in the run's order.
+    tasks = sorted({str(t) for table in averages.values() for t in table["task"]}, key=charts.natural_key)
     weights = analysis.metric_series(root, run_ids, "balancer_weight", max_points=MAX_POINTS)
-    found = [("Task weights w_i(t) and E_t[w_i]", charts.weights_chart(weights, averages, windows, tasks=tasks))]
+    found: list[tuple[str, Chart]] = [("Task weights w_i(t) and E_t[w_i]", charts.weights_chart(weights, averages, windows, tasks=tasks))]
     norms = analysis.metric_series(root, run_ids, "grad_norm", max_points=MAX_POINTS)
     targets = analysis.metric_series(root, run_ids, "target_norm", max_points=MAX_POINTS)
     if len(norms):
@@ -44,7 +52,7 @@ def build_charts(root, run_ids: Sequence[str]) -> list[tuple[str, alt.TopLevelMi
     return found
 
 
-def write_report(root, run_ids: Sequence[str], out_path) -> Path:
+def write_report(root: PathLike, run_ids: Sequence[str], out_path: PathLike) -> Path:
     """Write the report for ``run_ids`` under ``root`` to ``out_path``."""
     if not run_ids:
         raise ValueError("name at least one run to report on")

@@ -1,9 +1,12 @@
 """The GradNorm runs app: balance and overfitting, live and after the fact, and the weights to take home.
 
-    streamlit run app -- --root runs/     (or: gradnorm app --root runs/)
+    streamlit run app                      (from a checkout; Streamlit runs a folder's streamlit_app.py)
+    streamlit run app -- --root runs/
+    gradnorm app [--root runs/]            (the same file, from the installed package)
 
-Opens on the bundled ``sample_runs/`` without arguments (``$GRADNORM_RUNS_ROOT`` overrides). Reads runs
-only through ``toolkit.analysis``; the charts come from ``app.charts``.
+The runs root is resolved as everywhere else (``gradnorm.toolkit.analysis.resolve_runs_root``): ``--root``,
+then ``$GRADNORM_RUNS_ROOT``, then ``./runs`` when it exists, then the bundled sample runs; the page says
+which one it shows and why. Runs are read only through ``gradnorm.toolkit.analysis``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, TypeVar
 
 import pandas as pd
 import streamlit as st
@@ -21,10 +24,29 @@ import streamlit as st
 from gradnorm.app import _charts as charts
 from gradnorm.app import _data as data
 from gradnorm.app._smoothing import smooth_series
-from gradnorm.toolkit import analysis, runs
+from gradnorm.toolkit import analysis
 
 LIVE_REFRESH_SECONDS = 5.0
-USER_ERRORS = (analysis.AnalysisError, runs.RunError, FileNotFoundError, PermissionError, ValueError)
+USER_ERRORS = (analysis.AnalysisError, analysis.RunError, FileNotFoundError, PermissionError, ValueError)
+TYPED_IN_SIDEBAR = "typed in the sidebar"
+
+T = TypeVar("T")
+
+
+def _or(value: Optional[T], default: T) -> T:
+    """A widget's value; Streamlit types single-choice widgets as optional although one with options and an
+    index always holds one."""
+    return default if value is None else value
+
+
+def _text(text: str) -> str:
+    """``text`` shown literally in Streamlit Markdown, where a pair of ``$`` would start LaTeX."""
+    return text.replace("$", "\\$")
+
+
+def _code(text: object) -> str:
+    """A path or command as a Markdown code span (where ``$`` is literal already)."""
+    return "`" + str(text).replace("`", "'") + "`"
 
 
 @dataclass
@@ -37,36 +59,52 @@ class Controls:
     max_points: int
 
 
-def root_from_arguments() -> str:
+def root_from_arguments(argv: Sequence[str]) -> analysis.RunsRoot:
+    """The root named after ``--`` (``streamlit run app -- --root runs/``), else the shared fallbacks."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--root", default=None)
-    known, _ = parser.parse_known_args(sys.argv[1:])
-    return str(known.root or analysis.default_runs_root())
+    known, _ = parser.parse_known_args(list(argv))
+    return analysis.resolve_runs_root(known.root)
 
 
-def choose_root() -> str:
-    default = root_from_arguments()
-    return st.sidebar.text_input("Runs root", value=default, help="A folder of run directories (each with run.json and metrics/)").strip() or default
+def choose_root(argv: Sequence[str]) -> analysis.RunsRoot:
+    """The resolved root, or another one typed in the sidebar."""
+    resolved = root_from_arguments(argv)
+    shown = str(resolved.path.absolute())
+    typed = st.sidebar.text_input("Runs root", value=shown, help="A folder of run directories (each with run.json and metrics/)").strip()
+    if typed and typed != shown:
+        return analysis.RunsRoot(Path(typed).expanduser(), TYPED_IN_SIDEBAR)
+    return analysis.RunsRoot(Path(shown), resolved.reason)
 
 
-def run_table(root: str) -> Optional[pd.DataFrame]:
-    if not Path(root).is_dir():
-        st.error(f"Runs root {root} does not exist or is not a folder. Choose another in the sidebar.")
+def show_root(root: analysis.RunsRoot) -> None:
+    st.caption(f"Runs root: {_code(root.path)} — {_text(root.reason)}")
+
+
+def run_table(root: analysis.RunsRoot) -> Optional[pd.DataFrame]:
+    folder = str(root.path)
+    if not root.path.is_dir():
+        how = (
+            "Type another folder in the sidebar."
+            if root.reason == TYPED_IN_SIDEBAR
+            else "Pass another with `--root`, set $GRADNORM_RUNS_ROOT, or type one in the sidebar."
+        )
+        st.error(f"Runs root {_code(folder)} does not exist or is not a folder ({_text(root.reason)}). {_text(how)}")
         return None
     try:
-        listing = data.list_runs(root, data.listing_signature(root))
+        listing = data.list_runs(folder, data.listing_signature(folder))
     except USER_ERRORS as exc:
-        st.error(f"Cannot list the runs under {root}: {exc}")
+        st.error(f"Cannot list the runs under {_code(folder)}: {_text(str(exc))}")
         return None
     if listing.empty:
-        st.info(f"No runs under {root} yet. Record one with gradnorm.attach(..., runs_root=...) or `gradnorm demo --runs-root {root}`.")
+        st.info(f"No runs under {_code(folder)} yet. Record one with `gradnorm.attach(..., runs_root=...)` or {_code(f'gradnorm demo --runs-root {folder}')}.")
         return None
     return listing
 
 
 def default_selection(listing: pd.DataFrame) -> list[str]:
     """The runs that share the tasks of the first GradNorm run (e.g. equal vs GradNorm vs retrained)."""
-    usable = listing[listing["status"] != analysis.catalog.INVALID]
+    usable = listing[listing["status"] != analysis.INVALID]
     if usable.empty:
         return []
     gradnorm = usable[usable["balancer"] == "gradnorm"]
@@ -80,7 +118,7 @@ def sidebar_controls(listing: pd.DataFrame) -> tuple[list[str], Controls]:
     options = list(listing["run_id"])
     selected = sidebar.multiselect("Runs", options, default=default_selection(listing), help="Shown side by side")
     smoothing = sidebar.slider("Smoothing (TensorBoard EMA)", 0.0, 0.99, 0.6, 0.01)
-    x = sidebar.radio("x axis", ["step", "wall_time"], format_func=lambda v: charts.X_TITLES[v], horizontal=True)
+    x = _or(sidebar.radio("x axis", ["step", "wall_time"], format_func=lambda v: charts.X_TITLES[v], horizontal=True), "step")
     log = sidebar.checkbox("Log scale", value=False)
     chosen = listing[listing["run_id"].isin(selected)]
     last = int(chosen["last_step"].dropna().max()) if len(chosen) and chosen["last_step"].notna().any() else 0
@@ -98,7 +136,7 @@ def sidebar_controls(listing: pd.DataFrame) -> tuple[list[str], Controls]:
 def show_problems(listing: pd.DataFrame, selected: list[str]) -> None:
     rows = listing[listing["run_id"].isin(selected)]
     found = [problem for problems in rows["problems"] for problem in problems]
-    invalid = rows[rows["status"] == analysis.catalog.INVALID]["run_id"].tolist()
+    invalid = rows[rows["status"] == analysis.INVALID]["run_id"].tolist()
     if found:
         with st.expander(f"{len(found)} file(s) left out as damaged or unreadable", expanded=bool(invalid)):
             for problem in found:
@@ -164,7 +202,7 @@ def norms_tab(root: str, selected: list[str], controls: Controls, signature: tup
 
 
 def overfitting_tab(root: str, selected: list[str], controls: Controls, signature: tuple, task_names: list[str]) -> None:
-    run_id = st.selectbox("Run", selected, key="overfitting_run")
+    run_id = _or(st.selectbox("Run", selected, key="overfitting_run"), selected[0])
     frame, onsets = data.overfitting(root, run_id, controls.max_points, signature)
     if controls.tasks is not None:
         frame = frame[frame["task"].isin(controls.tasks)]
@@ -188,7 +226,7 @@ def balance_tab(root: str, selected: list[str], controls: Controls, signature: t
 
 
 def export_tab(root: str, selected: list[str], signature: tuple) -> None:
-    run_id = st.selectbox("Run to export", selected, index=_first_gradnorm(root, selected), key="export_run")
+    run_id = _or(st.selectbox("Run to export", selected, index=_first_gradnorm(selected), key="export_run"), selected[0])
     average = data.weight_average(root, run_id, None, signature)
     start, end = average["window"]
     low, high = st.slider("Averaging window (steps)", start if start == end else 0, end, (start, end), key="export_window")
@@ -205,7 +243,7 @@ def export_tab(root: str, selected: list[str], signature: tuple) -> None:
     )
 
 
-def _first_gradnorm(root: str, selected: list[str]) -> int:
+def _first_gradnorm(selected: list[str]) -> int:
     for index, run_id in enumerate(selected):
         if "gradnorm" in run_id:
             return index
@@ -224,33 +262,35 @@ def render(root: str, listing: pd.DataFrame, selected: list[str], controls: Cont
         "Export weights": lambda: export_tab(root, selected, signature),
     }
     # One view at a time: only what is on screen is queried (tabs would run every view on each rerun).
-    view = st.radio("View", list(sections), horizontal=True, key="view", label_visibility="collapsed")
+    views = list(sections)
+    view = _or(st.radio("View", views, horizontal=True, key="view", label_visibility="collapsed"), views[0])
     try:
         sections[view]()
     except USER_ERRORS as exc:
         st.warning(str(exc))
 
 
-def main() -> None:
+def main(argv: Sequence[str]) -> None:
     st.set_page_config(page_title="GradNorm runs", layout="wide")
     st.title("GradNorm runs")
-    root = choose_root()
-    listing = run_table(root)
+    chosen = choose_root(argv)
+    show_root(chosen)
+    listing = run_table(chosen)
     if listing is None:
         return
+    root = str(chosen.path)
     selected, controls = sidebar_controls(listing)
-    st.caption(f"Runs root: {root}")
     if not selected:
         st.info("Choose one or more runs in the sidebar.")
         return
     show_problems(listing, selected)
-    invalid = set(listing[listing["status"] == analysis.catalog.INVALID]["run_id"])
+    invalid = set(listing[listing["status"] == analysis.INVALID]["run_id"])
     usable = [r for r in selected if r not in invalid]
     for run_id in sorted(set(selected) & invalid):
         st.error(f"Run {run_id} cannot be read: {'; '.join(listing[listing['run_id'] == run_id]['problems'].iloc[0])}")
     if not usable:
         return
-    live = bool((listing[listing["run_id"].isin(usable)]["status"] == runs.RUNNING).any())
+    live = bool((listing[listing["run_id"].isin(usable)]["status"] == analysis.RUNNING).any())
     if live:
         st.caption(f"A run is still being written: refreshing every {LIVE_REFRESH_SECONDS:.0f} s.")
         st.fragment(run_every=LIVE_REFRESH_SECONDS)(render)(root, listing, usable, controls)
@@ -258,4 +298,5 @@ def main() -> None:
         render(root, listing, usable, controls)
 
 
-main()
+# Streamlit runs this file as a script, with the arguments after `--` in sys.argv[1:].
+main(sys.argv[1:])

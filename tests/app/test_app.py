@@ -1,11 +1,13 @@
 """The Streamlit app through ``AppTest``: it starts on the bundled runs, its charts carry the right specs
-and data (checked against the analysis functions), the controls change what is drawn, and bad runs
-roots or runs give a message, never a traceback."""
+and data (checked against the analysis functions), the controls change what is drawn, the page names the
+runs root and why it was chosen (``-- --root``, ``$GRADNORM_RUNS_ROOT``, ``./runs``, the bundled runs), and
+bad runs roots or runs give a message, never a traceback."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,15 +18,27 @@ from streamlit.testing.v1 import AppTest
 from gradnorm.toolkit import analysis, runs
 
 APP = Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py"
-SAMPLE = analysis.default_runs_root()
+SAMPLE = analysis.bundled_runs_root()
 
 
-def start(monkeypatch, root: Path | None = None) -> AppTest:
+def start(monkeypatch, root: Path | None = None, *, argv: tuple[str, ...] = ()) -> AppTest:
+    """The app on ``root`` (through $GRADNORM_RUNS_ROOT), run with ``argv`` after ``--``.
+
+    AppTest runs the script in this process, so the script finds the arguments ``streamlit run app --
+    ...`` would give it in ``sys.argv``, never pytest's own."""
     if root is not None:
         monkeypatch.setenv("GRADNORM_RUNS_ROOT", str(root))
     else:
         monkeypatch.delenv("GRADNORM_RUNS_ROOT", raising=False)
+        if Path("runs").is_dir():  # ./runs in the working folder would be chosen before the bundled runs
+            monkeypatch.setenv("GRADNORM_RUNS_ROOT", str(SAMPLE))
+    monkeypatch.setattr(sys, "argv", [str(APP), *argv])
     return AppTest.from_file(str(APP), default_timeout=120).run()
+
+
+def root_caption(at: AppTest) -> str:
+    (caption,) = [c.value for c in at.caption if c.value.startswith("Runs root:")]
+    return caption
 
 
 def chart_specs(at: AppTest) -> list[tuple[dict, dict[str, pd.DataFrame]]]:
@@ -142,10 +156,61 @@ def test_export_tab_offers_the_same_document_as_gradnorm_export(monkeypatch):
     assert dict(zip(weights["task"], weights["weight"])) == pytest.approx(expected["weights"], rel=1e-12)
 
 
+def test_without_arguments_the_page_names_the_bundled_runs(monkeypatch, tmp_path):
+    monkeypatch.delenv("GRADNORM_RUNS_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./runs here
+    monkeypatch.setattr(sys, "argv", [str(APP)])
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    no_failure(at)
+    caption = root_caption(at)
+    assert f"`{SAMPLE}`" in caption and "the bundled sample runs" in caption
+    assert at.sidebar.text_input[0].value == str(SAMPLE)
+    assert len(at.get("vega_lite_chart")) == 1
+
+
+def test_root_after_the_separator_is_shown_and_wins_over_the_environment(monkeypatch, tmp_path):
+    copy_run(tmp_path, "toy-T2-gradnorm")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    at = start(monkeypatch, elsewhere, argv=("--root", str(tmp_path)))
+    no_failure(at)
+    assert root_caption(at) == f"Runs root: `{tmp_path}` — given with --root"
+    assert at.multiselect[0].value == ["toy-T2-gradnorm"]
+    assert at.get("vega_lite_chart")
+
+
+def test_environment_then_local_runs_are_named_as_the_reason(monkeypatch, tmp_path):
+    at = start(monkeypatch, SAMPLE)
+    assert "from \\$GRADNORM_RUNS_ROOT" in root_caption(at)  # escaped: a pair of $ would start LaTeX
+    project = tmp_path / "project"
+    copy_run(project / "runs", "toy-T2-equal")
+    monkeypatch.delenv("GRADNORM_RUNS_ROOT")
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "argv", [str(APP)])
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    no_failure(at)
+    assert root_caption(at) == f"Runs root: `{project / 'runs'}` — ./runs in the working folder"
+    assert at.multiselect[0].value == ["toy-T2-equal"]
+
+
 def test_a_missing_root_is_a_message(monkeypatch, tmp_path):
     at = start(monkeypatch, tmp_path / "nowhere")
     no_failure(at)
     assert any("does not exist" in e.value for e in at.error)
+
+
+def test_a_missing_root_after_the_separator_is_a_message_naming_it(monkeypatch, tmp_path):
+    missing = tmp_path / "no-such-runs"
+    at = start(monkeypatch, argv=("--root", str(missing)))
+    no_failure(at)
+    (error,) = [e.value for e in at.error]
+    assert f"`{missing}` does not exist or is not a folder (given with --root)" in error
+    assert not at.get("vega_lite_chart")
+    # another root typed in the sidebar replaces it, and the page says so
+    at.sidebar.text_input[0].set_value(str(SAMPLE)).run()
+    no_failure(at)
+    assert root_caption(at) == f"Runs root: `{SAMPLE}` — typed in the sidebar"
+    assert not at.error and at.get("vega_lite_chart")
 
 
 def test_an_empty_root_is_a_message(monkeypatch, tmp_path):
@@ -154,9 +219,9 @@ def test_an_empty_root_is_a_message(monkeypatch, tmp_path):
     assert any("No runs under" in i.value for i in at.info)
 
 
-def copy_run(tmp_path: Path, run_id: str) -> Path:
-    shutil.copytree(SAMPLE / run_id, tmp_path / run_id)
-    return tmp_path / run_id
+def copy_run(root: Path, run_id: str) -> Path:
+    shutil.copytree(SAMPLE / run_id, root / run_id)
+    return root / run_id
 
 
 def test_damaged_files_invalid_runs_and_missing_validation_are_explained(monkeypatch, tmp_path):

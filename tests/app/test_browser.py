@@ -1,23 +1,20 @@
 """The app and the HTML report in a real browser: Debian's chromium driven by playwright.
 
-Never a downloaded browser: chromium is launched from /usr/bin/chromium. The Streamlit server binds to
-127.0.0.1 on a free port and is always stopped. Screenshots are kept under the test's tmp dir.
+Never a downloaded browser: chromium is launched from /usr/bin/chromium. The app is the one users start,
+``streamlit run app`` from the repository root and the installed package's app folder from a project with
+an ``app/`` and ``app.py`` of its own (``tests/app/conftest.py``), bound to 127.0.0.1 on a free port and
+always stopped. Screenshots are kept under the test's tmp dir.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.app.conftest import USER_MARKER, Served
+
 CHROMIUM = Path("/usr/bin/chromium")
-APP = Path(__file__).resolve().parents[2] / "app" / "streamlit_app.py"
 BROWSER_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -36,80 +33,48 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def app_url(tmp_path):
-    port = free_port()
-    env = dict(os.environ, GRADNORM_RUNS_ROOT="", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
-    env.pop("GRADNORM_RUNS_ROOT")
-    log = open(tmp_path / "streamlit.log", "w")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            str(APP),
-            "--server.address",
-            "127.0.0.1",
-            "--server.port",
-            str(port),
-            "--server.headless",
-            "true",
-            "--browser.gatherUsageStats",
-            "false",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"streamlit did not start: {(tmp_path / 'streamlit.log').read_text()}")
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-
-
 def launch(play):
     return play.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
 
 
-def test_the_app_renders_its_charts_in_chromium(app_url, tmp_path):
+def first_view(served: Served, screenshot: Path) -> str:
+    """Open the app, wait for the first view's chart and for the script to finish; the page's text."""
     with playwright_api.sync_playwright() as play:
         browser = launch(play)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            page.goto(app_url, wait_until="domcontentloaded")
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(served.server.url, wait_until="domcontentloaded")
             page.wait_for_selector("[data-testid='stVegaLiteChart'] canvas, [data-testid='stVegaLiteChart'] svg", timeout=60_000)
             # Streamlit marks the app as running while the script runs; wait until it is done.
             page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
-            charts = page.locator("[data-testid='stVegaLiteChart']")
-            assert charts.count() >= 1
+            assert page.locator("[data-testid='stVegaLiteChart']").count() >= 1
             assert page.locator("[data-testid='stException']").count() == 0
-            assert "GradNorm runs" in page.inner_text("body")
-            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            assert not errors, errors
+            page.screenshot(path=str(screenshot), full_page=True)
+            text = page.inner_text("body")
         finally:
             browser.close()
-    assert (tmp_path / "app.png").stat().st_size > 10_000
+    assert screenshot.stat().st_size > 10_000
+    return text
+
+
+def check_first_view(served: Served, text: str) -> None:
+    assert "GradNorm runs" in text
+    # the page names the root it shows and why
+    assert f"Runs root: {served.runs_root}" in text and served.reason in text, text[:500]
+    assert "Traceback" not in text
+
+
+def test_streamlit_run_app_draws_its_first_view_in_chromium(repo_app: Served, tmp_path: Path) -> None:
+    check_first_view(repo_app, first_view(repo_app, tmp_path / "app.png"))
+
+
+def test_the_installed_app_is_served_not_the_projects_own_app(scratch_app: Served, tmp_path: Path) -> None:
+    text = first_view(scratch_app, tmp_path / "app.png")
+    check_first_view(scratch_app, text)
+    assert USER_MARKER not in text and USER_MARKER not in scratch_app.server.log()
 
 
 def test_the_report_opens_offline_and_draws(tmp_path):

@@ -4,9 +4,14 @@ Every function takes a runs root (a folder of run directories) first; ``default_
 ``$GRADNORM_RUNS_ROOT``, else ``./runs`` when it exists, else the bundled sample runs (see
 ``resolve_runs_root``). Damaged part files are left out and reported by
 ``problems()`` (and in ``list_runs()``), never fail a query. User values reach SQL only as parameters.
+
+``RunError`` (a bad run id or run.json), ``RUNNING`` and ``INVALID`` (values of ``list_runs()``'s
+``status``) are re-exported so that readers of runs, such as the app, need nothing below this API.
 """
 
-from .catalog import RunsRoot, bundled_runs_root, default_runs_root, list_runs, problems, resolve_runs_root, run_ids
+from gradnorm.toolkit.runs import RUNNING, RunError
+
+from .catalog import INVALID, RunsRoot, bundled_runs_root, default_runs_root, list_runs, problems, resolve_runs_root, run_ids
 from .export import export_weights
 from .overfitting import overfitting, overfitting_onsets
 from .series import balance_series, balance_summary, metric_series
@@ -16,6 +21,9 @@ from .weights import WeightAverage, weight_average
 
 __all__ = [
     "AnalysisError",
+    "INVALID",
+    "RUNNING",
+    "RunError",
     "RunsRoot",
     "bundled_runs_root",
     "resolve_runs_root",
