@@ -49,6 +49,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -339,9 +340,9 @@ def to_markdown(results: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _shorten(note: str, limit: int = 240) -> str:
-    """A note with its long lists (40 head names) cut, so the table stays readable."""
-    return note if len(note) <= limit else note[: limit - 25] + " ... " + note[-20:]
+def _shorten(note: str) -> str:
+    """A note with runs of one name (the 40 heads' class names) written once with their count."""
+    return re.sub(r"\b(\w+)(?:, \1\b){2,}", lambda run: f"{run.group(1)} x {run.group(0).count(run.group(1))}", note)
 
 
 def _version(module: str) -> str:
