@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,8 +22,11 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
-#: The ``streamlit`` console script of this interpreter's environment, the one ``streamlit run`` starts.
+#: The ``streamlit`` console script a user's shell runs: this interpreter's own, else the first on PATH (a
+#: virtual environment made with --system-site-packages has the package but not the script).
 STREAMLIT = Path(sys.executable).with_name("streamlit")
+if not STREAMLIT.exists() and shutil.which("streamlit"):
+    STREAMLIT = Path(str(shutil.which("streamlit")))
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
 
