@@ -1,7 +1,13 @@
 """One run = one directory: ``<root>/<run_id>/run.json`` plus Parquet parts under ``metrics/``.
 
 ``run.json`` is always replaced atomically (write a temporary file, then ``os.replace``), so a reader
-never sees half of it.
+never sees half of it. Its last version, written when the run closes, goes into space reserved when the
+recorder started (:func:`reserve_space`), so a disk that filled up during the run still gets the final
+status and row counts.
+
+Before a run's first step the session checks the runs root (:func:`check_runs_root`: a directory, writable,
+with room) and claims the run's directory (:func:`reserve_run`: one ``mkdir``, so two jobs started in the
+same second get different default names and a taken name is refused before training starts).
 
 A process killed with SIGKILL cannot mark its run: ``run.json`` keeps saying ``running``. The recorder
 therefore refreshes a ``heartbeat`` time in it while it lives, and :func:`effective_status` reads a
@@ -10,11 +16,13 @@ therefore refreshes a ``heartbeat`` time in it while it lives, and :func:`effect
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import platform
 import re
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -70,6 +78,54 @@ def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
         raise
 
 
+def reserve_space(path: str | os.PathLike, size: int) -> Path:
+    """Allocate ``size`` bytes now for a later rewrite of ``path`` (``.<name>.reserve`` beside it).
+
+    The bytes are written and fsynced, so the file system has given them to the file; rewriting them
+    later (:func:`write_json_reserved`) needs no new space on file systems that overwrite in place (ext4,
+    xfs, tmpfs). Raises ``OSError`` (nothing left behind) when the space is not there.
+    """
+    path = Path(path)
+    reserve = path.parent / f".{path.name}.reserve"
+    fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        chunk = b" " * min(size, 1 << 16)
+        left = size
+        while left > 0:
+            left -= os.write(fd, chunk[:left])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(reserve)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    return reserve
+
+
+def write_json_reserved(path: str | os.PathLike, payload: Mapping[str, Any], reserve: Optional[Path]) -> None:
+    """Replace ``path`` with ``payload`` written into the space :func:`reserve_space` set aside, then renamed
+    over ``path`` (atomic, as :func:`write_json_atomic`); the reserve is used up. Without a reserve (or
+    when it is gone) this is :func:`write_json_atomic`."""
+    path = Path(path)
+    if reserve is None or not reserve.exists():
+        write_json_atomic(path, payload)
+        return
+    data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode("utf-8")
+    fd = os.open(reserve, os.O_WRONLY)  # no O_TRUNC: the reserved blocks stay with the file
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.ftruncate(fd, len(data))  # shrinking frees blocks, it never needs any
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(reserve, path)
+
+
 def library_versions() -> dict[str, str]:
     """Versions that decide how a run's numbers were produced."""
     import pyarrow
@@ -105,17 +161,23 @@ class RunInfo:
 def create_run(root: str | os.PathLike, run_id: str, meta: Mapping[str, Any]) -> Path:
     """Create ``<root>/<run_id>`` and its ``run.json`` with status ``running``.
 
-    Raises :class:`RunError` if the run already exists: records are never overwritten.
+    A directory this process claimed with :func:`reserve_run` is filled; any other existing one raises
+    :class:`RunError`: records are never overwritten. A run that cannot be written (read-only, full) is a
+    :class:`RunError` naming the cause, and leaves no folder behind that would take the name.
     """
     validate_run_id(run_id)
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    _make_root(root)
     path = root / run_id
     try:
         path.mkdir()
+        reserved = False
     except FileExistsError:
-        raise RunError(f"run {run_id!r} already exists under {root}: choose another name or remove it first") from None
-    (path / schema.METRICS_DIR).mkdir()
+        if not _reserved_here(path):
+            raise RunError(_taken(root, run_id)) from None
+        reserved = True
+    except OSError as exc:
+        raise RunError(f"cannot create run {run_id!r} under {root} ({_reason(exc)})") from None
     now = time.time()
     payload = dict(meta)
     payload.update(
@@ -126,8 +188,224 @@ def create_run(root: str | os.PathLike, run_id: str, meta: Mapping[str, Any]) ->
         updated=now,
         versions=library_versions(),
     )
-    write_json_atomic(path / schema.RUN_FILE, payload)
+    try:
+        (path / schema.METRICS_DIR).mkdir(exist_ok=reserved)
+        write_json_atomic(path / schema.RUN_FILE, payload)
+    except OSError as exc:
+        if not reserved:  # (a claimed folder stays claimed; its session releases it)
+            for leftover in (path / schema.METRICS_DIR, path):
+                try:
+                    leftover.rmdir()
+                except OSError:
+                    pass
+        raise RunError(f"cannot create run {run_id!r} under {root} ({_reason(exc)}); free some space or choose another runs_root") from None
+    if reserved:
+        _remove(path / RESERVATION_FILE)
     return path
+
+
+# -- the runs root and the run's name, checked and claimed before the first step ----------------------------
+#: What a runs root must have free: a run's run.json, its reserve and its first part files.
+MIN_FREE_BYTES = 1 << 20
+#: Written into a run directory claimed by :func:`reserve_run` until :func:`create_run` fills it.
+RESERVATION_FILE = ".reserved"
+#: Default names taken in the same second get ``-2``, ``-3``, ... up to this many.
+MAX_NAME_ATTEMPTS = 1000
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return exc.strerror or str(exc)
+
+
+def _first_non_directory(path: Path) -> Optional[Path]:
+    """``path`` or the nearest of its parents that exists (or is a link) but is not a directory."""
+    for candidate in (path, *path.parents):
+        if candidate.is_symlink() and not candidate.exists():
+            return candidate
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def _make_root(root: Path) -> None:
+    blocker = _first_non_directory(root)
+    if blocker is not None:
+        what = "a broken symbolic link" if blocker.is_symlink() and not blocker.exists() else "a file, not a directory"
+        where = f"{blocker} is {what}" if blocker == root else f"{blocker}, on its path, is {what}"
+        raise RunError(f"runs root {root} cannot be used: {where}; choose another runs_root")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"runs root {root} cannot be created ({_reason(exc)}); choose another runs_root") from None
+
+
+def _free_bytes(path: Path) -> int:
+    stats = os.statvfs(path)
+    blocks = stats.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else stats.f_bavail
+    return int(blocks) * int(stats.f_frsize)
+
+
+def check_runs_root(root: str | os.PathLike, min_free_bytes: int = MIN_FREE_BYTES) -> Path:
+    """The runs root, created if missing, once it is known to take a run's records; else a :class:`RunError`
+    naming the path and the cause: a file (or a file on its path), a read-only file system, no permission,
+    or less than ``min_free_bytes`` free. Checks by writing (and removing) a small file, since neither the
+    permission bits (root ignores them) nor ``statvfs`` alone tell whether a write will succeed."""
+    path = Path(root).expanduser()
+    created = [p for p in (path, *path.parents) if not (p.exists() or p.is_symlink())]
+    _make_root(path)
+    try:
+        _probe(path, min_free_bytes)
+    except RunError:
+        for folder in created:  # (deepest first) a refused root leaves nothing behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    return path
+
+
+def _probe(path: Path, min_free_bytes: int) -> None:
+    probe_size = min(max(int(min_free_bytes), 0), 1 << 16)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gradnorm-probe-", dir=path)
+    except OSError as exc:
+        raise RunError(f"runs root {path} is not writable ({_reason(exc)}); choose another runs_root") from None
+    try:
+        try:
+            data = b" " * probe_size
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            _remove(Path(probe))
+    except OSError as exc:
+        raise RunError(f"runs root {path} cannot take records ({_reason(exc)}); free some space or choose another runs_root") from None
+    free = _free_bytes(path)
+    if free < min_free_bytes:
+        raise RunError(
+            f"runs root {path} has only {free:,} bytes free (no space left for records; a run needs at least "
+            f"{min_free_bytes:,}); free some space or choose another runs_root"
+        )
+
+
+def _reservation(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        meta = json.loads((path / RESERVATION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reserved_here(path: Path) -> bool:
+    """A directory claimed by this process with :func:`reserve_run` and not yet filled by :func:`create_run`."""
+    meta = _reservation(path)
+    return meta is not None and meta.get("pid") == os.getpid() and meta.get("host") == socket.gethostname() and not (path / schema.RUN_FILE).exists()
+
+
+def _taken(root: Path, run_id: str) -> str:
+    path = root / run_id
+    meta = _reservation(path)
+    if meta is not None and not (path / schema.RUN_FILE).exists():
+        pid, host = meta.get("pid"), meta.get("host")
+        if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+            return (
+                f"run {run_id!r} already exists under {root}: it was claimed by process {pid}, which is no longer running, "
+                f"and holds no records; remove the folder {path} or choose another name"
+            )
+        return f"run {run_id!r} already exists under {root}: another session (process {pid} on {host}) has claimed it for its first step; choose another name"
+    return f"run {run_id!r} already exists under {root}: choose another name or remove it first"
+
+
+def _claim(root: Path, run_id: str) -> Path:
+    """mkdir the run directory and mark it as this process's; FileExistsError if the name is taken."""
+    path = root / run_id
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise RunError(f"cannot create run {run_id!r} under {root} ({_reason(exc)}); choose another runs_root") from None
+    try:
+        marker = {"pid": os.getpid(), "host": socket.gethostname(), "created": time.time()}
+        (path / RESERVATION_FILE).write_text(json.dumps(marker), encoding="utf-8")
+    except OSError as exc:
+        _remove(path / RESERVATION_FILE)
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+        raise RunError(f"cannot create run {run_id!r} under {root} ({_reason(exc)}); free some space or choose another runs_root") from None
+    return path
+
+
+def reserve_run(root: str | os.PathLike, run_name: Optional[str], default_prefix: str, now: Optional[float] = None) -> tuple[str, Path]:
+    """Claim ``<root>/<run id>`` for a run that starts recording at its first step; returns (run id, path).
+
+    The claim is one ``mkdir``, which the file system grants to exactly one process: an explicit
+    ``run_name`` that is already taken (by a run, or by another session's claim) is refused here with a
+    :class:`RunError`; without a name, ``<default_prefix>-%Y%m%d-%H%M%S`` is tried, then the same with
+    ``-2``, ``-3``, ..., so jobs started in the same second get different runs. The directory holds only a
+    ``.reserved`` marker (not listed as a run) until :func:`create_run`, called by the same process, fills
+    it; :func:`release_run` removes a claim whose session never recorded a step.
+    """
+    base_root = Path(root)
+    if run_name is not None:
+        validate_run_id(run_name)
+        try:
+            return run_name, _claim(base_root, run_name)
+        except FileExistsError:
+            raise RunError(_taken(base_root, run_name)) from None
+    stamp = time.strftime(f"{default_prefix}-%Y%m%d-%H%M%S", time.localtime(now))
+    validate_run_id(stamp)
+    for attempt in range(1, MAX_NAME_ATTEMPTS + 1):
+        candidate = stamp if attempt == 1 else f"{stamp}-{attempt}"
+        try:
+            return candidate, _claim(base_root, candidate)
+        except FileExistsError:
+            continue
+    raise RunError(f"no free run name {stamp}[-N] under {base_root} after {MAX_NAME_ATTEMPTS} attempts; pass run_name")
+
+
+def release_run(path: str | os.PathLike) -> bool:
+    """Remove a directory this process claimed with :func:`reserve_run` and never filled (a session closed
+    before its first step), so the name is free again. Returns whether it was removed."""
+    path = Path(path)
+    if not _reserved_here(path):
+        return False
+    _remove(path / RESERVATION_FILE)
+    metrics = path / schema.METRICS_DIR
+    try:
+        if metrics.is_dir():
+            metrics.rmdir()
+        path.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def read_run_json(path: str | os.PathLike) -> dict[str, Any]:
