@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "gradnorm.cli.sweep",
     "gradnorm.cli.app",
     "gradnorm.cli.report",
+    "gradnorm.cli.compact",
 )
 
 
