@@ -8,13 +8,21 @@
   Figures: rows recorded, rows read back, rows lost, failed writes, warnings.
 - :func:`overflow_scenario`: writes keep failing past ``max_pending_rows`` and through the close; every
   dropped row is counted in ``run.json``.
-- :func:`tmpfs_scenario`: a real 64 KiB tmpfs fills up (needs the right to mount; skipped otherwise).
+- :func:`tmpfs_scenario`: a real 1 MiB tmpfs fills up (needs the right to mount; skipped otherwise).
+- :func:`high_rate_kill_scenario`: a child records as fast as it can through a slow writer (and compacts in
+  the background) and is killed with SIGKILL at a random moment. Figures: steps recorded vs read back,
+  each exactly once, against the recorder's stated bound.
+- :func:`compaction_kill_scenario`: ``compact_run`` in a child is killed at a chosen point of a merge
+  (while writing, after the temporary file is complete, after the rename, after the deletes).
+- :func:`full_at_close_scenario`: a real tmpfs filled to the last byte before the run closes.
+- :func:`unusable_root_scenario`: runs roots that are a file, under a file, read-only or full.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -59,13 +67,31 @@ while True:
 """
 
 
-def read_back(run_path: Path) -> Any:
-    """Every complete part file of a run, read in full (a damaged one raises); returns one Arrow table."""
+def live_parts(run_path: Path) -> list[Path]:
+    """The part files a reader takes, by the naming rule alone (``schema.live_part_files``), every rank."""
+    files = []
+    for rank_dir in sorted((Path(run_path) / schema.METRICS_DIR).glob("rank=*")):
+        live, _ = schema.live_part_files(os.listdir(rank_dir))
+        files += [rank_dir / name for name in live]
+    return files
+
+
+def read_back(run_path: Path, attempts: int = 50) -> Any:
+    """Every live part file of a run, read in full with pyarrow (a damaged one raises); one Arrow table.
+
+    Independent of the analysis: the files come from ``schema.live_part_files``. A file deleted between
+    the listing and the read was merged meanwhile (the merged file covers it), so the listing is taken
+    again, as any reader of a run being compacted must.
+    """
     import pyarrow as pa
 
-    parts = sorted((run_path / schema.METRICS_DIR).glob(f"rank=*/{schema.PART_PREFIX}*{schema.PART_SUFFIX}"))
-    tables = [pq.read_table(p) for p in parts]
-    return pa.concat_tables(tables) if tables else schema.METRICS_SCHEMA.empty_table()
+    for _ in range(attempts):
+        try:
+            tables = [pq.read_table(p) for p in live_parts(Path(run_path))]
+        except FileNotFoundError:
+            continue
+        return pa.concat_tables(tables) if tables else schema.METRICS_SCHEMA.empty_table()
+    raise RuntimeError(f"the part files of {run_path} kept changing under {attempts} readings")
 
 
 def kill_scenario(root: Path, flush_every: int = 10, min_parts: int = 4, timeout: float = 60.0) -> dict[str, Any]:
@@ -271,6 +297,368 @@ def tmpfs_scenario(mount_point: Path, steps: int = 400, flush_every: int = 20) -
         }
     finally:
         subprocess.run(["umount", str(mount_point)], capture_output=True)
+
+
+# -- long runs: a slow writer, SIGKILL at a random moment ---------------------------------------------------
+# The child records as fast as it can, every part-file write slowed down by ``delay`` seconds, and appends
+# each step to a progress file once record() has returned for it. Column ``loss`` carries the step number
+# and ``weight`` the task index, so every row read back says which step and task it belongs to. With
+# ``kill_at`` >= 0 the child kills itself with SIGKILL right after recording that step.
+HIGH_RATE_CHILD = r"""
+import os, signal, sys, time, torch
+from gradnorm.toolkit import recorder as recorder_module, schema
+from gradnorm.toolkit.recorder import Recorder
+run_path, progress, flush_every, delay, compact_above, kill_at, tasks = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+real = recorder_module.pq.write_table
+def slow_write(*args, **kwargs):
+    time.sleep(delay)  # a slow or busy disk
+    return real(*args, **kwargs)
+if delay > 0:
+    recorder_module.pq.write_table = slow_write
+names = [f"task{i}" for i in range(tasks)]
+rec = Recorder(run_path, names, flush_every=flush_every, compact_above=compact_above, compact_fanout=4, compact_grace=0.05)
+defined = frozenset(schema.RECORDED_FIELDS) - {"step_update_skipped"}
+matrix = torch.rand(tasks, len(schema.RECORDED_FIELDS), dtype=torch.float64)
+matrix[:, schema.RECORDED_FIELDS.index("weight")] = torch.arange(tasks, dtype=torch.float64)
+loss = schema.RECORDED_FIELDS.index("loss")
+out = os.open(progress, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+step = 0
+started = time.perf_counter()
+while True:
+    matrix[:, loss] = step
+    rec.record(step, matrix, defined)
+    if step % 1000 == 999 or step == kill_at:
+        with open(f"/proc/self/status") as status:
+            rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+        os.write(out, f"{step} {rss} {time.perf_counter() - started:.3f}\n".encode())
+    else:
+        os.write(out, f"{step}\n".encode())
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    step += 1
+"""
+
+
+def check_read_back(run_path: Path, tasks: int) -> dict[str, Any]:
+    """Every row read back (live files, pyarrow) is one (step, task) of a contiguous run of steps from 0."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = read_back(run_path)
+    train = table.filter(pc.equal(table.column("split"), schema.TRAIN))
+    steps = train.column("step").to_numpy()
+    carried = train.column("loss").to_numpy()
+    task_index = train.column("weight").to_numpy()
+    unique, counts = np.unique(steps, return_counts=True)
+    pairs = np.unique(steps * tasks + task_index.astype(np.int64))
+    return {
+        "rows_read_back": train.num_rows,
+        "steps_read_back": int(len(unique)),
+        "steps_contiguous": bool(len(unique) == 0 or (unique[0] == 0 and unique[-1] == len(unique) - 1)),
+        "each_step_once": bool(len(unique) == 0 or (counts.min() == counts.max() == tasks and len(pairs) == train.num_rows)),
+        "values_match_steps": bool(np.array_equal(carried, steps.astype(np.float64))),
+    }
+
+
+def high_rate_kill_scenario(
+    root: Path,
+    *,
+    flush_every: int = 10,
+    delay: float = 0.005,
+    compact_above: int = 12,
+    tasks: int = 10,
+    kill_after: Optional[float] = None,
+    kill_at: int = -1,
+    min_steps: int = 500,
+    seed: int = 0,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Record at full speed in a child through a slow writer; SIGKILL it ``kill_after`` seconds (random if
+    None) after it has recorded ``min_steps`` steps, or let it kill itself right after step ``kill_at``; compare."""
+    root = Path(root)
+    name = f"fast-{seed}"
+    run_path = runs.create_run(root, name, {"tasks": [f"task{i}" for i in range(tasks)], "balancer": {"name": "synthetic"}, "mode": "balance"})
+    progress = root / f"{name}.progress"
+    wait = random.Random(seed).uniform(0.0, 2.0) if kill_after is None else kill_after
+    args = [str(run_path), str(progress), str(flush_every), str(delay), str(compact_above), str(kill_at), str(tasks)]
+    child = subprocess.Popen([sys.executable, "-c", HIGH_RATE_CHILD, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        # Started, and past its first steps (the first write also warms pyarrow up): then the kill may come at any moment.
+        while not (progress.exists() and progress.stat().st_size > (min_steps if kill_at < 0 else 0) * 4):
+            if child.poll() is not None:
+                raise RuntimeError(f"recording child exited early with {child.returncode}: {child.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the recording child did not start within {timeout} s")
+            time.sleep(0.01)
+        if kill_at < 0:
+            time.sleep(wait)
+            child.send_signal(signal.SIGKILL)
+        child.wait(timeout=max(deadline - time.monotonic(), 1.0))
+    finally:
+        if child.poll() is None:
+            child.kill()
+        _, err = child.communicate(timeout=30)
+    lines = progress.read_text().split("\n")
+    complete = [line.split() for line in lines[:-1] if line]  # the last piece may be cut mid-write
+    last_recorded = int(complete[-1][0]) if complete else -1
+    samples = [(int(f[0]), int(f[1]), float(f[2])) for f in complete if len(f) == 3]
+    meta = runs.read_run_json(run_path)
+    settings = meta.get("recorder", {})
+    figures = check_read_back(run_path, tasks)
+    rank_dir = run_path / schema.METRICS_DIR / schema.rank_dir_name(0)
+    names = os.listdir(rank_dir)
+    figures.update(
+        return_code=child.returncode,
+        stderr=err[-2000:],
+        killed_after_seconds=wait if kill_at < 0 else None,
+        flush_every=flush_every,
+        writer_delay=delay,
+        steps_recorded=last_recorded + 1,
+        steps_lost=last_recorded + 1 - figures["steps_read_back"],
+        loss_bound_steps=settings.get("loss_bound_steps"),
+        backlog_waits_at_last_beat=meta.get("backlog_waits"),
+        compactions_at_last_beat=meta.get("compactions"),
+        live_part_files=len(schema.live_part_files(names)[0]),
+        compacted_files=sum(1 for n in schema.live_part_files(names)[0] if "-" in n[len(schema.PART_PREFIX) :]),
+        rss_kib=[rss for _, rss, _ in samples],
+        steps_per_second=(samples[-1][0] + 1) / samples[-1][2] if samples and samples[-1][2] > 0 else None,
+        run_path=str(run_path),
+    )
+    return figures
+
+
+# -- SIGKILL in the middle of a compaction ----------------------------------------------------------------
+# The child compacts a run with small target files (several merges) and stops at ``stage`` of the second
+# merge: "writing" (inside the temporary file), "written" (temporary file complete, not renamed), "renamed"
+# (merged file in place, originals not deleted) or "deleted" (originals gone, next merge not started).
+COMPACTION_CHILD = r"""
+import sys, time
+import pyarrow.parquet as pq
+from gradnorm.toolkit import recorder
+run_path, stage, target_rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
+merges = {"n": 0}
+def pause(name):
+    print(name, flush=True)
+    time.sleep(120)
+real_write = pq.ParquetWriter.write_table
+def write_table(self, *args, **kwargs):
+    real_write(self, *args, **kwargs)
+    if stage == "writing" and merges["n"] == 1:
+        pause("writing")
+pq.ParquetWriter.write_table = write_table
+def on_stage(name, file):
+    if name == stage and merges["n"] == 1:
+        pause(name)
+    if name == "deleted":
+        merges["n"] += 1
+recorder.compact_run(run_path, target_rows=target_rows, on_stage=on_stage)
+print("done", flush=True)
+"""
+
+COMPACTION_STAGES = ("writing", "written", "renamed", "deleted")
+
+
+def _sorted_rows(table: Any) -> Any:
+    return table.sort_by([("step", "ascending"), ("split", "ascending"), ("task", "ascending")])
+
+
+def compaction_kill_scenario(root: Path, stage: str, steps: int = 120, flush_every: int = 5, target_rows: int = 200, timeout: float = 120.0) -> dict[str, Any]:
+    """Kill ``compact_run`` at ``stage`` of its second merge; what reads back then, and after compacting again."""
+    tasks = ["a", "b", "c"]
+    run_path = _new_run(Path(root), f"compact-{stage}", tasks)
+    rec = Recorder(run_path, tasks, flush_every=flush_every, compact=False)
+    _record_steps(rec, range(steps), tasks)
+    rec.record_validation(steps - 1, {"a": 0.5})
+    rec.close()
+    before = _sorted_rows(read_back(run_path))
+    rank_dir = run_path / schema.METRICS_DIR / schema.rank_dir_name(0)
+    files_before = len(live_parts(run_path))
+    child = subprocess.Popen(
+        [sys.executable, "-c", COMPACTION_CHILD, str(run_path), stage, str(target_rows)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().strip()
+        if line != stage:
+            raise RuntimeError(
+                f"compaction child said {line!r} instead of pausing at {stage!r}: {child.stderr.read()[-2000:] if child.poll() is not None else ''}"
+            )
+        on_disk = sorted(os.listdir(rank_dir))
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate(timeout=30)
+    after_kill = _sorted_rows(read_back(run_path))
+    live_after_kill, overlapping = schema.live_part_files(os.listdir(rank_dir))
+    outcome = compact_run_in_process(run_path, target_rows)
+    after_resume = _sorted_rows(read_back(run_path))
+    names = os.listdir(rank_dir)
+    return {
+        "stage": stage,
+        "return_code": child.returncode,
+        "files_before": files_before,
+        "files_on_disk_at_kill": on_disk,
+        "live_files_after_kill": len(live_after_kill),
+        "overlapping_after_kill": overlapping,
+        "rows_before": before.num_rows,
+        "same_rows_after_kill": after_kill.equals(before),
+        "same_rows_after_resume": after_resume.equals(before),
+        "live_files_after_resume": len(schema.live_part_files(names)[0]),
+        "files_after_resume": sorted(names),
+        "resume_outcome": outcome,
+        "rows_per_file_after_resume": [pq.read_metadata(p).num_rows for p in live_parts(run_path)],
+    }
+
+
+def compact_run_in_process(run_path: Path, target_rows: int) -> dict[str, Any]:
+    from gradnorm.toolkit import recorder as recorder_module
+
+    result = recorder_module.compact_run(run_path, target_rows=target_rows)
+    return {rank: (r if isinstance(r, str) else {"merged": len(r.merged), "deleted": len(r.deleted)}) for rank, r in result.items()}
+
+
+# -- full disks and unusable roots --------------------------------------------------------------------------
+def _mount_tmpfs(mount_point: Path, options: str = "size=1m") -> bool:
+    mount_point.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)], capture_output=True).returncode == 0
+
+
+def _umount(mount_point: Path) -> None:
+    subprocess.run(["umount", str(mount_point)], capture_output=True)
+
+
+def fill_to_the_last_byte(path: Path) -> int:
+    """Write ``path`` until the file system refuses even one more byte; returns the bytes written."""
+    written = 0
+    with open(path, "wb", buffering=0) as handle:
+        for chunk in (1 << 16, 4096, 512, 1):
+            try:
+                while True:
+                    written += handle.write(b"\0" * chunk)
+            except OSError:
+                pass
+    return written
+
+
+def full_at_close_scenario(mount_point: Path, steps_before: int = 100, steps_after: int = 60, flush_every: int = 10) -> Optional[dict[str, Any]]:
+    """A run on a 1 MiB tmpfs; the disk is filled to the last byte, more steps are recorded, the run
+    closes on the full disk. None if mounting is not allowed."""
+    mount_point = Path(mount_point)
+    if not _mount_tmpfs(mount_point):
+        return None
+    try:
+        tasks = [f"task{i}" for i in range(10)]
+        run_path = _new_run(mount_point, "full-at-close", tasks)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rec = Recorder(run_path, tasks, flush_every=flush_every)
+            _record_steps(rec, range(steps_before), tasks)
+            rec.wait()
+            ballast = fill_to_the_last_byte(mount_point / "ballast")
+            stats = os.statvfs(mount_point)
+            free_at_close = stats.f_bfree * stats.f_frsize
+            _record_steps(rec, range(steps_before, steps_before + steps_after), tasks)
+            rec.close()
+        meta = runs.read_run_json(run_path)
+        table = read_back(run_path)
+        return {
+            "rows_recorded": (steps_before + steps_after) * len(tasks),
+            "rows_written_before_full": steps_before * len(tasks),
+            "ballast_bytes": ballast,
+            "free_bytes_at_close": free_at_close,
+            "status": meta["status"],
+            "rows_written": meta["rows_written"],
+            "rows_lost": meta["rows_lost"],
+            "write_errors": meta["write_errors"],
+            "rows_read_back": table.num_rows,
+            "run_json_bytes": (run_path / schema.RUN_FILE).stat().st_size,
+            "reserve_left": (run_path / ".run.json.reserve").exists(),
+            "warnings": [str(w.message) for w in caught if "gradnorm recorder" in str(w.message)],
+        }
+    finally:
+        _umount(mount_point)
+
+
+def unusable_root_scenario(base: Path) -> list[dict[str, Any]]:
+    """``check_runs_root`` on roots that cannot take records; the message and what was left behind."""
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+    cases: list[tuple[str, Path, Optional[Path]]] = []
+    a_file = base / "a-file"
+    a_file.write_text("not a folder")
+    cases.append(("a file", a_file, None))
+    cases.append(("a folder under a file", a_file / "runs", None))
+    if os.geteuid() != 0:
+        locked = base / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        cases.append(("no write permission", locked / "runs", locked))
+    read_only = base / "read-only"
+    if _mount_tmpfs(read_only, "ro,size=1m"):
+        cases.append(("a read-only file system", read_only, read_only))
+    full = base / "full"
+    if _mount_tmpfs(full, "size=1m"):
+        fill_to_the_last_byte(full / "ballast")
+        cases.append(("a full file system", full / "runs", full))
+    almost = base / "almost-full"
+    if _mount_tmpfs(almost, "size=1m"):
+        (almost / "ballast").write_bytes(b"\0" * (1024 - 200) * 1024)
+        cases.append(("200 KiB free (under the 1 MiB a run needs)", almost, almost))
+    results = []
+    try:
+        for label, root, watch in cases:
+            before = sorted(os.listdir(watch)) if watch is not None and watch.is_dir() else None
+            try:
+                runs.check_runs_root(root)
+                message = "ACCEPTED"
+            except runs.RunError as exc:
+                message = str(exc)
+            after = sorted(os.listdir(watch)) if watch is not None and watch.is_dir() else None
+            results.append({"case": label, "root": str(root), "message": message, "left_behind": sorted(set(after or []) - set(before or []))})
+    finally:
+        for mount in (read_only, full, almost):
+            _umount(mount)
+        if (base / "locked").exists():
+            (base / "locked").chmod(0o755)
+    return results
+
+
+RESERVE_CHILD = r"""
+import sys, time
+from pathlib import Path
+from gradnorm.toolkit import runs
+root, go, now = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+while not go.exists():
+    time.sleep(0.001)
+run_id, path = runs.reserve_run(root, None, "gradnorm", now=now)
+print(run_id, flush=True)
+"""
+
+
+def same_second_scenario(root: Path, jobs: int = 6, timeout: float = 120.0) -> dict[str, Any]:
+    """``jobs`` processes claim a default run name at the same instant (the same second): the names they get."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    go = root / ".go"
+    now = time.time()
+    children = [
+        subprocess.Popen([sys.executable, "-c", RESERVE_CHILD, str(root), str(go), repr(now)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(jobs)
+    ]
+    time.sleep(1.0)  # let them all import and wait at the line
+    go.write_text("go")
+    names, errors = [], []
+    for child in children:
+        out, err = child.communicate(timeout=timeout)
+        if child.returncode == 0:
+            names.append(out.strip())
+        else:
+            errors.append(err[-1000:])
+    go.unlink()
+    return {"jobs": jobs, "names": sorted(names), "errors": errors, "directories": sorted(p.name for p in root.iterdir() if p.is_dir())}
 
 
 #: Hostile run.json contents: each must be refused with a RunError naming the file.
