@@ -237,6 +237,13 @@ class Balancer(ABC):
             raise RuntimeError("balancer is not bound to tasks yet; call bind() or hand it a first step")
         return self._weights.detach()
 
+    def _current_weights(self) -> Tensor:
+        """:meth:`weights` without the detach where there is nothing to detach (one operator less a step)."""
+        weights = self._weights
+        if weights is None:
+            raise RuntimeError("balancer is not bound to tasks yet; call bind() or hand it a first step")
+        return _detached(weights)
+
     def config(self) -> dict[str, Any]:
         """Name and hyperparameters, written to ``run.json``."""
         return {"name": self.name, "initial_loss": self.initial_loss.config()}
@@ -268,12 +275,12 @@ class Balancer(ABC):
         ``applied`` is the weight vector training actually used (shadow mode: the user's own weights);
         by default the balancer's own. Returns the step's record; the new weights are in effect after.
         """
-        losses = losses.detach()
+        losses = _detached(losses)
         reference = self.initial_loss.observe(self.tasks, losses)
         loss_ratio = losses / reference
         inverse_rate = loss_ratio / loss_ratio.mean()
-        own = self.weights()
-        applied = own if applied is None else applied.detach()
+        own = self._current_weights()
+        applied = own if applied is None else _detached(applied)
         stats = self._update(losses, loss_ratio, inverse_rate, own, grad_norms)
         if grad_norms is not None:
             # The gradient that really reached W from task i this step: the applied weight times n_i
@@ -390,6 +397,10 @@ class Balancer(ABC):
 RECORDED_FIELDS = schema.RECORDED_FIELDS
 
 
+def _detached(tensor: Tensor) -> Tensor:
+    return tensor.detach() if tensor.requires_grad else tensor
+
+
 def stats_matrix(stats: StepStats, num_tasks: int, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, frozenset[str]]:
     """Pack a :class:`StepStats` into a (T, len(RECORDED_FIELDS)) device tensor in schema order.
 
@@ -403,16 +414,21 @@ def stats_matrix(stats: StepStats, num_tasks: int, dtype: Optional[torch.dtype] 
     parts = []
     defined = set()
     nan: Optional[Tensor] = None
+    shape = (num_tasks,)
     for name in RECORDED_FIELDS:
         value = getattr(stats, name)
         if value is None:
             if nan is None:
-                nan = torch.full((num_tasks,), float("nan"), device=reference.device, dtype=target)
+                nan = torch.full(shape, float("nan"), device=reference.device, dtype=target)
             parts.append(nan)
             continue
         defined.add(name)
-        value = value.detach()
+        # Each of these is an operator dispatch on a T-element tensor: only where needed.
+        if value.requires_grad:
+            value = value.detach()
         if value.dtype != target:
             value = value.to(target)
-        parts.append(value.expand(num_tasks))
+        if value.shape != shape:
+            value = value.expand(num_tasks)
+        parts.append(value)
     return torch.stack(parts, dim=1), frozenset(defined)

@@ -22,6 +22,8 @@ OPTIMIZERS = ("adam", "sgd")
 #: (steps taken, first moment or momentum buffer, second moment).
 OptimizerState = tuple[Tensor, Tensor, Tensor]
 OPTIMIZER_STATE = ("steps", "exp_avg", "exp_avg_sq")
+#: The step count's dtype: exact for any count a run reaches, and the precision of Adam's bias corrections.
+STEPS_DTYPE = torch.float64
 
 
 @dataclass
@@ -42,6 +44,7 @@ class WeightOptimizer:
         self._exp_avg: Optional[Tensor] = None
         self._exp_avg_sq: Optional[Tensor] = None
         self._steps: Optional[Tensor] = None
+        self._constant_tensors: Optional[tuple[Tensor, Tensor]] = None
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"optimizer": self.kind, "lr": self.lr}
@@ -56,8 +59,18 @@ class WeightOptimizer:
         if self._steps is None or self._exp_avg is None or self._exp_avg_sq is None:
             self._exp_avg = torch.zeros_like(weights)
             self._exp_avg_sq = torch.zeros_like(weights)
-            self._steps = torch.zeros((), dtype=weights.dtype, device=weights.device)
+            self._steps = torch.zeros((), dtype=STEPS_DTYPE, device=weights.device)
         return (self._steps, self._exp_avg, self._exp_avg_sq)
+
+    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """-lr and 1/2 as 0-d float64 tensors on ``device``, made once (see :meth:`propose`)."""
+        constants = self._constant_tensors
+        if constants is None or constants[0].device != device:
+            constants = self._constant_tensors = (
+                torch.full((), -self.lr, dtype=STEPS_DTYPE, device=device),
+                torch.full((), 0.5, dtype=STEPS_DTYPE, device=device),
+            )
+        return constants
 
     def load(self, state: OptimizerState) -> None:
         self._steps, self._exp_avg, self._exp_avg_sq = state
@@ -79,8 +92,8 @@ class WeightOptimizer:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> None:
-        """Restore a state that :meth:`check_state` accepted."""
-        self._steps = restored(state["steps"], device, dtype)
+        """Restore a state that :meth:`check_state` accepted (a step count saved in float32 is exact in float64)."""
+        self._steps = restored(state["steps"], device, STEPS_DTYPE)
         self._exp_avg = restored(state["exp_avg"], device, dtype)
         self._exp_avg_sq = restored(state["exp_avg_sq"], device, dtype)
 
@@ -107,14 +120,24 @@ class WeightOptimizer:
             return weights - self.lr * buf, (steps, buf, exp_avg_sq)
         beta1, beta2 = self.betas
         # The arithmetic of torch.optim.Adam's single-tensor step: lerp for the first moment, addcmul for
-        # the second, then exp_avg / denom before the learning rate (bounded, where lr * exp_avg can
-        # overflow float32 for huge gradient norms and turn the step into inf / inf = NaN).
+        # the second, bias corrections in float64, then addcdiv's (step_size * exp_avg) / denom.
         exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)
         exp_avg_sq = torch.addcmul(exp_avg_sq * beta2, grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**steps
         bias_correction2 = 1 - beta2**steps
-        denom = exp_avg_sq.sqrt() / bias_correction2.sqrt() + self.eps
-        updated = weights - (exp_avg / denom) * self.lr / bias_correction1
+        # A tensor numerator: ``lr / tensor`` would be computed as lr * (1 / tensor), one rounding more.
+        neg_lr, half = self._constants(steps.device)
+        neg_step_size = neg_lr / bias_correction1  # -(lr / bc1), exactly
+        # pow with a tensor exponent is libm's pow, as Python's ``bias_correction2 ** 0.5`` in torch.optim.Adam
+        # (sqrt differs from it in the last bit of a few float64 values).
+        denom = exp_avg_sq.sqrt() / bias_correction2.pow(half) + self.eps
+        if self.lr / (1 - beta1) <= 1 + 1e-9:
+            # step_size <= lr / (1 - beta1), about 1 at most, so step_size * exp_avg cannot overflow.
+            updated = weights + (neg_step_size * exp_avg) / denom
+        else:
+            # A large rate: exp_avg / denom first, bounded where step_size * exp_avg could overflow float32
+            # for huge gradient norms and turn the step into inf / inf = NaN.
+            updated = weights + (exp_avg / denom) * neg_step_size
         return updated, (steps, exp_avg, exp_avg_sq)
 
 
