@@ -670,6 +670,7 @@ class Recorder:
                 delete=final,
                 footers=self._footers,
                 stop=None if final else self._compactor_stop,
+                after_merge=None if final else self._merged,
             )
         except Exception as exc:  # the records are intact either way: compaction only adds a covering file
             self.compaction_errors += 1
@@ -679,13 +680,24 @@ class Recorder:
                     f"gradnorm recorder: compaction of {self.directory} failed ({exc!r}); the part files are left as written (warned once)", RuntimeWarning
                 )
             return
-        self._compacted_once = self._compacted_once or bool(result.merged)
-        self.compactions += len(result.merged)
-        self.files_compacted += sum(len(originals) for _, originals in result.merged)
+        if final:
+            self._compacted_once = self._compacted_once or bool(result.merged)
+            self.compactions += len(result.merged)
+            self.files_compacted += sum(len(originals) for _, originals in result.merged)
         self._live_files = result.live_files
         due = time.monotonic() + self.compact_grace
         queued = {name for _, name in self._to_delete}
         self._to_delete += [(due, name) for name in result.covered if name not in queued]
+
+    def _merged(self, name: str, originals: list[str]) -> None:
+        """After each background merge: count it, and delete what earlier merges replaced once their grace
+        is over, so a long catch-up never leaves the directory holding every file twice."""
+        self._compacted_once = True
+        self.compactions += 1
+        self.files_compacted += len(originals)
+        now = time.monotonic()
+        self._to_delete += [(now + self.compact_grace, original) for original in originals]
+        self._delete_due(now)
 
     def _delete_due(self, now: float) -> None:
         keep = []
@@ -868,13 +880,15 @@ def compact_part_directory(
     footers: Optional[dict[str, PartFile]] = None,
     on_stage: Optional[Callable[[str, str], None]] = None,
     stop: Optional[threading.Event] = None,
+    after_merge: Optional[Callable[[str, list[str]], None]] = None,
 ) -> CompactionResult:
     """Merge one rank's part files (see :func:`plan_merges`) while it holds more than ``above`` live files.
 
     The caller must own the rank (hold its :class:`toolkit.runs.WriterLock`, as the recorder does): no
     other process may write or compact it meanwhile. The originals a merge replaces are deleted after
     the merged file is renamed into place (``delete=False``: returned in ``covered`` for the caller to
-    delete later). ``on_stage`` also hears ``"deleted"`` after the originals of a merge are gone.
+    delete later). ``on_stage`` also hears ``"deleted"`` after the originals of a merge are gone;
+    ``after_merge(new file, originals)`` is called after each merge.
     """
     directory = Path(directory)
     result = CompactionResult()
@@ -904,6 +918,8 @@ def compact_part_directory(
                         footers.pop(original, None)
                 if on_stage is not None:
                     on_stage("deleted", name)
+            if after_merge is not None:
+                after_merge(name, originals)
         live = scan_part_files(directory, footers)[0]
         if final:
             break
