@@ -5,13 +5,13 @@ Every function takes a runs root (a folder of run directories) first; ``default_
 ``resolve_runs_root``). Damaged part files are left out and reported by
 ``problems()`` (and in ``list_runs()``), never fail a query. User values reach SQL only as parameters.
 
-``RunError`` (a bad run id or run.json), ``RUNNING`` and ``INVALID`` (values of ``list_runs()``'s
-``status``) are re-exported so that readers of runs, such as the app, need nothing below this API.
+``RunError`` (a bad run id or run.json), ``RUNNING``, ``INVALID`` and ``FINISHED_ROWS_LOST`` (values of
+``list_runs()``'s ``status``) are re-exported so that readers of runs, such as the app, need nothing below this API.
 """
 
 from gradnorm.toolkit.runs import RUNNING, RunError
 
-from .catalog import INVALID, RunsRoot, bundled_runs_root, default_runs_root, list_runs, problems, resolve_runs_root, run_ids
+from .catalog import FINISHED_ROWS_LOST, INVALID, RunsRoot, bundled_runs_root, default_runs_root, list_runs, problems, resolve_runs_root, run_ids
 from .export import export_weights
 from .overfitting import overfitting, overfitting_onsets
 from .series import balance_series, balance_summary, metric_series
@@ -21,6 +21,7 @@ from .weights import WeightAverage, weight_average
 
 __all__ = [
     "AnalysisError",
+    "FINISHED_ROWS_LOST",
     "INVALID",
     "RUNNING",
     "RunError",

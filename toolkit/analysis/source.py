@@ -1,15 +1,23 @@
 """Run DuckDB queries over the part files of one or more runs.
 
 Each query reads a common table expression ``metrics``: every row of the chosen runs with a ``run_id``
-column. File lists and run ids are bound as parameters, never pasted into the SQL text. Runs written by
-different schema versions are combined by column name (missing columns read as null). If DuckDB still
-trips on a file the footer check passed (a damaged data page), that file is reported and left out, and
-the query runs again without it.
+column and exactly the record format's columns, each cast to its schema type (``catalog.COLUMN_TYPES``):
+a column no file of a run has reads as null, a file's own extra columns are never seen (so a stray
+``run_id`` or ``rank`` column cannot shadow ours), and a row without a step, split or task is left out
+(it belongs to no series). Files with the same layout are read by one ``read_parquet`` scan; layouts are
+combined by name. File lists and run ids are bound as parameters, never pasted into the SQL text.
+
+If DuckDB still trips on a file the footer check passed (a damaged data page), that file is reported and
+left out, and the query runs again without it; a file that vanished under the query (a compaction
+deleted what it merged) makes the run's files be listed again. Any other DuckDB error reaches the caller
+as an :class:`AnalysisError`, never as DuckDB's own exception.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -18,9 +26,12 @@ import pandas as pd
 
 from gradnorm.toolkit import runs, schema
 
-from .catalog import PathLike, RunFiles, load_run_files
+from .catalog import COLUMN_TYPES, MAX_ABS_STEP, PartInfo, PathLike, RunFiles, load_run_files, remember
 
+#: Damaged files one query leaves out before it gives up, and times it lists the runs' files again
+#: because files vanished under it (each time a compaction moved on; it cannot do so for long).
 MAX_RETRIES = 8
+MAX_RESCANS = 64
 
 
 class AnalysisError(ValueError):
@@ -47,6 +58,16 @@ def check_metric(metric: str) -> str:
     return metric
 
 
+def _column(name: str, present: bool) -> str:
+    sql_type = COLUMN_TYPES[name][2]
+    if not present:
+        return f'NULL::{sql_type} AS "{name}"'
+    value = f'TRY_CAST("{name}" AS {sql_type})'
+    if name == "wall_time":  # a time of inf or NaN places a row nowhere on the axis
+        value = f"CASE WHEN isfinite({value}) THEN {value} END"
+    return f'{value} AS "{name}"'
+
+
 def metrics_cte(run_list: Sequence[RunFiles], params: dict[str, Any], constants: Optional[Mapping[str, Sequence[Any]]] = None) -> Optional[str]:
     """``metrics AS (...)`` over the readable files of ``run_list``; None when no run has any rows.
 
@@ -57,16 +78,41 @@ def metrics_cte(run_list: Sequence[RunFiles], params: dict[str, Any], constants:
     for index, run in enumerate(run_list):
         if not run.files:
             continue
+        layouts: dict[str, list[PartInfo]] = {}
+        for part in run.parts:
+            layouts.setdefault(part.layout, []).append(part)
+        scans = []
+        for number, parts in enumerate(layouts.values()):
+            params[f"files{index}_{number}"] = [part.path for part in parts]
+            columns = ", ".join(_column(name, name in parts[0].columns) for name in COLUMN_TYPES)
+            scans.append(f"SELECT {columns} FROM read_parquet($files{index}_{number})")
         params[f"run{index}"] = run.run_id
-        params[f"files{index}"] = run.files
         extra = ""
         for name, values in (constants or {}).items():
             params[f"{name}{index}"] = values[index]
             extra += f", ${name}{index} AS {name}"
-        selects.append(f"SELECT $run{index}::VARCHAR AS run_id{extra}, * FROM read_parquet($files{index}, union_by_name = true, hive_partitioning = true)")
+        selects.append(
+            f"SELECT $run{index}::VARCHAR AS run_id{extra}, * FROM ({' UNION ALL '.join(scans)}) "
+            f"WHERE step BETWEEN {-MAX_ABS_STEP} AND {MAX_ABS_STEP} AND split IS NOT NULL AND task IS NOT NULL"
+        )
     if not selects:
         return None
     return "metrics AS (" + " UNION ALL BY NAME ".join(selects) + ")"
+
+
+_database: Optional[duckdb.DuckDBPyConnection] = None
+_database_pid = 0
+_database_lock = threading.Lock()
+
+
+def _cursor() -> duckdb.DuckDBPyConnection:
+    """A fresh connection to one in-memory database per process (opening a database costs ~80 ms, a
+    cursor well under one); nothing is stored in it, every query brings its own files."""
+    global _database, _database_pid
+    with _database_lock:
+        if _database is None or _database_pid != os.getpid():  # never share a database across a fork
+            _database, _database_pid = duckdb.connect(), os.getpid()
+        return _database.cursor()
 
 
 def query(
@@ -77,33 +123,46 @@ def query(
     constants: Optional[Mapping[str, Sequence[Any]]] = None,
 ) -> pd.DataFrame:
     """Run ``WITH metrics AS (...) <body>``; an empty frame with ``columns`` when there are no rows."""
-    for _ in range(MAX_RETRIES):
+    dropped = rescans = 0
+    while dropped < MAX_RETRIES and rescans < MAX_RESCANS:
         bound = dict(params or {})
         cte = metrics_cte(run_list, bound, constants)
         if cte is None:
             return pd.DataFrame(columns=list(columns))
         sql = f"WITH {cte} {body}"
-        connection = duckdb.connect()
+        cursor = _cursor()
         try:
-            return connection.execute(sql, bound).df()
+            return cursor.execute(sql, bound).df()
         except duckdb.Error as exc:
-            if not _drop_file_named_in(run_list, exc):
-                raise
+            recovered = _recover_from(run_list, exc)
+            if recovered is None:
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise AnalysisError(f"the query over run(s) {', '.join(r.run_id for r in run_list)} failed: {message}") from None
+            dropped, rescans = dropped + (recovered == "dropped"), rescans + (recovered == "rescanned")
         finally:
-            connection.close()
+            cursor.close()
+    if rescans >= MAX_RESCANS:
+        raise AnalysisError(f"the part files of {[r.run_id for r in run_list]} kept vanishing under the query; try again")
     raise AnalysisError(f"too many damaged part files in {[r.run_id for r in run_list]}; see problems()")
 
 
-def _drop_file_named_in(run_list: Sequence[RunFiles], error: Exception) -> bool:
-    """Leave out the part file that DuckDB named in ``error``; False if it named none of ours."""
+def _recover_from(run_list: Sequence[RunFiles], error: Exception) -> Optional[str]:
+    """Leave out the part file that DuckDB named in ``error`` (and remember it as unreadable): "dropped";
+    or list the runs' files again if that file is gone: "rescanned"; None if it named none of ours."""
     message = str(error)
     for run in run_list:
         for part in list(run.parts):
             if part.path in message or Path(part.path).name in message and _names_file(message, part.path):
+                if not os.path.lexists(part.path):
+                    for each in run_list:
+                        each.rescan()
+                    return "rescanned"
                 run.parts.remove(part)
-                run.problems.append(f"{part.path}: cannot be read, left out ({message.splitlines()[0]})")
-                return True
-    return False
+                problem = f"{part.path}: cannot be read, left out ({message.strip().splitlines()[0] if message.strip() else type(error).__name__})"
+                run.problems.append(problem)
+                remember(Path(part.path), problem)
+                return "dropped"
+    return None
 
 
 def _names_file(message: str, path: str) -> bool:

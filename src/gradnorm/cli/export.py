@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ._common import add_root_and_window, window_of
+from .summary import listing, print_problems
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,4 +39,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nwritten to {out}", file=sys.stderr)
     elif args.out is None:
         print("\n(the bundled sample runs are not written to: give --out FILE to save this)", file=sys.stderr)
+    print_problems("export", listing(root, [args.run]))
     return 0

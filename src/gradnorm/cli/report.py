@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .summary import listing, print_problems
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("report", help="write a self-contained HTML report of one or more runs")
@@ -20,6 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from gradnorm.app.report import write_report
     from gradnorm.toolkit.analysis import default_runs_root
 
-    out = write_report(args.root or default_runs_root(), args.runs, args.out)
+    root = args.root or default_runs_root()
+    out = write_report(root, args.runs, args.out)
     print(f"report written to {out} ({out.stat().st_size / 1e6:.1f} MB, opens offline)")
+    print_problems("report", listing(root, args.runs))
     return 0
