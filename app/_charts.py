@@ -3,6 +3,11 @@
 They know nothing of Streamlit, so the app, ``gradnorm report`` and the tests share them. Colours are
 fixed per task name (one scale over every task shown), so a task keeps its colour across runs and charts.
 Each per-run panel is one chart of a horizontal concatenation, titled with the run id.
+
+Task names are data and are drawn as text, whatever they hold, with one exception: Vega-Lite compiles an
+explicit sort order into a Vega expression with the names as string literals, and Vega's expression
+parser rejects the line and paragraph separators U+2028/U+2029 there (the chart would not draw at all),
+so those two are drawn as their escapes ``\\u2028``/``\\u2029``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,24 @@ import pandas as pd
 PANEL_WIDTH = 360
 PANEL_HEIGHT = 240
 X_TITLES = {"step": "step", "wall_time": "wall time (s)"}
+
+
+_UNDRAWABLE = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def drawable(name: object) -> str:
+    """``name`` as a chart may show it (see the module's docstring)."""
+    return str(name).translate(_UNDRAWABLE)
+
+
+def _drawable(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its task and run names made :func:`drawable`."""
+    changes = {column: frame[column].map(drawable) for column in ("task", "run_id") if column in frame.columns and len(frame)}
+    return frame.assign(**changes) if changes else frame
+
+
+def _drawable_tasks(tasks: Optional[Sequence[str]]) -> Optional[list[str]]:
+    return None if tasks is None else [drawable(t) for t in tasks]
 
 
 def natural_key(name: str) -> list:
@@ -98,6 +121,7 @@ def metric_chart(
     series: pd.DataFrame, y_title: str, *, x: str = "step", log: bool = False, band: bool = True, tasks: Optional[Sequence[str]] = None
 ) -> alt.HConcatChart:
     """One panel per run: a metric per task over x, with its min/max band."""
+    series, tasks = _drawable(series), _drawable_tasks(tasks)
     colour = task_scale(tasks if tasks is not None else series["task"].unique())
     panels = []
     for run_id, frame in _runs(series):
@@ -118,6 +142,9 @@ def weights_chart(
 ) -> alt.HConcatChart:
     """w_i(t) per run with E_t[w_i] drawn as horizontal rules and the averaging window shaded
     (paper Figures 2 and 5). ``averages[run]`` has columns task, mean; ``windows[run]`` = (start, end)."""
+    series, tasks = _drawable(series), _drawable_tasks(tasks)
+    averages = {drawable(run_id): _drawable(table) for run_id, table in averages.items()}
+    windows = {drawable(run_id): window for run_id, window in windows.items()}
     colour = task_scale(tasks if tasks is not None else series["task"].unique())
     panels = []
     for run_id, frame in _runs(series):
@@ -155,7 +182,8 @@ def grad_norm_chart(
     frames = [norms.assign(kind="G_i")]
     if targets is not None and len(targets):
         frames.append(targets.assign(kind="target"))
-    combined = pd.concat(frames, ignore_index=True)
+    combined = _drawable(pd.concat(frames, ignore_index=True))
+    tasks = _drawable_tasks(tasks)
     colour = task_scale(tasks if tasks is not None else combined["task"].unique())
     panels = [
         line_layer(frame, colour, "gradient norm at W", x, log, dash="kind").properties(
@@ -172,6 +200,7 @@ def overfitting_chart(
     """Top: one small panel per task (own y scale: task losses differ by orders of magnitude) with the
     training (solid) and validation (dashed) loss and a rule where overfitting starts. Bottom: the
     relative gap (validation - training) / validation of every task on one axis."""
+    frame, onsets, tasks, run_id = _drawable(frame), _drawable(onsets), _drawable_tasks(tasks), drawable(run_id)
     colour = task_scale(tasks if tasks is not None else frame["task"].unique())
     long = frame.melt(id_vars=["task", "step"], value_vars=["train_loss", "val_loss"], var_name="split", value_name="loss")
     long["split"] = long["split"].map({"train_loss": "train", "val_loss": "validation"})
@@ -221,6 +250,7 @@ def overfitting_chart(
 
 def balance_chart(balance: pd.DataFrame, *, log: bool = False) -> alt.HConcatChart:
     """Spread across tasks over time, one line per run: CV of the G_i and CV of the loss ratios."""
+    balance = _drawable(balance)
     panels = []
     for column, title in (("grad_norm_cv", "spread of G_i (CV across tasks)"), ("loss_ratio_cv", "spread of loss ratios (CV)")):
         panels.append(

@@ -96,3 +96,53 @@ def test_the_report_opens_offline_and_draws(tmp_path):
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         finally:
             browser.close()
+
+
+#: Names a part file or a run.json may carry; each must be drawn as text, never run or parsed as markup.
+HOSTILE_NAMES = [
+    "</script><script>window.__pwned=1</script>",
+    '<img src=x onerror="window.__pwned=2;alert(2)">',
+    "\"quoted' & <b>bold</b> --><!--",
+    "\u202eevil\u202c rtl \u2028 line",
+]
+
+
+def test_a_report_on_hostile_names_runs_no_script_and_draws_them_as_text(tmp_path):
+    import os
+    import shutil
+
+    from gradnorm.app.report import write_report
+    from tests.helpers.synthetic_runs import run_json, write_run
+
+    meta = run_json("hostile", tasks=HOSTILE_NAMES, balancer={"name": HOSTILE_NAMES[0]}, mode=HOSTILE_NAMES[1])
+    write_run(tmp_path, "hostile", tasks=HOSTILE_NAMES, meta=meta)
+    report = write_report(tmp_path, ["hostile"], tmp_path / "report.html")
+    with playwright_api.sync_playwright() as play:
+        browser = launch(play)
+        try:
+            page = browser.new_context(offline=True, viewport={"width": 1400, "height": 1000}).new_page()
+            errors: list[str] = []
+            dialogs: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            page.goto(report.as_uri())
+            page.wait_for_selector("#charts canvas, #charts svg.marks", timeout=30_000)
+            page.wait_for_timeout(500)  # any injected handler (img onerror) would have run by now
+            assert page.evaluate("() => window.__pwned") is None
+            assert dialogs == [] and errors == []
+            counts = page.evaluate(
+                "() => ({scripts: document.scripts.length, img: document.images.length, b: document.getElementsByTagName('b').length,"
+                " handlers: document.querySelectorAll('[onerror]').length})"
+            )
+            assert counts == {"scripts": 3, "img": 0, "b": 0, "handlers": 0}
+            text = page.inner_text("body")
+            for name in HOSTILE_NAMES[:3]:
+                assert name in text  # the summary table shows each name as it is
+            screenshot = tmp_path / "hostile-report.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+    keep = os.environ.get("GRADNORM_KEEP_SCREENSHOTS")
+    if keep:  # to look at the page by eye
+        shutil.copy(screenshot, Path(keep) / screenshot.name)
