@@ -1,12 +1,17 @@
 """The app's access to runs: the analysis functions behind a cache keyed by what is on disk.
 
-A cached answer is reused until a run's part files change (count, total size, newest mtime), so a live
-run's refresh re-queries only when a new batch has landed and a finished run is read once.
+A cached answer is reused until a run's files change: the signature of a run is a digest of the name,
+size, mtime and inode of every part file and rank.json under its rank folders, and of its run.json. A live
+run's refresh re-queries only when a new batch has landed; a compaction (a merged file appears, its
+originals go) changes the signature at each step; a finished run is read once. Nothing is opened to
+compute it (``lstat`` only), and links are not followed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -16,27 +21,40 @@ import streamlit as st
 from gradnorm.toolkit import analysis, schema
 
 
-def runs_signature(root: str, run_ids: Sequence[str]) -> tuple:
-    """(run, files, bytes, newest mtime, run.json mtime) per run: changes whenever records land."""
-    signature = []
-    for run_id in run_ids:
-        run_dir = Path(root) / run_id
-        count = size = newest = 0
-        metrics = run_dir / schema.METRICS_DIR
-        if metrics.is_dir():
-            for rank_dir in os.scandir(metrics):
-                if not rank_dir.is_dir():
-                    continue
-                for entry in os.scandir(rank_dir.path):
-                    if entry.name.endswith(schema.PART_SUFFIX) and not entry.name.startswith("."):
-                        stat = entry.stat()
-                        count, size, newest = count + 1, size + stat.st_size, max(newest, stat.st_mtime_ns)
+def _stat_entry(digest: Any, path: str) -> None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        digest.update(b"-")
+        return
+    digest.update(f"{info.st_size}:{info.st_mtime_ns}:{info.st_ino}:{stat.S_IFMT(info.st_mode)};".encode())
+
+
+def run_signature(run_dir: Path) -> str:
+    """A digest that changes whenever the run's records or its run.json change."""
+    digest = hashlib.blake2b(digest_size=16)
+    _stat_entry(digest, str(run_dir / schema.RUN_FILE))
+    metrics = run_dir / schema.METRICS_DIR
+    _stat_entry(digest, str(metrics))
+    try:
+        ranks = sorted((e for e in os.scandir(metrics) if e.is_dir(follow_symlinks=False)), key=lambda e: e.name)
+    except OSError:
+        return digest.hexdigest()
+    for rank_dir in ranks:
         try:
-            meta_mtime = (run_dir / schema.RUN_FILE).stat().st_mtime_ns
+            entries = sorted(os.scandir(rank_dir.path), key=lambda e: e.name)
         except OSError:
-            meta_mtime = 0
-        signature.append((run_id, count, size, newest, meta_mtime))
-    return tuple(signature)
+            continue
+        for entry in entries:
+            if entry.name.endswith(schema.PART_SUFFIX) or entry.name == "rank.json":
+                digest.update(f"{rank_dir.name}/{entry.name}=".encode("utf-8", "surrogateescape"))
+                _stat_entry(digest, entry.path)
+    return digest.hexdigest()
+
+
+def runs_signature(root: str, run_ids: Sequence[str]) -> tuple:
+    """(run, digest of its files) per run: changes whenever records land or files are replaced."""
+    return tuple((run_id, run_signature(Path(root) / run_id)) for run_id in run_ids)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -80,17 +98,11 @@ def export_document(root: str, run_id: str, window: Optional[tuple], signature: 
 
 
 def listing_signature(root: str) -> tuple:
-    """Names and run.json mtimes of the run directories: changes when a run appears or changes status."""
+    """The run directories and the signature of each: changes when a run appears, changes status, or its
+    files change (the listing shows rows, problems and lost rows). ``lstat`` of each part file costs far
+    less than the listing it saves, and compaction keeps a run's files few."""
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError:
         return ()
-    signature = []
-    for entry in entries:
-        if entry.is_dir():
-            try:
-                mtime = os.stat(os.path.join(entry.path, schema.RUN_FILE)).st_mtime_ns
-            except OSError:
-                mtime = 0
-            signature.append((entry.name, mtime))
-    return tuple(signature)
+    return tuple((entry.name, run_signature(Path(entry.path))) for entry in entries if entry.is_dir())

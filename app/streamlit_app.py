@@ -134,11 +134,18 @@ def sidebar_controls(listing: pd.DataFrame) -> tuple[list[str], Controls]:
 
 
 def show_problems(listing: pd.DataFrame, selected: list[str]) -> None:
+    """What the figures leave out: damaged, mistyped or refused files, unusable run.json, lost rows."""
     rows = listing[listing["run_id"].isin(selected)]
     found = [problem for problems in rows["problems"] for problem in problems]
     invalid = rows[rows["status"] == analysis.INVALID]["run_id"].tolist()
+    lossy = rows[rows["rows_lost"].fillna(0) > 0]
+    for record in lossy.to_dict("records"):
+        st.warning(
+            f"Run {_text(str(record['run_id']))} lost {int(record['rows_lost'])} row(s) that its recorder could not write "
+            f"({0 if pd.isna(record['write_errors']) else int(record['write_errors'])} failed write(s)): its charts and figures leave them out."
+        )
     if found:
-        with st.expander(f"{len(found)} file(s) left out as damaged or unreadable", expanded=bool(invalid)):
+        with st.expander(f"{len(found)} problem(s): files left out as damaged, unreadable or refused, rows lost", expanded=bool(invalid) or len(lossy) > 0):
             for problem in found:
                 st.text(problem)
 
@@ -152,7 +159,15 @@ def headline(root: str, listing: pd.DataFrame, selected: list[str], signature: t
     rows = []
     for run_id in selected:
         meta = listing[listing["run_id"] == run_id].iloc[0]
-        row = {"run": run_id, "status": meta["status"], "balancer": meta["balancer"], "tasks": meta["num_tasks"], "last step": meta["last_step"]}
+        row = {
+            "run": run_id,
+            "status": meta["status"],
+            "balancer": meta["balancer"],
+            "tasks": meta["num_tasks"],
+            "last step": meta["last_step"],
+            "rows lost": meta["rows_lost"],
+            "write errors": meta["write_errors"],
+        }
         try:
             figures = data.balance_summary(root, run_id, signature)
             average = data.weight_average(root, run_id, None, signature)
