@@ -35,8 +35,9 @@ class GradNormCallback(pl.Callback):
     Args:
         shared_layer: a function of the LightningModule returning the shared layer W (module or parameter).
         balancer: GradNorm or any toolkit balancer.
-        heads: optionally a function of the module returning the task heads in task order, or ``"auto"``
-            (see ``heads=`` of :func:`hooks.attach`).
+        heads: ``"auto"`` (the default: the session finds the heads and taps the norms from Lightning's
+            backward), a function of the module returning the task heads in task order, or None for the
+            general path (see ``heads=`` of :func:`hooks.attach`).
         options: the other keyword arguments of :func:`hooks.attach` (``runs_root``, ``run_name``, ...).
     """
 
@@ -45,7 +46,7 @@ class GradNormCallback(pl.Callback):
         shared_layer: Callable[[pl.LightningModule], Any],
         balancer: Optional[Balancer] = None,
         *,
-        heads: Union[None, str, Callable[[pl.LightningModule], Sequence[Any]]] = None,
+        heads: Union[None, bool, str, Callable[[pl.LightningModule], Sequence[Any]]] = "auto",
         runs_root: Optional[Union[str, Path]] = None,
         **options: Any,
     ) -> None:
@@ -58,9 +59,9 @@ class GradNormCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         options = dict(self.options)
-        if isinstance(self.heads, str):
+        if self.heads is None or isinstance(self.heads, (str, bool)):
             options["heads"] = self.heads
-        elif self.heads is not None:
+        else:
             options["heads"] = list(self.heads(pl_module))
         self.session = attach(self.shared_layer(pl_module), self.balancer, runs_root=self.runs_root, **options)
         # nn.Module.__setattr__ is annotated for tensors and modules, though it keeps any other value as a plain attribute.

@@ -6,22 +6,38 @@
         opt.zero_grad(); loss.backward(); opt.step()
     session.close()
 
-``loss()`` measures the per-task gradient norms at the shared layer, returns sum_i w_i(t) L_i with the
-weights detached (no gradient of the network's loss reaches w), and updates w to w(t+1). Because it
-does no backward of the total loss itself, it also works where a framework calls ``backward()``.
+``loss()`` returns sum_i w_i(t) L_i with the weights detached (no gradient of the network's loss reaches
+w) and moves w to w(t+1), from the per-task gradient norms at the shared layer W (paper section 3). It
+does no backward of the total loss itself, so it also works where a framework calls ``backward()``.
+
+Where the norms come from (``grad_norm_path`` in ``run.json``): by default (``heads="auto"``) the first
+step finds the task heads from its autograd graph (``hooks/head_finder.py``) and, from the second step,
+the norms are tapped from the user's own backward at the heads' input (``hooks/taps.py``); where no heads
+qualify, or the balancer needs this step's per-task gradients before the loss is formed, the general
+path measures them with extra backward passes from the losses to W (``hooks/grad_norms.py``), and
+``run.json`` says why (``heads_search``). ``heads=None`` asks for the general path.
+
+The tapped gradients carry whatever multiplies each task's loss in the backward: its weight w_i, a
+``GradScaler``'s or Accelerate's loss scale, a division for gradient accumulation. A tensor hook on each
+task's loss reads that factor (the gradient the loss receives) on the device, without a host
+synchronisation, and the taps divide it out, so the norms are those of grad_W L_i whatever scaled the
+backward. The weights, their optimiser's state and the norms are float32 (float64 for a float64 model)
+whatever the losses' dtype.
+
 Shadow mode (``shadow=True``) keeps the user's own fixed weights for training and records what the
 balancer would have set.
 
-The session owns every hook it registers on the user's modules (the heads' pre-hooks and the layer's
-forward hook of ``heads=``, ``heads="auto"``'s global forward hook, the capture of the shared
-representation, one step's gradient-surgery hook) and its run's recorder. :meth:`Session.close`, leaving
-a ``with`` block (normally or by an exception) and the garbage collection of a session dropped without
-either release them all; the modules reach the session only through weak references, so that they never
-keep a dropped session alive.
+The session owns every hook it registers on the user's modules and tensors (the heads' pre-hooks and the
+layer's forward hook of the taps, the head search's global forward hook, the losses' factor hooks, the
+capture of the shared representation, one step's gradient-surgery hook) and its run's recorder.
+:meth:`Session.close`, leaving a ``with`` block (normally or by an exception) and the garbage collection
+of a session dropped without either release them all; the modules reach the session only through weak
+references, so that they never keep a dropped session alive.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 import weakref
@@ -37,15 +53,16 @@ from gradnorm.toolkit.balancers import Balancer, EqualWeights, StaticWeights, st
 from gradnorm.toolkit.recorder import DEFAULT_FLUSH_EVERY, Recorder
 
 from . import distributed
-from .grad_norms import GradNormMeter
+from .grad_norms import AUTOGRAD_LOOP, GradNormMeter, statistics_dtype
 from .head_finder import HeadFinder, layer_call
 from .shared_layer import SharedLayer, reaches, resolve_shared_layer
-from .taps import HeadTaps
+from .taps import HeadTaps, TapsError
 from .task_gradients import RepresentationCapture, reweight_representation, step_weights
 
 Losses = Union[Mapping[str, Tensor], Sequence[Tensor]]
-#: A deferred heads= step: (losses, applied weights, epoch, step), finished from inside the user's backward.
-_PendingStep = tuple[Tensor, Tensor, Optional[int], Optional[int]]
+#: A step the taps finish from inside the user's backward: (the losses as handed in, with their graph;
+#: the stacked losses, detached; the applied weights; epoch; step).
+_PendingStep = tuple[list[Tensor], Tensor, Tensor, Optional[int], Optional[int]]
 #: What ``Recorder.close`` records as ``closed_by`` for a session dropped without ``close()``.
 CLOSED_BY_COLLECTION = "garbage collection"
 
@@ -67,7 +84,10 @@ class _Owned:
     def __init__(self) -> None:
         self.removables: list[_Removable] = []  # hook handles, the taps, the representation capture
         self.step_hook: Optional[RemovableHandle] = None  # this step's gradient-surgery hook on Z
+        self.factor_hooks: list[RemovableHandle] = []  # this step's hooks on the losses (the taps' factors)
         self.recorder: Optional[Recorder] = None
+        # run.json keys that changed after the run was created, written once the recorder has stopped.
+        self.meta_updates: dict[str, Any] = {}
         self.released = False
 
     def own(self, removable: _R) -> _R:
@@ -84,9 +104,22 @@ class _Owned:
             if self.step_hook is not None:
                 self.step_hook.remove()
                 self.step_hook = None
+            self.remove_factor_hooks()
         finally:
-            if self.recorder is not None:
-                self.recorder.close(status=status, closed_by=closed_by)
+            recorder = self.recorder
+            if recorder is not None:
+                recorder.close(status=status, closed_by=closed_by)
+                # Once closed here its writer has stopped, so nothing else writes run.json now (a close
+                # handed to another thread, from the writer itself, leaves run.json to that thread).
+                if self.meta_updates and recorder.closed and recorder.rank == 0 and threading.current_thread() is not recorder._thread:
+                    try:
+                        runs.update_run_json(recorder.run_path, **self.meta_updates)
+                    except (OSError, runs.RunError) as exc:
+                        warnings.warn(f"gradnorm: could not note the gradient-norm path in run.json: {exc}", RuntimeWarning)
+
+    def remove_factor_hooks(self) -> None:
+        while self.factor_hooks:
+            self.factor_hooks.pop().remove()
 
     def collected(self) -> None:
         """The session was garbage-collected without close(): its run did not say it finished."""
@@ -117,6 +150,49 @@ def _weakly(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+class _Factors:
+    """The gradient each task's loss receives in the user's backward, from a tensor hook on it.
+
+    Head i's piece at H is that gradient times grad_H L_i (the loss's own graph below it is linear in
+    it), so it is the factor the taps divide out: w_i, times any loss scale (``GradScaler``,
+    Accelerate), times any division for gradient accumulation, times anything else the user multiplies
+    the loss by. In the loss's own dtype, as the backward carries it. Holds no reference to the session.
+    """
+
+    def __init__(self, num_tasks: int) -> None:
+        self.parts: list[Optional[Tensor]] = [None] * num_tasks
+        self._node_hooks: dict[tuple[int, int], Callable[[tuple], None]] = {}
+
+    def watch(self, index: int, loss: Tensor) -> RemovableHandle:
+        """Keep the gradient ``loss`` receives as task ``index``'s factor; returns the hook's handle.
+
+        A pre-hook on the loss's autograd node where it has one (cheaper to register than a tensor hook,
+        and it sees the gradient after any hook the user put on the loss), else a tensor hook.
+        """
+        node = loss.grad_fn
+        parts = self.parts
+        if node is None:
+
+            def keep(grad: Tensor) -> None:
+                parts[index] = grad
+
+            return loss.register_hook(keep)
+        key = (index, loss.output_nr)
+        hook = self._node_hooks.get(key)
+        if hook is None:
+            output = loss.output_nr
+
+            def hook(grads: tuple) -> None:
+                parts[index] = grads[output]
+
+            self._node_hooks[key] = hook
+        return node.register_prehook(hook)
+
+    def reset(self) -> None:
+        for index in range(len(self.parts)):
+            self.parts[index] = None
+
+
 class Session:
     """A balancer, a gradient-norm meter at the shared layer and (optionally) a recorder, for one run."""
 
@@ -133,7 +209,7 @@ class Session:
         flush_every: int = DEFAULT_FLUSH_EVERY,
         measure_grad_norms: bool = True,
         config: Optional[Mapping[str, Any]] = None,
-        heads: Union[None, str, Sequence[nn.Module]] = None,
+        heads: Union[None, bool, str, Sequence[nn.Module]] = "auto",
         grad_scaler: Optional[Any] = None,
     ) -> None:
         # First, so that hooks registered before a later argument check fails are removed with the half-made session.
@@ -146,6 +222,13 @@ class Session:
         self.shadow = shadow
         if weights is not None and not shadow:
             raise ValueError("weights= sets the user's own weights in shadow mode; pass shadow=True (or use StaticWeights)")
+        if grad_scaler is not None:
+            warnings.warn(
+                "gradnorm: grad_scaler= is no longer needed and is ignored: the taps read the factor each task's loss "
+                "carries in your backward (a GradScaler's or Accelerate's loss scale included) from the backward itself",
+                DeprecationWarning,
+                stacklevel=3,
+            )
         self._user_weights = weights
         self._applied: Optional[Tensor] = None
         self.measure = measure_grad_norms or self.balancer.needs_grad_norms
@@ -156,30 +239,39 @@ class Session:
         self.capture = self._owned.own(RepresentationCapture(self.layer.module, self.layer.description)) if needs_capture else None
         self._step_norms: Optional[Tensor] = None
         self._surgery: Optional[tuple[RepresentationCapture, Tensor, Tensor]] = None
-        # heads=: the norms come from the user's own backward (hooks/taps.py) and w updates after it.
+        # The taps: the norms come from the user's own backward (hooks/taps.py) and w updates inside it.
         self.taps: Optional[HeadTaps] = None
-        # With heads= the tapped gradients carry the AMP loss scale of torch.amp.GradScaler; it is divided out.
-        self.grad_scaler = grad_scaler
+        self._factors: Optional[_Factors] = None
         self._pending: Optional[_PendingStep] = None
         self._per_channel = per_channel
+        self._dtype: Optional[torch.dtype] = None  # of the weights and statistics, fixed at the first step
         self._finder: Optional[HeadFinder] = None
-        self._heads_search: Optional[str] = None  # heads="auto": what the first step found
+        self._heads_search: Optional[str] = None  # what the first step's search found, or why none ran
+        self._auto = False  # the heads were found by the session (heads="auto"), not given
+        self._warned_taps = False
         taps_unusable = self.balancer.uses_current_step or needs_capture or self.balancer.weights_act_on_representation
-        if isinstance(heads, str):
-            if heads != "auto":
-                raise ValueError(f"heads= takes the task heads in task order or 'auto', got {heads!r}")
-            if taps_unusable or not self.measure:
-                self._heads_search = f"not searched: {self.balancer.name} needs this step's per-task gradients before the loss is formed"
+        if heads is True or isinstance(heads, str):
+            if heads is not True and heads != "auto":
+                raise ValueError(f"heads= takes the task heads in task order, 'auto', or None for the general path; got {heads!r}")
+            self._auto = True
+            if not self.measure:
+                self._heads_search = f"not searched: no gradient norms are measured ({self.balancer.name} needs none, measure_grad_norms=False)"
+            elif taps_unusable:
+                self._heads_search = (
+                    f"not searched: {self.balancer.name} sets this step's weights from this step's losses or gradients before the loss is formed"
+                )
             else:
                 self._finder = HeadFinder()
                 self._owned.own(self._finder.handle)
-        elif heads is not None:
+        elif heads is None or heads is False:
+            self._heads_search = f"not searched: heads={heads!r} asks for the general path"
+        else:
             if taps_unusable:
                 raise ValueError(
                     f"heads= measures gradient norms during your backward, but {self.balancer.name} needs this step's "
                     "per-task gradients before the loss is formed; leave heads= out for it"
                 )
-            self.taps = self._make_taps(list(heads))
+            self.taps = self._make_taps(list(heads), check_pairing=True)
         self.tasks: Optional[list[str]] = list(tasks) if tasks is not None else None
         self.step_index = 0
         self.runs_root = None if runs_root is None else Path(runs_root)
@@ -195,17 +287,23 @@ class Session:
         """The weighted loss sum_i w_i L_i of this step (shadow mode: with the user's weights)."""
         self._check_open()
         names, values = self._split(losses)
-        stacked = torch.stack([v.reshape(()) for v in values])
-        # heads="auto": this step is measured the general way; the taps found here serve from the next.
+        if self._pending is not None:
+            self._unfinished_step()
+        stacked = self._stack(values)
+        # The head search: this step is measured the general way; the taps found here serve from the next.
         finder = self._finder
+        first = not self.balancer.bound
+        if first:
+            self._bind(names, stacked)
         route = self._search_heads(finder, values) if finder is not None else None
-        self._bind(names, stacked, route)
+        if first:
+            self._open_run(values, route)
         applied = self._applied_weights()
         if self.balancer.uses_current_step:
             applied = self._current_step_weights(values, stacked, applied)
         # Gradient surgery acts on Z's gradient; the heads then train on unit-weighted losses.
         loss_weights = torch.ones_like(applied) if self.balancer.weights_act_on_representation and not self.shadow else applied
-        total = (loss_weights.to(stacked.dtype) * stacked).sum()
+        total = (loss_weights * stacked).sum()
         if self.taps is not None and finder is None:
             self._defer(self.taps, values, stacked, applied, epoch, step)
             return total
@@ -222,9 +320,15 @@ class Session:
             raise RuntimeError("observe() is for shadow mode (attach(..., shadow=True)); use loss() to balance")
         self._check_open()
         names, values = self._split(losses)
-        stacked = torch.stack([v.reshape(()) for v in values])
+        if self._pending is not None:
+            self._unfinished_step()
+        stacked = self._stack(values)
         self._stop_head_search("not searched: observe() measures before your backward")
-        self._bind(names, stacked)
+        if self.taps is not None and self._auto:
+            self._drop_taps(f"from step {self.step_index}: observe() measures before your backward")
+        if not self.balancer.bound:
+            self._bind(names, stacked)
+            self._open_run(values, None)
         applied = self._applied_weights()
         if self.balancer.uses_current_step:
             self._current_step_weights(values, stacked, applied)
@@ -261,14 +365,21 @@ class Session:
         self.close(status=runs.FAILED if kind is not None else runs.FINISHED)
 
     # -- internals -------------------------------------------------------------------------------
-    def _make_taps(self, heads: list[nn.Module]) -> HeadTaps:
+    def _make_taps(self, heads: list[nn.Module], check_pairing: bool = False) -> HeadTaps:
         taps = HeadTaps(
             heads,
             self.layer.parameter,
             _weakly(self._norms_from_backward),
-            reduce=_weakly(self._unscale_tapped),
+            # Under DDP the gradients are averaged over ranks before the norms (hooks/distributed.py).
+            reduce=distributed.mean_across_ranks if distributed.world_size() > 1 else None,
+            factor=_weakly(self._step_factors),
             per_channel=self._per_channel,
             module=self.layer.module,
+            # Heads the session found fall back to the general path on a backward they cannot measure;
+            # heads the user gave make it an error.
+            on_failure=_weakly(self._taps_failed) if self._auto else None,
+            check_pairing=check_pairing,
+            warn_fallback=not self._auto,
         )
         return self._owned.own(taps)
 
@@ -289,6 +400,18 @@ class Session:
             raise RuntimeError("the tasks are known from the first step on")
         return self.tasks
 
+    def _stack(self, values: list[Tensor]) -> Tensor:
+        """The (T,) losses in the statistics' dtype: float32, or float64 for a float64 model or losses.
+
+        Autocast's bfloat16 or float16 losses are converted (autograd converts their gradients back), so
+        that the weights, their optimiser and the norms never run in half precision.
+        """
+        stacked = torch.stack([v if v.dim() == 0 else v.reshape(()) for v in values])
+        dtype = self._dtype
+        if dtype is None:
+            dtype = self._dtype = statistics_dtype(self.layer.parameter.dtype, stacked.dtype)
+        return stacked if stacked.dtype == dtype else stacked.to(dtype)
+
     def _stop_head_search(self, reason: str) -> None:
         if self._finder is not None:
             self._finder.stop()
@@ -296,16 +419,28 @@ class Session:
             self._heads_search = reason
 
     def _search_heads(self, finder: HeadFinder, values: list[Tensor]) -> Optional[str]:
-        """heads="auto", first step: find the heads; the taps serve from the next step. Returns the route."""
+        """The first step: find the heads; the taps serve from the next step. Returns the route."""
         self._finder = None
         found = finder.find(values, self.layer.parameter)
         self._heads_search = found.reason
         if found.heads is None or found.shared is None:
             return None
+        zero = self._zero_weight_task()
+        if zero is not None:
+            self._heads_search = f"{found.reason}; not used: task {zero!r} has weight 0, so its head sends no gradient to measure"
+            return None
         self.taps = self._make_taps(found.heads)
         call, count = layer_call(found.calls, self.layer.module)
         layer_input = (call.input, call.input_version) if call is not None else None
         return self.taps.describe_path_of(found.shared, layer_input, call.output_node if call is not None else None, count)
+
+    def _zero_weight_task(self) -> Optional[str]:
+        """A task whose applied weight is 0 (the first step only: a host read)."""
+        applied = self._applied_weights()
+        for task, weight in zip(self._known_tasks(), applied.tolist()):
+            if weight == 0:
+                return task
+        return None
 
     def _split(self, losses: Losses) -> tuple[list[str], list[Tensor]]:
         if isinstance(losses, Mapping):
@@ -343,35 +478,44 @@ class Session:
             self._surgery = (self.capture, grads, own)
         return own
 
-    def _bind(self, names: list[str], stacked: Tensor, auto_route: Optional[str] = None) -> None:
-        if self.balancer.bound:
-            return
+    def _bind(self, names: list[str], stacked: Tensor) -> None:
+        """The first step: the tasks, the balancer's state and the shadow weights, in the statistics' dtype."""
         self.tasks = names
-        self.balancer.bind(names, stacked.device, stacked.dtype if stacked.dtype.is_floating_point else torch.float32)
-        applied: Optional[Tensor] = None
+        self.balancer.bind(names, stacked.device, stacked.dtype)
         if self.shadow:
             user = EqualWeights() if self._user_weights is None else StaticWeights(self._user_weights)
-            user.bind(names, stacked.device, self.balancer.weights().dtype)
-            applied = self._applied = user.weights()
-        if self.runs_root is not None:
-            meta = {
-                "tasks": names,
-                "balancer": self.balancer.config(),
-                "shared_layer": self.layer.config(),
-                "mode": "shadow" if self.shadow else "balance",
-                "grad_norm_path": self._grad_norm_path(auto_route),
-                "flush_every": self.flush_every,
-                "config": self.user_config,
-            }
-            if self._heads_search is not None:
-                meta["heads_search"] = self._heads_search
-            if applied is not None:
-                meta["applied_weights"] = dict(zip(names, applied.tolist()))
-            self.run_path = distributed.create_or_join_run(self.runs_root, self.run_name, meta)
-            self.recorder = self._owned.recorder = Recorder(self.run_path, names, flush_every=self.flush_every)
+            user.bind(names, stacked.device, stacked.dtype)
+            self._applied = user.weights()
+
+    def _open_run(self, values: list[Tensor], auto_route: Optional[str]) -> None:
+        """The first step: choose the general path's route and create the run, saying how norms are measured."""
+        if self.measure and (self.taps is None or auto_route is not None):
+            self.meter.choose(values)
+        if self.runs_root is None:
+            return
+        names = self._known_tasks()
+        meta: dict[str, Any] = {
+            "tasks": names,
+            "balancer": self.balancer.config(),
+            "shared_layer": self.layer.config(),
+            "mode": "shadow" if self.shadow else "balance",
+            "grad_norm_path": self._grad_norm_path(auto_route),
+            "flush_every": self.flush_every,
+            "config": self.user_config,
+        }
+        if self.meter.choice is not None:
+            meta["grad_norm_route"] = f"{self.meter.choice.route}: {self.meter.choice.reason}"
+        if self._heads_search is not None:
+            meta["heads_search"] = self._heads_search
+        if self._applied is not None:
+            meta["applied_weights"] = dict(zip(names, self._applied.tolist()))
+        self.run_path = distributed.create_or_join_run(self.runs_root, self.run_name, meta)
+        self.recorder = self._owned.recorder = Recorder(self.run_path, names, flush_every=self.flush_every)
 
     def _grad_norm_path(self, auto_route: Optional[str]) -> str:
-        general = "autograd-batched" if self.meter.batched else "autograd-loop"
+        if not self.measure:
+            return "not measured"
+        general = self.meter.route or AUTOGRAD_LOOP
         if self.taps is None:
             return general
         if auto_route is not None:
@@ -379,40 +523,102 @@ class Session:
         return f"head-taps/{self.taps.describe_path()}"
 
     def _defer(self, taps: HeadTaps, values: list[Tensor], stacked: Tensor, applied: Tensor, epoch: Optional[int], step: Optional[int]) -> None:
-        """heads= mode: keep the step; the taps finish it from inside the user's backward."""
+        """Taps: keep the step; they finish it from inside the user's backward."""
         self._check_first_step(values)
         tasks = self._known_tasks()
         if len(taps.heads) != len(tasks):
             raise ValueError(f"heads= has {len(taps.heads)} modules for {len(tasks)} tasks {tasks}; give one head per task, in task order")
-        if self._pending is not None:
+        if self.step_index == 0:
+            taps.check_pairing(values, tasks)
+        factors = self._factors
+        if factors is None:
+            factors = self._factors = _Factors(len(tasks))
+        factors.reset()
+        # The last step's hooks went with its graph; only this step's are kept, for close().
+        self._owned.factor_hooks = [factors.watch(index, value) for index, value in enumerate(values)]
+        self._pending = (values, stacked.detach(), applied, epoch, step)
+        taps.arm()
+
+    def _unfinished_step(self) -> None:
+        """A kept step whose backward never reached the taps: an error for heads the user gave; for heads
+        the session found, the step is measured the general way (its graph is still there unless some other
+        backward freed it) and the general path serves from now on."""
+        pending = self._pending
+        if pending is None:
+            return
+        values, stacked, applied, epoch, step = pending
+        self._pending = None
+        if not self._auto:
             raise RuntimeError(
                 f"the loss of step {self.step_index} was never backpropagated: with heads= the weights update during "
                 "backward(); call backward() on every loss that session.loss() returns"
             )
-        self._pending = (stacked.detach(), applied, epoch, step)
-        taps.arm()
+        # First, so that the measurement below does not pass through armed taps.
+        self._drop_taps(f"from step {self.step_index + 1}: the loss of step {self.step_index} was never backpropagated")
+        try:
+            norms: Optional[Tensor] = self.meter(values)
+        except RuntimeError:  # its graph was freed by a backward that did not pass the heads
+            norms = torch.full((len(values),), float("nan"), device=stacked.device, dtype=stacked.dtype)
+        self._finish(stacked, norms, applied, epoch, step)
 
-    def _unscale_tapped(self, per_task: Tensor) -> Tensor:
-        """The tapped (T, *W.shape) gradients, averaged over ranks and with the AMP loss scale divided out.
+    def _drop_taps(self, note: str) -> None:
+        """The general path from now on; ``run.json`` notes when and why, once the run closes."""
+        taps, self.taps = self.taps, None
+        if taps is not None:
+            taps.remove()
+        self._owned.remove_factor_hooks()
+        general = self.meter.route or AUTOGRAD_LOOP
+        self._owned.meta_updates["grad_norm_path"] = f"{self._first_path()}; {general} {note}"
 
-        Divided before the norms are taken: the scale is a power of two, so the division is exact, while
-        the sum of squares of gradients still multiplied by a large scale (2^100 after a few back-offs
-        from an overflow) would overflow float32 and turn a good step into a skipped one.
-        """
-        per_task = distributed.mean_across_ranks(per_task)
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-            scale = self.grad_scaler._get_scale_async()  # a device tensor: no host synchronisation
-            if scale is not None:
-                per_task = per_task / scale.to(per_task.dtype)
-        return per_task
+    def _first_path(self) -> str:
+        recorded = self._owned.meta_updates.get("grad_norm_path")
+        if recorded is not None:
+            return str(recorded)
+        if self.run_path is not None:
+            try:
+                return str(runs.read_run_json(self.run_path).get("grad_norm_path", "head-taps"))
+            except (OSError, runs.RunError):
+                pass
+        return "head-taps"
 
-    def _norms_from_backward(self, weighted_norms: Tensor) -> None:
+    def _taps_failed(self, exc: TapsError) -> None:
+        """A backward the taps the session found cannot measure: this step's norms are unknown (recorded
+        as such, and GradNorm skips its update); the general path serves from the next step."""
+        pending, self._pending = self._pending, None
+        self._owned.remove_factor_hooks()
+        if not self._warned_taps:
+            self._warned_taps = True
+            warnings.warn(
+                f"gradnorm: the heads' taps could not measure step {self.step_index} ({exc}); its gradient norms are recorded "
+                "as unknown and the general path measures them from the next step",
+                RuntimeWarning,
+            )
+        self._drop_taps(f"from step {self.step_index + 1}: {exc}")
+        if pending is not None:
+            _, stacked, applied, epoch, step = pending
+            self._finish(stacked, torch.full((len(stacked),), float("nan"), device=stacked.device, dtype=stacked.dtype), applied, epoch, step)
+
+    def _step_factors(self) -> Tensor:
+        """The (T,) factors f_i of this backward (see :class:`_Factors`), in the statistics' dtype; the
+        taps divide them out of the gradients of f_i L_i they measure."""
+        factors = self._factors
+        parts = factors.parts if factors is not None else []
+        present = [part for part in parts if part is not None]
+        if factors is None or len(present) != len(parts):
+            missing = [task for task, part in zip(self._known_tasks(), parts) if part is None] if factors is not None else self._known_tasks()
+            raise TapsError(
+                f"the losses of tasks {missing} did not reach this backward, though their heads did; the taps need each "
+                "task's loss in the backward (session.loss()'s result, or a loss built from the losses handed to it)"
+            )
+        factor = torch.stack(present)
+        dtype = self._dtype or factor.dtype
+        return factor if factor.dtype == dtype else factor.to(dtype)
+
+    def _norms_from_backward(self, norms: Tensor) -> None:
         if self._pending is None:  # the taps measure only a backward that _defer armed, right after keeping its step
             raise RuntimeError("heads=: a backward was measured for which no step was kept")
-        stacked, applied, epoch, step = self._pending
+        _, stacked, applied, epoch, step = self._pending
         self._pending = None
-        # The taps see grad_W of w_i L_i (the weighted loss); the balancer takes n_i = ||grad_W L_i||.
-        norms = weighted_norms.to(applied.dtype) / (applied[:, None] if weighted_norms.dim() == 2 else applied)
         self._finish(stacked, norms, applied, epoch, step)
 
     def _check_first_step(self, values: list[Tensor]) -> None:
@@ -453,7 +659,7 @@ def attach(
     flush_every: int = DEFAULT_FLUSH_EVERY,
     measure_grad_norms: bool = True,
     config: Optional[Mapping[str, Any]] = None,
-    heads: Union[None, str, Sequence[nn.Module]] = None,
+    heads: Union[None, bool, str, Sequence[nn.Module]] = "auto",
     grad_scaler: Optional[Any] = None,
 ) -> Session:
     """Attach ``balancer`` (default: equal weights, monitor only) at the shared layer ``shared``
@@ -461,9 +667,12 @@ def attach(
 
     ``runs_root``/``run_name`` write records there; ``shadow``/``weights`` record without changing
     training; ``flush_every`` sets how many steps the device buffer holds; ``tasks`` names the tasks of a
-    sequence of losses; ``config`` is saved in ``run.json``; ``heads`` (the task heads in task order, or
-    ``"auto"``) taps the gradient norms from your own backward instead of a separate pass; ``grad_scaler``
-    is the ``torch.amp.GradScaler`` whose scale multiplies the loss you backpropagate, with ``heads``.
+    sequence of losses; ``config`` is saved in ``run.json``. ``heads`` says where the norms come from:
+    ``"auto"`` (the default) finds the task heads at the first step and taps the norms from your own
+    backward from the second step where the model allows (``run.json``'s ``heads_search`` says why where
+    it does not); the task heads in task order tap them from the first step; ``None`` (or ``False``)
+    measures them with separate backward passes, the general path. ``grad_scaler`` is accepted and
+    ignored: the loss scale is read from the backward itself.
     Under ``torch.distributed`` every rank attaches with the same ``run_name``; see ``hooks/distributed.py``.
     The session owns every hook it registers and removes them on :meth:`Session.close`.
     """

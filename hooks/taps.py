@@ -18,7 +18,22 @@ The segment H -> W is crossed one of three ways, chosen per step and stated by `
   with X, whose T * C filters are the T tasks' grad_W.
 - ``batched-vjp``: anything else; one T-batched vector-Jacobian product (``is_grads_batched``) from H to W.
 
+The products are formed in float32 (float64 for a float64 W) whatever the gradients' dtype, so that
+bfloat16 or float16 pieces under autocast give the same norms as float32 ones, to their own rounding.
 Everything stays on the device and nothing synchronises with the host.
+
+Each forward pass through the heads keeps its own state (H, W's input, the segment) in its fan-out node,
+so a loss built from several forward passes (two halves of a batch, say) gets the sum of their
+gradients at W, as autograd would; the norms are taken once the backward has finished (a callback the
+autograd engine runs at its end). The pieces carry whatever multiplies each loss in that backward (its
+weight, a loss scale); ``factor`` says what it is, task by task (``hooks/session.py``), and it is
+divided out before the norms: where the shared layer's input is the smaller tensor, that input is
+divided by the largest factor (the products then carry f_i / max f, at most 1, so no sum of squares
+overflows) and the T norms by the rest; otherwise the T gradients at W are divided by their factors.
+
+Heads given in the wrong order would pair each task's loss with another task's gradient; at the first
+step a forward hook on each head notes its output, and the step's autograd graph says which loss each
+head feeds (:meth:`HeadTaps.check_pairing`).
 """
 
 from __future__ import annotations
@@ -30,36 +45,67 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import Node
 from torch.nn.grad import conv2d_weight
+from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
-from .grad_norms import norms_of
+from .grad_norms import norms_of, statistics_dtype
+from .shared_layer import graph_nodes
 
 LINEAR_PRODUCT = "linear-product"
 CONV_PRODUCT = "conv-product"
 BATCHED_VJP = "batched-vjp"
+# The task axis of the stacked pieces: just before the channel axis (last for a Linear, 1 for a
+# convolution), so that the product routes read the T pieces as T * C channels without a copy.
+_TASK_AXIS = {LINEAR_PRODUCT: -2, CONV_PRODUCT: 1, BATCHED_VJP: 0}
 # Elementwise nodes between W's output and H whose Jacobian is a 0/1 mask read from what they saved.
 _MASK_NODES = {"ReluBackward0": lambda node: node._saved_result > 0}
 _MAX_SEGMENT_NODES = 8
 #: Above this many bytes for holding T - 1 extra copies of H's gradient, the taps stream (see HeadTaps).
 STREAM_ABOVE_BYTES = 1 << 20
 
+Mask = Union[None, bool, Tensor]
+
+
+class TapsError(RuntimeError):
+    """A backward the taps cannot measure (a head sent no gradient, a task's factor is unknown)."""
+
+
+class _Forward:
+    """One forward pass through the heads: H, W's input and call count then, and (streaming) its pieces."""
+
+    __slots__ = ("shared", "layer_input", "layer_node", "layer_calls", "served", "aliases", "pieces", "mask", "mode")
+
+    def __init__(self, shared: Tensor, layer_input: Optional[tuple[Tensor, int]], layer_node: Optional[Node], layer_calls: int) -> None:
+        self.shared = shared
+        self.layer_input = layer_input
+        self.layer_node = layer_node
+        self.layer_calls = layer_calls
+        self.served: set[int] = set()
+        self.aliases: tuple[Tensor, ...] = ()
+        self.pieces: list[Optional[Tensor]] = []
+        self.mask: Mask = None  # streaming: the segment's mask, read at the first piece
+        self.mode = "fan-out"
+
 
 class _FanOut(torch.autograd.Function):
     """Identity from H to T aliases of H; its backward sees the T heads' gradients at once."""
 
     @staticmethod
-    def forward(ctx, taps: HeadTaps, shared: Tensor) -> tuple[Tensor, ...]:
-        ctx.taps = taps
+    def forward(ctx, taps: HeadTaps, forward: _Forward, shared: Tensor) -> tuple[Tensor, ...]:
+        ctx.taps, ctx.forward = taps, forward
         ctx.set_materialize_grads(False)
-        return tuple(shared.view_as(shared) for _ in range(len(taps.heads)))
+        count = len(taps.heads)
+        if count <= 3:
+            return tuple(shared.view_as(shared) for _ in range(count))
+        return shared.unsqueeze(0).expand(count, *shared.shape).unbind(0)  # T views, three operators
 
     @staticmethod
     def backward(ctx, *grads: Optional[Tensor]):
-        return None, ctx.taps._backward(grads)
+        return None, None, ctx.taps._backward(ctx.forward, grads)
 
 
 class HeadTaps:
-    """Hooks on the task heads that hand ``on_norms(G)`` the (T,) weighted norms at W after each backward."""
+    """Hooks on the task heads that hand ``on_norms`` the (T,) norms at W after each measured backward."""
 
     def __init__(
         self,
@@ -67,20 +113,37 @@ class HeadTaps:
         parameter: Tensor,
         on_norms: Callable[[Tensor], None],
         reduce: Optional[Callable[[Tensor], Tensor]] = None,
+        factor: Optional[Callable[[], Tensor]] = None,
         per_channel: bool = False,
         module: Optional[nn.Module] = None,
+        on_failure: Optional[Callable[[TapsError], None]] = None,
+        check_pairing: bool = False,
+        warn_fallback: bool = True,
     ) -> None:
         if len(heads) < 2:
             raise ValueError(f"heads= needs one module per task (at least two), got {len(heads)}")
         self.heads = list(heads)
         self.parameter = parameter
         self.on_norms = on_norms
-        self.reduce = reduce or (lambda grads: grads)
+        # Applied to the unscaled (T, *W.shape) gradients before the norms: the mean over DDP ranks, which
+        # needs each rank's gradients exactly unscaled (``scale_input`` False).
+        self.reduce = reduce
+        # The (T,) factors of this backward; None: every piece comes unscaled.
+        self.factor = factor
+        self.scale_input = reduce is None
         self.per_channel = per_channel
-        self._input: Optional[Tensor] = None
-        self._aliases: tuple[Tensor, ...] = ()
-        self._served: set[int] = set()  # heads that read H in this forward pass
-        self._armed = False
+        # Where a backward cannot be measured: raise (None) or hand the error to the owner.
+        self.on_failure = on_failure
+        self.dtype = statistics_dtype(parameter.dtype)
+        self._forward: Optional[_Forward] = None  # the latest forward pass through the heads
+        self._armed = False  # the next backward through the taps is measured
+        self._collecting = False  # inside the measured backward, until the engine's callback at its end
+        self._result: Optional[Tensor] = None  # (T, *W.shape), summed over the forward passes it reached
+        self._norm_scale: Optional[Tensor] = None  # (T,): what the norms of ``_result`` are multiplied by
+        self._step_factor: Optional[Tensor] = None  # this backward's factors, read at its first forward
+        self._unscale: Optional[str] = None  # how this backward divides them out (see _unscaling)
+        self._largest: Optional[Tensor] = None
+        self._problem: Optional[TapsError] = None
         self._handles: list[RemovableHandle] = [head.register_forward_pre_hook(self._make_pre_hook(i)) for i, head in enumerate(self.heads)]
         # The streaming taps' hooks on the tensors of a forward pass whose graph may still be alive.
         self._tensor_handles: list[RemovableHandle] = []
@@ -88,17 +151,21 @@ class HeadTaps:
         self._layer_input: Optional[tuple[Tensor, int]] = None  # (X, its version when captured)
         self._layer_node: Optional[Node] = None  # grad_fn of the layer's output, taken before any in-place op on it
         self._layer_calls = 0  # calls of the layer since the heads last read H
-        self._layer_calls_this_forward = 0
         if self._layer is not None:
             self._handles.append(self._layer.register_forward_hook(self._capture_layer))
-        self._warned_fallback = False
+        # heads= given by the user: the first forward's head outputs, to check which loss each feeds.
+        self._outputs: Optional[list[list]] = None
+        self._output_handles: list[RemovableHandle] = []
+        if check_pairing:
+            self._outputs = [[] for _ in self.heads]
+            self._output_handles = [head.register_forward_hook(self._make_output_hook(i)) for i, head in enumerate(self.heads)]
+        # Heads the user gave were meant for a product route: a warning says when none applies.
+        self._warned_fallback = not warn_fallback
         self.path: Optional[str] = None  # the route of the last measured step
         self.mode: Optional[str] = None  # "fan-out" or "stream", of the last forward pass
-        self._pieces: list[Optional[Tensor]] = []
-        self._step_mask: Union[None, bool, Tensor] = None
 
     def arm(self) -> None:
-        """Measure on the next backward (called once the step's losses are known)."""
+        """Measure the next backward through the taps (called once the step's losses are known)."""
         self._armed = True
 
     def remove(self) -> None:
@@ -107,24 +174,59 @@ class HeadTaps:
         A graph built before still backpropagates: the fan-out node then only adds the heads' gradients
         up, as the graph without taps would, and measures nothing.
         """
-        self._armed = False
-        for handle in self._handles + self._tensor_handles:
+        self._armed = self._collecting = False
+        for handle in self._handles + self._tensor_handles + self._output_handles:
             handle.remove()
-        self._handles, self._tensor_handles = [], []
-        self._input, self._aliases, self._served = None, (), set()
-        self._layer_input, self._layer_node, self._pieces, self._step_mask = None, None, [], None
+        self._handles, self._tensor_handles, self._output_handles, self._outputs = [], [], [], None
+        self._forward, self._result, self._problem = None, None, None
+        self._layer_input, self._layer_node = None, None
 
     def describe_path(self) -> str:
         """The route the next measurement will take (for ``run.json``), decided from this step's graph."""
-        if self._input is None:
+        if self._forward is None:
             return BATCHED_VJP
-        return self._route(self._segment_mask())
+        return self._route(self._segment_mask(self._forward))
 
     def describe_path_of(self, shared: Tensor, layer_input: Optional[tuple[Tensor, int]], layer_node, layer_calls: int) -> str:
         """The route for a forward pass seen from outside (``heads="auto"``'s first step)."""
-        return self._route(self._segment_mask(shared, layer_input, layer_node, layer_calls))
+        return self._route(self._segment_mask(_Forward(shared, layer_input, layer_node, layer_calls)))
 
-    def _route(self, mask) -> str:
+    def check_pairing(self, losses: Sequence[Tensor], tasks: Sequence[str]) -> None:
+        """Raise ValueError unless head i's output reaches task i's loss and no other (the first step only).
+
+        Heads handed in another order than the tasks would otherwise pair each loss with another head's
+        gradient and train on wrong norms without any sign of it.
+        """
+        outputs, self._outputs = self._outputs, None
+        for handle in self._output_handles:
+            handle.remove()
+        self._output_handles = []
+        if outputs is None or not all(outputs):  # (a head that did not run this step: its taps say so)
+            return
+        reach = [graph_nodes(loss) for loss in losses]
+        fed = [[task for task, nodes in zip(tasks, reach) if any(node in nodes for node in head_nodes)] for head_nodes in outputs]
+        if all(feeds == [task] for feeds, task in zip(fed, tasks)):
+            return
+        described = "; ".join(f"head {i} ({type(head).__name__}) feeds {feeds or 'no task'}" for i, (head, feeds) in enumerate(zip(self.heads, fed)))
+        order = [feeds[0] for feeds in fed if len(feeds) == 1]
+        if len(order) == len(tasks) and sorted(order) == sorted(tasks):
+            raise ValueError(
+                f"heads= are not in task order: {described}, but the tasks are {list(tasks)}; give the heads in task order "
+                f"(head {order.index(tasks[0])} first), or leave heads= out to find them"
+            )
+        raise ValueError(
+            f"heads= needs each head's output to reach its own task's loss and no other: {described} (tasks {list(tasks)}); "
+            "pass the modules that split the tasks, or heads=None for the general path"
+        )
+
+    def _make_output_hook(self, index: int):
+        def keep(module: nn.Module, args: tuple, output) -> None:
+            if self._outputs is not None and torch.is_grad_enabled():
+                self._outputs[index] = [t.grad_fn for t in tree_leaves(output) if isinstance(t, Tensor) and t.grad_fn is not None]
+
+        return keep
+
+    def _route(self, mask: Mask) -> str:
         if mask is None:
             return BATCHED_VJP
         return LINEAR_PRODUCT if isinstance(self._layer, nn.Linear) else CONV_PRODUCT
@@ -135,23 +237,23 @@ class HeadTaps:
             if not args or not isinstance(args[0], Tensor) or not args[0].requires_grad or not torch.is_grad_enabled():
                 return None
             shared = args[0]
+            forward = self._forward
             # A head called again, whatever the order of the heads' calls, means a new forward pass.
-            if self._input is None or index in self._served:
-                self._input = shared
-                self._served = set()
-                self._layer_calls_this_forward, self._layer_calls = self._layer_calls, 0
-                if self._should_stream(shared):
-                    self._aliases = self._stream(shared)
+            if forward is None or index in forward.served:
+                forward = self._forward = _Forward(shared, self._layer_input, self._layer_node, self._layer_calls)
+                self._layer_calls = 0
+                if self._should_stream(forward):
+                    forward.aliases = self._stream(forward)
                 else:
-                    self.mode = "fan-out"
-                    self._aliases = _FanOut.apply(self, shared)
-            elif shared is not self._input:
+                    forward.aliases = _FanOut.apply(self, forward, shared)
+                self.mode = forward.mode
+            elif shared is not forward.shared:
                 raise ValueError(
                     f"task head {index} received a different input tensor than the heads before it; heads= needs every head to read "
                     "the same shared representation (the output of the trunk that contains the shared layer)"
                 )
-            self._served.add(index)
-            return (self._aliases[index],) + tuple(args[1:])
+            forward.served.add(index)
+            return (forward.aliases[index],) + tuple(args[1:])
 
         return pre_hook
 
@@ -162,83 +264,162 @@ class HeadTaps:
         self._layer_input = (args[0], args[0]._version) if args and isinstance(args[0], Tensor) else None
         self._layer_node = output.grad_fn
 
-    def _should_stream(self, shared: Tensor) -> bool:
+    def _should_stream(self, forward: _Forward) -> bool:
         """Stream when holding the T pieces at once would cost more than ``STREAM_ABOVE_BYTES``."""
+        shared = forward.shared
         held = (len(self.heads) - 1) * shared.numel() * shared.element_size()
-        return held > STREAM_ABOVE_BYTES and self._segment_mask() is not None
+        return held > STREAM_ABOVE_BYTES and self._segment_mask(forward) is not None
 
-    def _stream(self, shared: Tensor) -> tuple[Tensor, ...]:
+    def _stream(self, forward: _Forward) -> tuple[Tensor, ...]:
         """Aliases whose gradients are turned into their task's grad_W one by one, as they arrive."""
-        self.mode = "stream"
-        self._pieces = [None] * len(self.heads)
-        self._step_mask = None
-        aliases = tuple(shared.view_as(shared) for _ in self.heads)
+        forward.mode = "stream"
+        forward.pieces = [None] * len(self.heads)
+        aliases = tuple(forward.shared.view_as(forward.shared) for _ in self.heads)
         # Handles of graphs already freed are dropped (their hooks went with their tensors).
         handles = [handle for handle in self._tensor_handles if handle.hooks_dict_ref() is not None]
-        handles += [alias.register_hook(self._make_piece_hook(index)) for index, alias in enumerate(aliases)]
-        handles.append(shared.register_hook(self._finish_stream))
+        handles += [alias.register_hook(self._make_piece_hook(forward, index)) for index, alias in enumerate(aliases)]
+        handles.append(forward.shared.register_hook(self._make_finish_hook(forward)))
         self._tensor_handles = handles
         return aliases
 
-    def _make_piece_hook(self, index: int):
+    # -- backward --------------------------------------------------------------------------------
+    def _measuring(self) -> bool:
+        """Whether the running backward is measured; the first tap it reaches after arm() starts it."""
+        if self._armed:
+            self._armed = False
+            self._collecting = True
+            self._result, self._norm_scale, self._step_factor, self._problem = None, None, None, None
+            self._unscale, self._largest = None, None
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        return self._collecting
+
+    def _factors(self) -> Optional[Tensor]:
+        """This backward's (T,) factors in ``self.dtype`` (None without a ``factor`` source).
+
+        Read at the first forward pass that needs them, once every piece has arrived (all the losses'
+        hooks have run by then: each head's gradient comes after its loss's).
+        """
+        if self.factor is None:
+            return None
+        if self._step_factor is None:
+            self._step_factor = self.factor()
+        return self._step_factor
+
+    def _unscaling(self, input_numel: int, per_task_numel: int) -> str:
+        """How this backward divides the factors out, chosen at its first forward pass: "none" (no
+        factors), "input" (W's input divided by the largest factor, the norms by the rest) or "output"
+        (the T gradients at W divided by their factors)."""
+        if self._unscale is None:
+            factor = self._factors()
+            if factor is None:
+                self._unscale = "none"
+            elif self.scale_input and input_numel < per_task_numel:
+                magnitude = factor.abs()
+                self._largest = magnitude.amax()
+                self._norm_scale = self._largest / magnitude
+                self._unscale = "input"
+            else:
+                self._unscale = "output"
+        return self._unscale
+
+    def _add(self, per_task: Tensor, scaled_input: bool) -> None:
+        """Add one forward pass's gradients at W (products of the scaled input, or to be divided here)."""
+        if not scaled_input:
+            mode = self._unscaling(per_task.numel(), 0)
+            if mode == "input" and self._largest is not None:  # an earlier forward pass scaled its input: the same units
+                per_task = per_task / self._largest
+            elif mode == "output":
+                factor = self._factors()
+                if factor is not None:
+                    per_task = per_task / factor.view(-1, *([1] * (per_task.dim() - 1)))
+        self._result = per_task if self._result is None else self._result + per_task
+
+    def _finish_backward(self) -> None:
+        """The end of the measured backward: the norms of the summed per-task gradients, or the failure."""
+        self._collecting = False
+        result, problem, scale = self._result, self._problem, self._norm_scale
+        self._result, self._problem, self._norm_scale, self._step_factor = None, None, None, None
+        self._unscale, self._largest = None, None
+        try:
+            if problem is not None:
+                raise problem
+            if result is None:
+                raise TapsError("the measured backward reached the heads but no forward pass's pieces were complete")
+            norms = norms_of(result if self.reduce is None else self.reduce(result), self.per_channel)
+            if scale is not None:
+                norms = norms * (scale if norms.dim() == 1 else scale[:, None])
+            self.on_norms(norms)
+        except TapsError as exc:
+            if self.on_failure is None:
+                raise
+            self.on_failure(exc)
+
+    def _fail(self, exc: TapsError) -> None:
+        if self._problem is None:
+            self._problem = exc
+
+    def _make_piece_hook(self, forward: _Forward, index: int):
         def piece(grad: Tensor) -> None:
-            if not self._armed:
+            if not self._measuring():
                 return
-            if self._step_mask is None:
-                self._step_mask = self._segment_mask()
-            mask = self._step_mask
-            route = self._route(mask)
-            axis = {LINEAR_PRODUCT: -2, CONV_PRODUCT: 1}.get(route, 0)
-            masked = grad * mask if isinstance(mask, Tensor) else grad
-            # A product route keeps only this task's grad_W (|W|), never the piece itself.
-            self._pieces[index] = masked.unsqueeze(axis) if route == BATCHED_VJP else self._per_task_weight_grads(masked.unsqueeze(axis), route)
+            try:
+                if forward.mask is None:
+                    forward.mask = self._segment_mask(forward)
+                route = self._route(forward.mask)
+                masked = grad * forward.mask if isinstance(forward.mask, Tensor) else grad
+                masked = masked.unsqueeze(_TASK_AXIS[route])
+                # A product route keeps only this task's grad_W (|W|), never the piece itself.
+                forward.pieces[index] = masked if route == BATCHED_VJP else self._per_task_weight_grads(forward, masked, route)[0]
+            except TapsError as exc:
+                self._fail(exc)
 
         return piece
 
-    def _finish_stream(self, total: Tensor) -> None:
-        if not self._armed:
-            return
-        self._armed = False
-        pieces, self._pieces = self._present(self._pieces), [None] * len(self.heads)
-        if self._step_mask is None:  # no product route after all: the general product over the segment
-            per_task = self._per_task_weight_grads(torch.cat(pieces, 0), BATCHED_VJP)
-        else:
-            per_task = torch.cat(pieces, 0)
-        self._input, self._aliases, self._layer_input = None, (), None
-        self.on_norms(norms_of(self.reduce(per_task), self.per_channel))
+    def _make_finish_hook(self, forward: _Forward):
+        def finish(total: Tensor) -> None:
+            if not self._measuring():
+                return
+            pieces, forward.pieces = forward.pieces, [None] * len(self.heads)
+            try:
+                present = _present(pieces)
+                if forward.mask is None:  # no product route after all: the general product over the segment
+                    self._add(self._per_task_weight_grads(forward, torch.cat(present, 0), BATCHED_VJP)[0], False)
+                else:
+                    self._add(torch.cat(present, 0), False)
+            except TapsError as exc:
+                self._fail(exc)
 
-    def _present(self, pieces: Sequence[Optional[Tensor]]) -> list[Tensor]:
-        """Every head's piece; a head that sent none is an error naming it."""
-        missing = [i for i, g in enumerate(pieces) if g is None]
-        if missing:
-            raise RuntimeError(
-                f"task heads {missing} sent no gradient to the shared representation this step; every task's loss must come from its head's output"
-            )
-        return [g for g in pieces if g is not None]
+        return finish
 
-    # -- backward --------------------------------------------------------------------------------
-    def _backward(self, grads: tuple[Optional[Tensor], ...]) -> Optional[Tensor]:
+    def _backward(self, forward: _Forward, grads: tuple[Optional[Tensor], ...]) -> Optional[Tensor]:
         present = [g for g in grads if g is not None]
-        if not self._armed:
+        if not self._measuring():
             return torch.stack(present).sum(0) if present else None
-        self._armed = False
-        pieces = self._present(grads)
-        mask = self._segment_mask()
+        if len(present) != len(grads):
+            self._fail(_missing([i for i, g in enumerate(grads) if g is None]))
+            return torch.stack(present).sum(0) if present else None
+        mask = self._segment_mask(forward)
         route = self._route(mask)
-        # The task axis goes just before the channel axis (last for a Linear, 1 for a convolution), so
-        # that the product routes read the T pieces as T * C channels without a copy.
-        axis = {LINEAR_PRODUCT: -2, CONV_PRODUCT: 1, BATCHED_VJP: 0}[route]
-        stacked = torch.stack(pieces, dim=axis)
+        axis = _TASK_AXIS[route]
+        stacked = torch.stack(present, dim=axis)
         total = stacked.sum(axis)
-        if isinstance(mask, Tensor):
-            stacked.mul_(mask.unsqueeze(axis))  # stacked is ours and not needed unmasked any more
-        per_task = self._per_task_weight_grads(stacked, route)
-        self._input, self._aliases, self._layer_input = None, (), None
-        self.on_norms(norms_of(self.reduce(per_task), self.per_channel))
+        try:
+            # The products in float32 at least (a copy, where the pieces are bfloat16 or float16).
+            work = stacked if route == BATCHED_VJP or stacked.dtype == self.dtype else stacked.to(self.dtype)
+            if isinstance(mask, Tensor):
+                work.mul_(mask.unsqueeze(axis))  # ours, and not needed unmasked any more
+            self._add(*self._per_task_weight_grads(forward, work, route, scalable=True))
+        except TapsError as exc:
+            self._fail(exc)
         return total
 
-    def _per_task_weight_grads(self, stacked: Tensor, route: str) -> Tensor:
-        """(T, *W.shape): grad_W of each head's (masked) piece, by the route chosen for this step."""
+    def _per_task_weight_grads(self, forward: _Forward, stacked: Tensor, route: str, scalable: bool = False) -> tuple[Tensor, bool]:
+        """(T, *W.shape): grad_W of each head's (masked) piece, by the route chosen for this step, and
+        whether it came from W's input divided by the largest factor (only where ``scalable``).
+
+        The product routes work in ``self.dtype`` (float32 at least); the batched product runs in the
+        gradient's dtype, as autograd would, and hands W's gradient in W's dtype.
+        """
         self.path = route
         if route == BATCHED_VJP:
             if self._layer is not None and not self._warned_fallback:
@@ -248,43 +429,41 @@ class HeadTaps:
                     "ReLU/identity (or the layer ran more than once); using one batched vector-Jacobian product per step",
                     RuntimeWarning,
                 )
-            if self._input is None:
-                raise RuntimeError("heads=: a backward reached the taps without the forward pass that feeds them")
-            (per_task,) = torch.autograd.grad(self._input, self.parameter, grad_outputs=stacked, is_grads_batched=True, retain_graph=True)
-            return per_task
-        if self._layer_input is None:  # a product route is chosen only with the layer's input captured
-            raise RuntimeError(f"heads=: {route} without the shared layer's captured input")
-        # In the gradient's dtype, as autograd computes it (bf16 under autocast), then in W's dtype, as
-        # autograd hands it to W.
-        x = self._layer_input[0].to(stacked.dtype)
+            (per_task,) = torch.autograd.grad(forward.shared, self.parameter, grad_outputs=stacked, is_grads_batched=True, retain_graph=True)
+            return per_task, False
+        if forward.layer_input is None:  # a product route is chosen only with the layer's input captured
+            raise TapsError(f"heads=: {route} without the shared layer's captured input")
+        stacked = stacked.to(self.dtype)  # (a no-op for the fan-out, which converts first)
+        x = forward.layer_input[0].to(self.dtype)
+        num_tasks = stacked.shape[_TASK_AXIS[route]]
+        largest = self._largest if scalable and self._unscaling(x.numel(), num_tasks * self.parameter.numel()) == "input" else None
+        scaled = largest is not None
+        if largest is not None:
+            x = x / largest
         if route == LINEAR_PRODUCT:
-            num_tasks, features = stacked.shape[-2], stacked.shape[-1]
+            features = stacked.shape[-1]
             rows = stacked.reshape(-1, num_tasks * features)  # row t * F + o of the product: grad_W[o] of task t
             product = torch.mm(rows.t(), x.reshape(-1, x.shape[-1]))
-            return product.view(num_tasks, features, -1).to(self.parameter.dtype)
+            return product.view(num_tasks, features, -1), scaled
         conv = self._layer
         if not isinstance(conv, nn.Conv2d):  # the other product route: _has_product_route admits Linear and Conv2d only
-            raise RuntimeError(f"heads=: {route} needs an nn.Conv2d shared layer, got {type(conv).__name__}")
-        num_tasks, channels = stacked.shape[1], stacked.shape[2]
+            raise TapsError(f"heads=: {route} needs an nn.Conv2d shared layer, got {type(conv).__name__}")
+        channels = stacked.shape[2]
         grad_output = stacked.reshape(stacked.shape[0], num_tasks * channels, *stacked.shape[3:])
         weight_shape = (num_tasks * channels, *self.parameter.shape[1:])
         product = conv2d_weight(x, weight_shape, grad_output, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
-        return product.view(num_tasks, *self.parameter.shape).to(self.parameter.dtype)
+        return product.view(num_tasks, *self.parameter.shape), scaled
 
-    def _segment_mask(self, shared=None, layer_input=None, layer_node=None, layer_calls=None) -> Union[None, bool, Tensor]:
-        """True (identity), a 0/1 mask, or None where no product route applies this step.
-
-        By default for the forward pass the hooks saw; the arguments describe another one.
-        """
-        if shared is None:
-            shared, layer_input, layer_node, layer_calls = self._input, self._layer_input, self._layer_node, self._layer_calls_this_forward
-        if self._layer is None or layer_calls != 1 or layer_input is None or layer_node is None:
+    def _segment_mask(self, forward: _Forward) -> Mask:
+        """True (identity), a 0/1 mask, or None where no product route applies to ``forward``."""
+        layer_input, layer_node = forward.layer_input, forward.layer_node
+        if self._layer is None or forward.layer_calls != 1 or layer_input is None or layer_node is None:
             return None
         x, version = layer_input
         expected = x.shape[-1] if isinstance(self._layer, nn.Linear) else (x.shape[1] if x.dim() == 4 else None)
         if x._version != version or expected != self.parameter.shape[1]:
             return None
-        node, mask = shared.grad_fn, True
+        node, mask = forward.shared.grad_fn, True
         for _ in range(_MAX_SEGMENT_NODES):
             if node is layer_node:
                 return mask
@@ -295,6 +474,18 @@ class HeadTaps:
             mask = rule(node) if mask is True else mask & rule(node)
             node = inputs[0][0]
         return None
+
+
+def _present(pieces: Sequence[Optional[Tensor]]) -> list[Tensor]:
+    """Every head's piece; a head that sent none is an error naming it."""
+    missing = [i for i, g in enumerate(pieces) if g is None]
+    if missing:
+        raise _missing(missing)
+    return [g for g in pieces if g is not None]
+
+
+def _missing(heads: list[int]) -> TapsError:
+    return TapsError(f"task heads {heads} sent no gradient to the shared representation this step; every task's loss must come from its head's output")
 
 
 def _has_product_route(module: Optional[nn.Module], parameter: Tensor) -> bool:

@@ -242,12 +242,12 @@ def test_heads_auto_finds_the_heads_or_keeps_the_general_path(split, tmp_path):
     assert not nn.modules.module._global_forward_hooks  # the search ended with the first step
     if split:
         assert session.taps is None
-        assert meta["grad_norm_path"] == "autograd-batched"
+        assert meta["grad_norm_path"] == "autograd-loop"
         assert meta["heads_search"].startswith("no tensor is the input of one module per task")
     else:
         assert session.taps.heads == list(auto_model.heads)  # the enclosing Sequentials, in task order
         assert session.taps.path == "linear-product"
-        assert meta["grad_norm_path"] == "head-taps/linear-product (step 0: autograd-batched)"
+        assert meta["grad_norm_path"] == "head-taps/linear-product (step 0: autograd-loop)"
         assert meta["heads_search"] == "found 2 heads reading one tensor: Sequential, Sequential"
 
 
@@ -360,4 +360,4 @@ def test_the_dense_prediction_network_finds_its_heads_and_takes_the_conv_route(t
     torch.testing.assert_close(tapped, reference, rtol=1e-9, atol=1e-12)
     assert session.taps.heads == list(auto_model.heads) and session.taps.path == "conv-product"
     assert session.taps.mode == taps_mode
-    assert json.loads((tmp_path / "auto" / "run.json").read_text())["grad_norm_path"] == "head-taps/conv-product (step 0: autograd-batched)"
+    assert json.loads((tmp_path / "auto" / "run.json").read_text())["grad_norm_path"] == "head-taps/conv-product (step 0: autograd-loop)"

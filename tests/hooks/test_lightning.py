@@ -66,7 +66,7 @@ def trainer(callback):
 
 def plain_loop(model, data):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    session = hooks.attach(model.shared_layer, GradNorm(alpha=0.12))
+    session = hooks.attach(model.shared_layer, GradNorm(alpha=0.12), heads=None)
     trajectory = []
     for x, y in loader(data):
         loss = session.loss(toy.task_losses(model(x), y))
@@ -77,14 +77,16 @@ def plain_loop(model, data):
     return torch.stack(trajectory)
 
 
-@pytest.mark.parametrize("use_heads", [None, "given", "auto"])
+@pytest.mark.parametrize("use_heads", ["default", None, "given", "auto"])
 def test_callback_matches_a_plain_loop(toy_setup, tmp_path, use_heads):
     base, data = toy_setup
     module = ToyModule(copy.deepcopy(base))
-    heads = {None: None, "given": lambda m: list(m.model.heads), "auto": "auto"}[use_heads]
-    callback = GradNormCallback(lambda m: m.model.shared_layer, GradNorm(alpha=0.12), runs_root=tmp_path, run_name="lit", heads=heads)
+    options = {} if use_heads == "default" else {"heads": {None: None, "given": lambda m: list(m.model.heads), "auto": "auto"}[use_heads]}
+    callback = GradNormCallback(lambda m: m.model.shared_layer, GradNorm(alpha=0.12), runs_root=tmp_path, run_name="lit", **options)
     trainer(callback).fit(module, loader(data))
-    if use_heads is not None:
+    if use_heads is None:
+        assert callback.session.taps is None
+    else:
         assert callback.session.taps.heads == list(module.model.heads)
         assert callback.session.taps.path == "linear-product"
     expected = plain_loop(copy.deepcopy(base), data)
