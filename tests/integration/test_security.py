@@ -107,3 +107,81 @@ def test_the_command_line_refuses_escaping_run_names_with_a_message(tmp_path, ca
     assert code == 2
     assert f"gradnorm {command}: error: invalid run name '../../etc'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
+
+
+#: Names that would end a <script> element, open markup or a comment, or reorder text, if a page
+#: pasted them in unescaped.
+MARKUP_NAMES = [
+    "</script><script>window.__pwned=1</script>",
+    '<img src=x onerror="window.__pwned=2">',
+    "\"quoted' & <b>bold</b> --><!--",
+    "\u202eevil\u202c \u2028 line",
+]
+
+
+def test_the_report_carries_hostile_names_as_data_not_markup(tmp_path):
+    """Every element of the report is one the report writes itself; the names come back intact from the
+    chart spec's JSON and from the text of the summary table."""
+    import html.parser
+    import json
+
+    from gradnorm.app.report import write_report
+    from tests.helpers.synthetic_runs import run_json, write_run
+
+    meta = run_json("hostile", tasks=MARKUP_NAMES, balancer={"name": MARKUP_NAMES[1]})
+    write_run(tmp_path, "hostile", tasks=MARKUP_NAMES, meta=meta)
+    page = write_report(tmp_path, ["hostile"], tmp_path / "report.html").read_text(encoding="utf-8")
+
+    class Elements(html.parser.HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.tags: list[str] = []
+            self.text: list[str] = []
+            self.script: dict[str, str] = {}
+            self._in: str | None = None
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            self._in = dict(attrs).get("id") if tag == "script" else None
+
+        def handle_data(self, data):
+            if self._in:
+                self.script[self._in] = self.script.get(self._in, "") + data
+            else:
+                self.text.append(data)
+
+        def handle_endtag(self, tag):
+            self._in = None
+
+    parsed = Elements()
+    parsed.feed(page)
+    assert parsed.tags.count("script") == 3
+    assert "img" not in parsed.tags and "b" not in parsed.tags
+    assert set(parsed.tags) <= {
+        "html",
+        "head",
+        "meta",
+        "title",
+        "style",
+        "script",
+        "body",
+        "h1",
+        "h2",
+        "h3",
+        "p",
+        "ul",
+        "li",
+        "div",
+        "table",
+        "thead",
+        "tbody",
+        "tr",
+        "th",
+        "td",
+    }
+    spec = json.loads(parsed.script["gradnorm-spec"])
+    values = json.dumps(spec, ensure_ascii=False)
+    for name in MARKUP_NAMES[:3]:
+        assert json.dumps(name, ensure_ascii=False)[1:-1] in values  # the chart data carries the name as it is
+        assert name in "".join(parsed.text)  # and the summary table shows it as text
+    assert "<" not in parsed.script["gradnorm-spec"] and "&" not in parsed.script["gradnorm-spec"]
