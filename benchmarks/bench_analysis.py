@@ -473,7 +473,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         # 4. the backlog bound under a slow writer (20 ms a part file), and the same without a bound.
         slow = {}
-        for label, options in (("bounded (default)", {}), ("unbounded (as before)", {"max_backlog_steps": 10**12, "max_backlog_bytes": 2**62})):
+        for label, options in (
+            ("bounded (default)", {}),
+            ("unbounded (this writer still coalesces what queued)", {"max_backlog_steps": 10**12, "max_backlog_bytes": 2**62}),
+        ):
             slow_root = base / f"slow-{len(slow)}"
             slow_root.mkdir()
             child = LiveWriter(slow_root, args.slow_steps, args.tasks, delay=0.02, recorder=options, then="kill")
@@ -524,7 +527,7 @@ def records_report(when: str, args: argparse.Namespace, rows: int, r: dict[str, 
         "",
         "#### Write throughput (default settings: flush_every=100, backlog bound = one flush, compaction on)",
         "",
-        "| run | steps/s | rows/s | flushes that waited for the writer | time waiting | part files written | coalesced | merges | files at the end | close | peak RSS |",
+        "| run | steps/s | rows/s | flushes that waited for the writer | time waiting | part files written | coalesced | merges | files at the end | close | RSS of the process: peak while writing (before) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 

@@ -84,6 +84,8 @@ COMPACT_FANOUT = 10
 #: Seconds the files a background merge replaced stay on disk after the rename, so that a reader that
 #: listed them just before can still open them (readers skip them: the merged file covers their range).
 COMPACT_GRACE = 5.0
+#: How much lower the background compaction thread's priority is (Unix niceness, added to the process's).
+COMPACT_NICENESS = 10
 #: Rows per row group in a compacted file (DuckDB scans row groups in parallel and prunes them by the
 #: step and wall_time statistics).
 ROW_GROUP_ROWS = 131_072
@@ -650,6 +652,12 @@ class Recorder:
             self._compactor.start()
 
     def _compact_loop(self) -> None:
+        # Merging is background work: on Linux this thread alone runs at a lower priority, so it takes the
+        # CPU that training, the writer and anyone reading the run leave over.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(os.getpriority(os.PRIO_PROCESS, 0) + COMPACT_NICENESS, 19))
+        except (AttributeError, OSError):
+            pass
         while not self._compactor_stop.is_set():
             self._compactor_wake.wait(timeout=max(self.compact_grace, 0.1))
             self._compactor_wake.clear()
