@@ -295,3 +295,12 @@ def test_summary_of_a_clean_run_prints_nothing_on_stderr(tmp_path, capsys):
     write_run(tmp_path, "clean")
     assert cli.main(["summary", "--root", str(tmp_path), "clean"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_summary_writes_control_characters_of_names_as_escapes(tmp_path, capsys):
+    tasks = ["clear\x1b[2Jscreen", "forged\nline"]
+    write_run(tmp_path, "odd", tasks=tasks, meta=run_json("odd", tasks=tasks, balancer={"name": "bell\x07"}))
+    assert cli.main(["summary", "--root", str(tmp_path), "odd"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "clear\\x1b[2Jscreen" in out and "forged\\nline" in out and "bell\\x07" in out

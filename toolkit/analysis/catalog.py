@@ -90,6 +90,8 @@ COLUMN_TYPES: dict[str, tuple[Callable[[pa.DataType], bool], str, str]] = {
     "step_update_skipped": (_flag_type, "a flag (boolean or number)", "BOOLEAN"),
 }
 REQUIRED_COLUMNS = ("step", "split", "task")
+#: The Arrow type DuckDB reads as each SQL type without a conversion.
+NATIVE_TYPES = {"BIGINT": pa.int64(), "DOUBLE": pa.float64(), "VARCHAR": pa.string(), "BOOLEAN": pa.bool_()}
 
 
 #: Where ``attach(..., runs_root="runs")`` and the training commands write, relative to the working folder.
@@ -141,6 +143,7 @@ class PartInfo:
     first_wall_time: Optional[float] = None
     last_wall_time: Optional[float] = None
     layout: str = ""  # the file's full Arrow schema: files with the same layout are read by one scan
+    native: tuple[str, ...] = ()  # the columns stored as their SQL type already (read without a cast)
 
 
 @dataclass
@@ -399,6 +402,9 @@ def _inspect_open(path: Path, handle: Any, size: int) -> Union[PartInfo, str]:
         float(wall_first) if finite and wall_first is not None else None,
         float(wall_last) if finite and wall_last is not None else None,
         layout=str(arrow_schema.remove_metadata()),
+        native=tuple(
+            sorted(name for name, index in fields.items() if name in COLUMN_TYPES and arrow_schema.field(index).type == NATIVE_TYPES[COLUMN_TYPES[name][2]])
+        ),
     )
 
 

@@ -58,13 +58,14 @@ def check_metric(metric: str) -> str:
     return metric
 
 
-def _column(name: str, present: bool) -> str:
+def _column(name: str, parts: Sequence[PartInfo]) -> str:
+    """The select expression of one record column over files of one layout."""
     sql_type = COLUMN_TYPES[name][2]
-    if not present:
+    if name not in parts[0].columns:
         return f'NULL::{sql_type} AS "{name}"'
-    value = f'TRY_CAST("{name}" AS {sql_type})'
-    if name == "wall_time":  # a time of inf or NaN places a row nowhere on the axis
-        value = f"CASE WHEN isfinite({value}) THEN {value} END"
+    value = f'"{name}"' if name in parts[0].native else f'TRY_CAST("{name}" AS {sql_type})'
+    if name == "wall_time" and any(p.first_wall_time is None for p in parts):
+        value = f"CASE WHEN isfinite({value}) THEN {value} END"  # a time of inf or NaN places a row nowhere on the axis
     return f'{value} AS "{name}"'
 
 
@@ -84,7 +85,7 @@ def metrics_cte(run_list: Sequence[RunFiles], params: dict[str, Any], constants:
         scans = []
         for number, parts in enumerate(layouts.values()):
             params[f"files{index}_{number}"] = [part.path for part in parts]
-            columns = ", ".join(_column(name, name in parts[0].columns) for name in COLUMN_TYPES)
+            columns = ", ".join(_column(name, parts) for name in COLUMN_TYPES)
             scans.append(f"SELECT {columns} FROM read_parquet($files{index}_{number})")
         params[f"run{index}"] = run.run_id
         extra = ""

@@ -29,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
     table = table.merge(average.table[["task", "stderr"]].rename(columns={"stderr": "weight_stderr"}), on="task")
     (listed,) = listing(root, [args.run])  # after the queries: files they found unreadable are listed too
     mode = str(listed.get("mode") or "balance")
+    method = printable(average.method)  # from run.json: any text
     print(
-        f"run {args.run} ({average.method}{', shadow' if mode == 'shadow' else ''}), {listed.get('status')}, steps {average.start_step}-{average.end_step}; "
+        f"run {args.run} ({method}{', shadow' if mode == 'shadow' else ''}), {listed.get('status')}, steps {average.start_step}-{average.end_step}; "
         f"convergence (largest drift of E_t[w_i] between the window's halves): {average.convergence:.2%}"
     )
     lost = listed.get("rows_lost")
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         gap = record["overfitting_gap"]
         row = {
             "task": printable(record["task"]),
-            f"E_t[w_i] ({average.method} would set)" if shadow else "E_t[w_i]": f"{record['weight_mean']:.4f}",
+            f"E_t[w_i] ({method} would set)" if shadow else "E_t[w_i]": f"{record['weight_mean']:.4f}",
             "std": f"{record['weight_std']:.4f}",
             "stderr": f"{record['weight_stderr']:.4f}",
         }
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         " at the last validation point."
     )
     if shadow:
-        print(f"Shadow run: the network trained with your weights; the {average.method} column is what it would have set.")
+        print(f"Shadow run: the network trained with your weights; the {method} column is what it would have set.")
     print_problems("summary", [listed])
     return 0
 
