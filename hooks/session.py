@@ -86,6 +86,7 @@ class _Owned:
         self.step_hook: Optional[RemovableHandle] = None  # this step's gradient-surgery hook on Z
         self.factor_hooks: list[RemovableHandle] = []  # this step's hooks on the losses (the taps' factors)
         self.recorder: Optional[Recorder] = None
+        self.claim: Optional[Path] = None  # the run directory reserved at attach, until the first step fills it
         # run.json keys that changed after the run was created, written once the recorder has stopped.
         self.meta_updates: dict[str, Any] = {}
         self.released = False
@@ -107,6 +108,8 @@ class _Owned:
             self.remove_factor_hooks()
         finally:
             recorder = self.recorder
+            if recorder is None and self.claim is not None:
+                runs.release_run(self.claim)  # a session that never recorded a step leaves no run behind
             if recorder is not None:
                 recorder.close(status=status, closed_by=closed_by)
                 # Once closed here its writer has stopped, so nothing else writes run.json now (a close
@@ -274,8 +277,16 @@ class Session:
             self.taps = self._make_taps(list(heads), check_pairing=True)
         self.tasks: Optional[list[str]] = list(tasks) if tasks is not None else None
         self.step_index = 0
-        self.runs_root = None if runs_root is None else Path(runs_root)
-        self.run_name = run_name or time.strftime(f"{self.balancer.name}-%Y%m%d-%H%M%S")
+        # An unusable runs root or a taken run name is refused here, naming the path and the cause, not at
+        # the first step. Under torch.distributed rank 0 creates the run at the first step, with the name
+        # every rank was given, so the claim is made only by a single process.
+        if runs_root is not None and run_name is not None:
+            runs.validate_run_id(run_name)  # before anything is created on disk
+        self.runs_root = None if runs_root is None else runs.check_runs_root(runs_root)
+        if self.runs_root is not None and distributed.world_size() == 1:
+            self.run_name, self._owned.claim = runs.reserve_run(self.runs_root, run_name, self.balancer.name)
+        else:
+            self.run_name = run_name or time.strftime(f"{self.balancer.name}-%Y%m%d-%H%M%S")
         self.flush_every = flush_every
         self.user_config = dict(config or {})
         self.run_path: Optional[Path] = None

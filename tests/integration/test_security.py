@@ -70,11 +70,8 @@ def test_plain_run_names_are_accepted(name):
 def test_attach_refuses_an_escaping_run_name_before_writing_anything(tmp_path):
     torch.manual_seed(0)
     trunk = nn.Linear(3, 4)
-    heads = [nn.Linear(4, 1), nn.Linear(4, 1)]
-    session = hooks.attach(trunk, EqualWeights(), runs_root=tmp_path / "runs", run_name="../../etc")
-    h = trunk(torch.randn(5, 3))
     with pytest.raises(runs.RunError, match=r"invalid run name '\.\./\.\./etc'"):
-        session.loss({"a": heads[0](h).pow(2).mean() + 1, "b": heads[1](h).pow(2).mean() + 1})
+        hooks.attach(trunk, EqualWeights(), runs_root=tmp_path / "runs", run_name="../../etc")
     assert not (tmp_path / "runs").exists()
     assert not (tmp_path / "etc").exists()
 
