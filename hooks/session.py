@@ -154,17 +154,34 @@ def _weakly(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class _Factors:
-    """The gradient each task's loss receives in the user's backward, from a tensor hook on it.
+    """What multiplies each task's loss in the user's backward: the gradient that loss receives.
 
     Head i's piece at H is that gradient times grad_H L_i (the loss's own graph below it is linear in
     it), so it is the factor the taps divide out: w_i, times any loss scale (``GradScaler``,
-    Accelerate), times any division for gradient accumulation, times anything else the user multiplies
-    the loss by. In the loss's own dtype, as the backward carries it. Holds no reference to the session.
+    Accelerate), times any division for gradient accumulation. Two ways to read it, on the device:
+
+    - balancing: one pre-hook on the autograd node of the stacked losses that ``session.loss()``'s
+      result is formed from, which receives all T at once (then rounded to each loss's dtype, as the
+      backward hands it on);
+    - shadow mode, where the loop may backpropagate a total of its own: a pre-hook on each loss's node.
+
+    Holds no reference to the session.
     """
 
     def __init__(self, num_tasks: int) -> None:
         self.parts: list[Optional[Tensor]] = [None] * num_tasks
+        self.whole: Optional[Tensor] = None
         self._node_hooks: dict[tuple[int, int], Callable[[tuple], None]] = {}
+        self._whole_hook = self._keep_whole
+
+    def _keep_whole(self, grads: tuple) -> None:
+        self.whole = grads[0]
+
+    def watch_stacked(self, stacked: Tensor) -> RemovableHandle:
+        """Keep the (T,) gradient that the stacked losses receive."""
+        if stacked.grad_fn is None:
+            raise RuntimeError("the stacked losses have no autograd node")
+        return stacked.grad_fn.register_prehook(self._whole_hook)
 
     def watch(self, index: int, loss: Tensor) -> RemovableHandle:
         """Keep the gradient ``loss`` receives as task ``index``'s factor; returns the hook's handle.
@@ -192,6 +209,7 @@ class _Factors:
         return node.register_prehook(hook)
 
     def reset(self) -> None:
+        self.whole = None
         for index in range(len(self.parts)):
             self.parts[index] = None
 
@@ -248,6 +266,8 @@ class Session:
         self._pending: Optional[_PendingStep] = None
         self._per_channel = per_channel
         self._dtype: Optional[torch.dtype] = None  # of the weights and statistics, fixed at the first step
+        # The losses' dtype(s) where not that one: the taps' factors are rounded to them (see _step_factors).
+        self._loss_dtypes: Union[None, torch.dtype, list[torch.dtype]] = None
         self._finder: Optional[HeadFinder] = None
         self._heads_search: Optional[str] = None  # what the first step's search found, or why none ran
         self._auto = False  # the heads were found by the session (heads="auto"), not given
@@ -421,6 +441,8 @@ class Session:
         dtype = self._dtype
         if dtype is None:
             dtype = self._dtype = statistics_dtype(self.layer.parameter.dtype, stacked.dtype)
+        dtypes = {v.dtype for v in values}
+        self._loss_dtypes = None if dtypes == {dtype} else (dtypes.pop() if len(dtypes) == 1 else [v.dtype for v in values])
         return stacked if stacked.dtype == dtype else stacked.to(dtype)
 
     def _stop_head_search(self, reason: str) -> None:
@@ -546,7 +568,10 @@ class Session:
             factors = self._factors = _Factors(len(tasks))
         factors.reset()
         # The last step's hooks went with its graph; only this step's are kept, for close().
-        self._owned.factor_hooks = [factors.watch(index, value) for index, value in enumerate(values)]
+        if self.shadow:
+            self._owned.factor_hooks = [factors.watch(index, value) for index, value in enumerate(values)]
+        else:
+            self._owned.factor_hooks = [factors.watch_stacked(stacked)]
         self._pending = (values, stacked.detach(), applied, epoch, step)
         taps.arm()
 
@@ -613,16 +638,32 @@ class Session:
         """The (T,) factors f_i of this backward (see :class:`_Factors`), in the statistics' dtype; the
         taps divide them out of the gradients of f_i L_i they measure."""
         factors = self._factors
-        parts = factors.parts if factors is not None else []
+        if factors is None:
+            raise TapsError("no step was kept for this backward")
+        dtype = self._dtype or torch.float32
+        if not self.shadow:
+            whole = factors.whole
+            if whole is None:
+                raise TapsError(
+                    "this backward reached the heads but not through the loss session.loss() returned; backpropagate that "
+                    "loss (scaled or divided as you like), or attach with shadow=True and call observe() for a total of your own"
+                )
+            rounding = self._loss_dtypes
+            if rounding is None:
+                return whole
+            # Each loss receives its factor in its own dtype (a bfloat16 loss: the float32 gradient rounded).
+            if isinstance(rounding, torch.dtype):
+                return whole.to(rounding).to(dtype)
+            return torch.stack([part.to(loss_dtype) for part, loss_dtype in zip(whole.unbind(), rounding)]).to(dtype)
+        parts = factors.parts
         present = [part for part in parts if part is not None]
-        if factors is None or len(present) != len(parts):
-            missing = [task for task, part in zip(self._known_tasks(), parts) if part is None] if factors is not None else self._known_tasks()
+        if len(present) != len(parts):
+            missing = [task for task, part in zip(self._known_tasks(), parts) if part is None]
             raise TapsError(
                 f"the losses of tasks {missing} did not reach this backward, though their heads did; the taps need each "
                 "task's loss in the backward (session.loss()'s result, or a loss built from the losses handed to it)"
             )
         factor = torch.stack(present)
-        dtype = self._dtype or factor.dtype
         return factor if factor.dtype == dtype else factor.to(dtype)
 
     def _norms_from_backward(self, norms: Tensor) -> None:

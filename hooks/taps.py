@@ -1,12 +1,13 @@
 """Per-task gradient norms at the shared layer W from the user's own backward pass, without extra passes.
 
 The gradient of sum_i w_i L_i that reaches the task heads' common input H is a sum over tasks, but the
-pieces that leave each head are still separate: head i sends w_i grad_H L_i. A forward pre-hook on the
+pieces that leave each head are still separate: head i sends f_i grad_H L_i, f_i being w_i times whatever
+else scales the backward (a loss scale, say). A forward pre-hook on the
 first head routes H through one fan-out node (``_FanOut``) that hands every head its own alias of H; in
 the backward pass that node receives the T pieces together, in one call, adds them up for the rest of
-the backward, and maps them through the short segment H -> W to get G_i = ||grad_W (w_i L_i)|| for every
-task: the quantity of the paper's eq. 2, measured directly (section 3.1). The heads and the loss functions
-are never differentiated twice.
+the backward, and maps them through the short segment H -> W to get n_i = ||grad_W L_i|| for every task
+(G_i = w_i n_i, the quantity of the paper's eq. 2, measured directly: section 3.1). The heads and the
+loss functions are never differentiated twice.
 
 The segment H -> W is crossed one of three ways, chosen per step and stated by ``path``:
 
@@ -57,8 +58,10 @@ BATCHED_VJP = "batched-vjp"
 # The task axis of the stacked pieces: just before the channel axis (last for a Linear, 1 for a
 # convolution), so that the product routes read the T pieces as T * C channels without a copy.
 _TASK_AXIS = {LINEAR_PRODUCT: -2, CONV_PRODUCT: 1, BATCHED_VJP: 0}
-# Elementwise nodes between W's output and H whose Jacobian is a 0/1 mask read from what they saved.
-_MASK_NODES = {"ReluBackward0": lambda node: node._saved_result > 0}
+# Elementwise nodes between W's output and H whose Jacobian is a 0/1 mask read from what they saved: for
+# a ReLU, sign(relu(y)), which is that mask already in a floating dtype (a boolean mask would cost a
+# conversion in every product it multiplies).
+_MASK_NODES = {"ReluBackward0": lambda node: torch.sign(node._saved_result)}
 _MAX_SEGMENT_NODES = 8
 #: Above this many bytes for holding T - 1 extra copies of H's gradient, the taps stream (see HeadTaps).
 STREAM_ABOVE_BYTES = 1 << 20
@@ -71,9 +74,14 @@ class TapsError(RuntimeError):
 
 
 class _Forward:
-    """One forward pass through the heads: H, W's input and call count then, and (streaming) its pieces."""
+    """One forward pass through the heads: H, W's input and call count then, and (streaming) its pieces.
 
-    __slots__ = ("shared", "layer_input", "layer_node", "layer_calls", "served", "aliases", "pieces", "mask", "mode")
+    Its fan-out node's context or its streaming hooks hold it; it holds nothing that holds them (not the
+    heads' aliases of H, which hold the node or the hooks): a reference back would make a cycle through
+    the autograd graph's C++ side that no garbage collection can free, and keep every step's graph alive.
+    """
+
+    __slots__ = ("shared", "layer_input", "layer_node", "layer_calls", "served", "pieces", "arrived", "mask", "mode", "rows")
 
     def __init__(self, shared: Tensor, layer_input: Optional[tuple[Tensor, int]], layer_node: Optional[Node], layer_calls: int) -> None:
         self.shared = shared
@@ -81,8 +89,9 @@ class _Forward:
         self.layer_node = layer_node
         self.layer_calls = layer_calls
         self.served: set[int] = set()
-        self.aliases: tuple[Tensor, ...] = ()
         self.pieces: list[Optional[Tensor]] = []
+        self.arrived = 0
+        self.rows: Optional[Tensor] = None  # streaming through a Linear: W's input as (positions, in_features)
         self.mask: Mask = None  # streaming: the segment's mask, read at the first piece
         self.mode = "fan-out"
 
@@ -136,6 +145,8 @@ class HeadTaps:
         self.on_failure = on_failure
         self.dtype = statistics_dtype(parameter.dtype)
         self._forward: Optional[_Forward] = None  # the latest forward pass through the heads
+        self._aliases: tuple[Tensor, ...] = ()  # its aliases of H, until the step's loss is known
+        self._streams: list[_Forward] = []  # streaming forward passes the measured backward reached
         self._armed = False  # the next backward through the taps is measured
         self._collecting = False  # inside the measured backward, until the engine's callback at its end
         self._result: Optional[Tensor] = None  # (T, *W.shape), summed over the forward passes it reached
@@ -167,6 +178,8 @@ class HeadTaps:
     def arm(self) -> None:
         """Measure the next backward through the taps (called once the step's losses are known)."""
         self._armed = True
+        # The forward passes are done; a head called again starts a new one.
+        self._forward, self._aliases = None, ()
 
     def remove(self) -> None:
         """Remove every hook the taps registered (again: a no-op) and let go of the forward pass they saw.
@@ -178,7 +191,7 @@ class HeadTaps:
         for handle in self._handles + self._tensor_handles + self._output_handles:
             handle.remove()
         self._handles, self._tensor_handles, self._output_handles, self._outputs = [], [], [], None
-        self._forward, self._result, self._problem = None, None, None
+        self._forward, self._aliases, self._streams, self._result, self._problem = None, (), [], None, None
         self._layer_input, self._layer_node = None, None
 
     def describe_path(self) -> str:
@@ -243,9 +256,9 @@ class HeadTaps:
                 forward = self._forward = _Forward(shared, self._layer_input, self._layer_node, self._layer_calls)
                 self._layer_calls = 0
                 if self._should_stream(forward):
-                    forward.aliases = self._stream(forward)
+                    self._aliases = self._stream(forward)
                 else:
-                    forward.aliases = _FanOut.apply(self, forward, shared)
+                    self._aliases = _FanOut.apply(self, forward, shared)
                 self.mode = forward.mode
             elif shared is not forward.shared:
                 raise ValueError(
@@ -253,7 +266,7 @@ class HeadTaps:
                     "the same shared representation (the output of the trunk that contains the shared layer)"
                 )
             forward.served.add(index)
-            return (forward.aliases[index],) + tuple(args[1:])
+            return (self._aliases[index],) + tuple(args[1:])
 
         return pre_hook
 
@@ -268,7 +281,7 @@ class HeadTaps:
         """Stream when holding the T pieces at once would cost more than ``STREAM_ABOVE_BYTES``."""
         shared = forward.shared
         held = (len(self.heads) - 1) * shared.numel() * shared.element_size()
-        return held > STREAM_ABOVE_BYTES and self._segment_mask(forward) is not None
+        return held > STREAM_ABOVE_BYTES and self._segment_mask(forward, compute=False) is not None
 
     def _stream(self, forward: _Forward) -> tuple[Tensor, ...]:
         """Aliases whose gradients are turned into their task's grad_W one by one, as they arrive."""
@@ -278,7 +291,6 @@ class HeadTaps:
         # Handles of graphs already freed are dropped (their hooks went with their tensors).
         handles = [handle for handle in self._tensor_handles if handle.hooks_dict_ref() is not None]
         handles += [alias.register_hook(self._make_piece_hook(forward, index)) for index, alias in enumerate(aliases)]
-        handles.append(forward.shared.register_hook(self._make_finish_hook(forward)))
         self._tensor_handles = handles
         return aliases
 
@@ -337,6 +349,10 @@ class HeadTaps:
     def _finish_backward(self) -> None:
         """The end of the measured backward: the norms of the summed per-task gradients, or the failure."""
         self._collecting = False
+        for forward in self._streams:  # streaming forward passes some of whose heads sent nothing
+            self._fail(_missing([i for i, piece in enumerate(forward.pieces) if piece is None]))
+            forward.pieces, forward.arrived, forward.mask, forward.rows = [None] * len(self.heads), 0, None, None
+        self._streams = []
         result, problem, scale = self._result, self._problem, self._norm_scale
         self._result, self._problem, self._norm_scale, self._step_factor = None, None, None, None
         self._unscale, self._largest = None, None
@@ -362,34 +378,47 @@ class HeadTaps:
         def piece(grad: Tensor) -> None:
             if not self._measuring():
                 return
+            if forward.arrived == 0:
+                self._streams.append(forward)
             try:
                 if forward.mask is None:
                     forward.mask = self._segment_mask(forward)
                 route = self._route(forward.mask)
-                masked = grad * forward.mask if isinstance(forward.mask, Tensor) else grad
-                masked = masked.unsqueeze(_TASK_AXIS[route])
-                # A product route keeps only this task's grad_W (|W|), never the piece itself.
-                forward.pieces[index] = masked if route == BATCHED_VJP else self._per_task_weight_grads(forward, masked, route)[0]
+                if route == LINEAR_PRODUCT and forward.layer_input is not None:
+                    # One product per piece: its task's grad_W, (F, I); the piece itself is not kept.
+                    if forward.rows is None:
+                        x = forward.layer_input[0].to(self.dtype)
+                        forward.rows = x.reshape(-1, x.shape[-1])
+                    g = grad.to(self.dtype)
+                    if isinstance(forward.mask, Tensor):
+                        g = g * forward.mask
+                    self.path = route
+                    forward.pieces[index] = torch.mm(g.reshape(-1, g.shape[-1]).t(), forward.rows)
+                else:
+                    masked = grad * forward.mask if isinstance(forward.mask, Tensor) else grad
+                    masked = masked.unsqueeze(_TASK_AXIS[route])
+                    # A product route keeps only this task's grad_W (|W|), never the piece itself.
+                    forward.pieces[index] = masked if route == BATCHED_VJP else self._per_task_weight_grads(forward, masked, route)[0][0]
             except TapsError as exc:
                 self._fail(exc)
+            forward.arrived += 1
+            if forward.arrived == len(self.heads):  # the last piece of this forward pass
+                self._finish_stream(forward)
 
         return piece
 
-    def _make_finish_hook(self, forward: _Forward):
-        def finish(total: Tensor) -> None:
-            if not self._measuring():
-                return
-            pieces, forward.pieces = forward.pieces, [None] * len(self.heads)
-            try:
-                present = _present(pieces)
-                if forward.mask is None:  # no product route after all: the general product over the segment
-                    self._add(self._per_task_weight_grads(forward, torch.cat(present, 0), BATCHED_VJP)[0], False)
-                else:
-                    self._add(torch.cat(present, 0), False)
-            except TapsError as exc:
-                self._fail(exc)
-
-        return finish
+    def _finish_stream(self, forward: _Forward) -> None:
+        pieces, mask = forward.pieces, forward.mask
+        forward.pieces, forward.arrived, forward.mask, forward.rows = [None] * len(self.heads), 0, None, None
+        self._streams.remove(forward)
+        try:
+            present = _present(pieces)
+            if self._route(mask) == BATCHED_VJP:  # no product route after all: the general product over the segment
+                self._add(self._per_task_weight_grads(forward, torch.cat(present, 0), BATCHED_VJP)[0], False)
+            else:
+                self._add(torch.stack(present), False)
+        except TapsError as exc:
+            self._fail(exc)
 
     def _backward(self, forward: _Forward, grads: tuple[Optional[Tensor], ...]) -> Optional[Tensor]:
         present = [g for g in grads if g is not None]
@@ -454,8 +483,11 @@ class HeadTaps:
         product = conv2d_weight(x, weight_shape, grad_output, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
         return product.view(num_tasks, *self.parameter.shape), scaled
 
-    def _segment_mask(self, forward: _Forward) -> Mask:
-        """True (identity), a 0/1 mask, or None where no product route applies to ``forward``."""
+    def _segment_mask(self, forward: _Forward, compute: bool = True) -> Mask:
+        """True (identity), a 0/1 mask, or None where no product route applies to ``forward``.
+
+        ``compute=False`` only says whether one applies (True or None), without forming the mask.
+        """
         layer_input, layer_node = forward.layer_input, forward.layer_node
         if self._layer is None or forward.layer_calls != 1 or layer_input is None or layer_node is None:
             return None
@@ -463,15 +495,17 @@ class HeadTaps:
         expected = x.shape[-1] if isinstance(self._layer, nn.Linear) else (x.shape[1] if x.dim() == 4 else None)
         if x._version != version or expected != self.parameter.shape[1]:
             return None
-        node, mask = forward.shared.grad_fn, True
+        node = forward.shared.grad_fn
+        mask: Union[bool, Tensor] = True
         for _ in range(_MAX_SEGMENT_NODES):
             if node is layer_node:
-                return mask
+                return mask.to(self.dtype) if isinstance(mask, Tensor) else mask
             rule = _MASK_NODES.get(type(node).__name__) if node is not None else None
             inputs = [edge for edge in node.next_functions if edge[0] is not None] if node is not None else []
             if rule is None or len(inputs) != 1:
                 return None
-            mask = rule(node) if mask is True else mask & rule(node)
+            if compute:
+                mask = rule(node) if mask is True else mask * rule(node)
             node = inputs[0][0]
         return None
 
