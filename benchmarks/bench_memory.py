@@ -1,5 +1,11 @@
 """Peak memory of a GradNorm step against the equal-weights step on the paper's toy problem (section 4).
 
+Variants: ``equal`` (a plain loop, sum_i L_i); ``README default`` (``gradnorm.attach(layer,
+GradNorm(alpha))``: the heads found at the first step, the norms tapped from the second); ``general path
+(heads=None)`` (the norms from separate backward passes, ``hooks/grad_norms.py``); ``double backward``
+(the paper's equations with create_graph double backward, as ``bench_step_time.py``); on the
+encoder-decoder also ``heads=`` given.
+
 On a GPU the figure is ``torch.cuda.max_memory_allocated`` around the measured steps. On the CPU, where
 PyTorch keeps no allocator statistics, each variant runs in its own process with glibc told to serve every
 block of 16 KiB or more by its own mmap (``MALLOC_MMAP_THRESHOLD_``), so that freed tensors leave the
@@ -34,8 +40,9 @@ from gradnorm import hooks  # noqa: E402
 from gradnorm.experiments import dense_model, toy  # noqa: E402
 from gradnorm.toolkit.balancers import GradNorm
 
-VARIANTS = ("equal", "gradnorm, heads=", "gradnorm")
-BATCH = 100
+EQUAL, DEFAULT, GENERAL, DOUBLE, GIVEN = "equal", "README default", "general path (heads=None)", "double backward", "gradnorm, heads="
+VARIANTS = (EQUAL, DEFAULT, GENERAL, DOUBLE)
+DENSE_VARIANTS = (EQUAL, DEFAULT, GIVEN, GENERAL)
 STEPS = 20
 
 
@@ -50,7 +57,7 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def measure_variant(variant: str, num_tasks: int, device: torch.device, model_name: str = "toy") -> dict[str, float]:
+def measure_variant(variant: str, num_tasks: int, device: torch.device, model_name: str = "toy", batch: int = 100) -> dict[str, float]:
     """Run one variant in this process; return its working and total peak bytes."""
     if model_name == "dense":
         scenes = dense_model.make_scenes(8, 64)
@@ -63,9 +70,9 @@ def measure_variant(variant: str, num_tasks: int, device: torch.device, model_na
         def losses_of() -> list:
             return dense_model.task_losses(model(part.images), part)
     else:
-        config = toy.ToyConfig(num_tasks=num_tasks, train_size=BATCH, test_size=8)
+        config = toy.ToyConfig(num_tasks=num_tasks, train_size=batch, test_size=8)
         data = toy.make_data(config)
-        x, y = data.x_train[:BATCH].to(device).clone(), data.y_train[:BATCH].to(device).clone()
+        x, y = data.x_train[:batch].to(device).clone(), data.y_train[:batch].to(device).clone()
         del data
         inputs = [x, y]
         model = toy.make_model(config).to(device)
@@ -76,15 +83,26 @@ def measure_variant(variant: str, num_tasks: int, device: torch.device, model_na
 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     session = None
-    if variant != "equal":
-        session = hooks.attach(shared, GradNorm(alpha=0.12), heads=heads if variant.endswith("heads=") else None)
+    double = None
+    if variant == DOUBLE:
+        from bench_step_time import DoubleBackwardGradNorm
+
+        double = DoubleBackwardGradNorm(shared.weight, len(heads), device)
+    elif variant != EQUAL:
+        options = {DEFAULT: {}, GENERAL: {"heads": None}, GIVEN: {"heads": heads}}[variant]
+        session = hooks.attach(shared, GradNorm(alpha=0.12), **options)
 
     def step() -> None:
         losses = losses_of()
-        loss = session.loss(losses) if session is not None else torch.stack(losses).sum()
+        if double is not None:
+            loss = double.weighted_loss(losses)
+        else:
+            loss = session.loss(losses) if session is not None else torch.stack(losses).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if double is not None:
+            double.after_step()
 
     for _ in range(10):
         step()
@@ -110,10 +128,10 @@ def measure_variant(variant: str, num_tasks: int, device: torch.device, model_na
     return {"working_bytes": working, "total_bytes": working + persistent}
 
 
-def measure_in_subprocess(variant: str, num_tasks: int, device: str, model_name: str) -> dict[str, float]:
+def measure_in_subprocess(variant: str, num_tasks: int, device: str, model_name: str, batch: int = 100) -> dict[str, float]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, "--tasks", str(num_tasks), "--device", device, "--model", model_name],
+        [sys.executable, __file__, "--child", variant, "--tasks", str(num_tasks), "--device", device, "--model", model_name, "--batches", str(batch)],
         env=env,
         check=True,
         capture_output=True,
@@ -122,52 +140,58 @@ def measure_in_subprocess(variant: str, num_tasks: int, device: str, model_name:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def to_markdown(results: dict[int, dict[str, dict[str, float]]], device: torch.device, repeats: int, model_name: str = "toy") -> str:
+def to_markdown(results: dict[tuple[int, int], dict[str, dict[str, float]]], device: torch.device, repeats: int, model_name: str = "toy") -> str:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else describe(f"torch {torch.__version__}")
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     lines = [
-        f"### {time.strftime('%Y-%m-%d')}, {device.type}: {machine}",
+        f"### {time.strftime('%Y-%m-%d')}, {device.type}: {machine}; load average {load} at the end",
         "",
         (
-            "Encoder-decoder with 3 pixel-wise tasks (`toolkit/dense_model.py`), batch 8 of 64x64"
+            "Encoder-decoder with 3 pixel-wise tasks (`experiments/dense_model.py`), batch 8 of 64x64"
             if model_name == "dense"
-            else f"Toy problem (paper section 4), batch {BATCH}"
+            else "Toy problem (paper section 4), 4x100 ReLU trunk, one 100-unit head per task"
         )
         + f", Adam; peak over {STEPS} steps after 10 warm-up steps, each variant "
         f"in its own process, median of {repeats} processes. `working` is the step's transient memory, `total` adds "
         "parameters, gradients, optimiser state and the batch. Ratios to `equal` from the same run.",
         "",
-        "| T | variant | working MB | total MB | total ratio |",
-        "|---|---|---|---|---|",
+        "| T | batch | variant | working MB | total MB | total ratio |",
+        "|---|---|---|---|---|---|",
     ]
-    for num_tasks, by_variant in results.items():
-        equal_total = by_variant["equal"]["total_bytes"]
+    for (num_tasks, batch), by_variant in results.items():
+        equal_total = by_variant[EQUAL]["total_bytes"]
         for variant, figures in by_variant.items():
             lines.append(
-                f"| {num_tasks} | {variant} | {figures['working_bytes'] / 1e6:.2f} | {figures['total_bytes'] / 1e6:.2f} | "
+                f"| {num_tasks} | {batch} | {variant} | {figures['working_bytes'] / 1e6:.2f} | {figures['total_bytes'] / 1e6:.2f} | "
                 f"{figures['total_bytes'] / equal_total:.2f}x |"
             )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 10])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 10, 40])
+    parser.add_argument("--batches", type=int, nargs="+", default=[100, 1024])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--markdown", type=Path, default=None, help="append a results section to this file")
-    parser.add_argument("--model", choices=["toy", "dense"], default="toy", help="the paper's toy, or the encoder-decoder of toolkit/dense_model.py (3 tasks)")
+    parser.add_argument(
+        "--model", choices=["toy", "dense"], default="toy", help="the paper's toy, or the encoder-decoder of experiments/dense_model.py (3 tasks)"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)
     if args.child is not None:
-        print(json.dumps(measure_variant(args.child, args.tasks[0], torch.device(args.device), args.model)))
+        print(json.dumps(measure_variant(args.child, args.tasks[0], torch.device(args.device), args.model, args.batches[0])))
         return 0
-    results: dict[int, dict[str, dict[str, float]]] = {}
-    for num_tasks in args.tasks if args.model == "toy" else [len(dense_model.TASKS)]:
-        results[num_tasks] = {}
-        for variant in VARIANTS:
-            runs = [measure_in_subprocess(variant, num_tasks, args.device, args.model) for _ in range(args.repeats)]
-            results[num_tasks][variant] = {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
-    print(json.dumps(results, indent=1))
+    results: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
+    configs = [(t, b) for t in args.tasks for b in args.batches] if args.model == "toy" else [(len(dense_model.TASKS), 8)]
+    for num_tasks, batch in configs:
+        results[(num_tasks, batch)] = {}
+        for variant in VARIANTS if args.model == "toy" else DENSE_VARIANTS:
+            runs = [measure_in_subprocess(variant, num_tasks, args.device, args.model, batch) for _ in range(args.repeats)]
+            results[(num_tasks, batch)][variant] = {key: sorted(r[key] for r in runs)[len(runs) // 2] for key in runs[0]}
+        print(json.dumps({f"T={num_tasks}, batch={batch}": results[(num_tasks, batch)]}), flush=True)
     publish(to_markdown(results, torch.device(args.device), args.repeats, args.model), args.markdown)
     return 0
 

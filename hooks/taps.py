@@ -81,7 +81,7 @@ class _Forward:
     the autograd graph's C++ side that no garbage collection can free, and keep every step's graph alive.
     """
 
-    __slots__ = ("shared", "layer_input", "layer_node", "layer_calls", "served", "pieces", "arrived", "mask", "mode", "rows")
+    __slots__ = ("shared", "layer_input", "layer_node", "layer_calls", "served", "pieces", "arrived", "mask", "mode", "rows", "work")
 
     def __init__(self, shared: Tensor, layer_input: Optional[tuple[Tensor, int]], layer_node: Optional[Node], layer_calls: int) -> None:
         self.shared = shared
@@ -92,6 +92,7 @@ class _Forward:
         self.pieces: list[Optional[Tensor]] = []
         self.arrived = 0
         self.rows: Optional[Tensor] = None  # streaming through a Linear: W's input as (positions, in_features)
+        self.work: Optional[Tensor] = None  # and one masked piece at a time, in one buffer
         self.mask: Mask = None  # streaming: the segment's mask, read at the first piece
         self.mode = "fan-out"
 
@@ -351,7 +352,7 @@ class HeadTaps:
         self._collecting = False
         for forward in self._streams:  # streaming forward passes some of whose heads sent nothing
             self._fail(_missing([i for i, piece in enumerate(forward.pieces) if piece is None]))
-            forward.pieces, forward.arrived, forward.mask, forward.rows = [None] * len(self.heads), 0, None, None
+            forward.pieces, forward.arrived, forward.mask, forward.rows, forward.work = [None] * len(self.heads), 0, None, None, None
         self._streams = []
         result, problem, scale = self._result, self._problem, self._norm_scale
         self._result, self._problem, self._norm_scale, self._step_factor = None, None, None, None
@@ -389,9 +390,14 @@ class HeadTaps:
                     if forward.rows is None:
                         x = forward.layer_input[0].to(self.dtype)
                         forward.rows = x.reshape(-1, x.shape[-1])
-                    g = grad.to(self.dtype)
+                    g = grad
                     if isinstance(forward.mask, Tensor):
-                        g = g * forward.mask
+                        # Into one buffer for all T pieces: fresh memory for each would be page-faulted in.
+                        if forward.work is None or forward.work.shape != grad.shape:
+                            forward.work = torch.empty(grad.shape, dtype=self.dtype, device=grad.device)
+                        g = torch.mul(grad, forward.mask, out=forward.work)
+                    elif g.dtype != self.dtype:
+                        g = g.to(self.dtype)
                     self.path = route
                     forward.pieces[index] = torch.mm(g.reshape(-1, g.shape[-1]).t(), forward.rows)
                 else:
@@ -409,7 +415,7 @@ class HeadTaps:
 
     def _finish_stream(self, forward: _Forward) -> None:
         pieces, mask = forward.pieces, forward.mask
-        forward.pieces, forward.arrived, forward.mask, forward.rows = [None] * len(self.heads), 0, None, None
+        forward.pieces, forward.arrived, forward.mask, forward.rows, forward.work = [None] * len(self.heads), 0, None, None, None
         self._streams.remove(forward)
         try:
             present = _present(pieces)

@@ -283,6 +283,25 @@ def test_a_backward_the_taps_cannot_measure_is_recorded_as_unknown_and_the_gener
     assert "autograd-loop from step 3: task heads [1, 2] sent no gradient" in run_json(tmp_path, "partial")["grad_norm_path"]
 
 
+def test_a_backward_that_bypasses_the_returned_loss_is_recorded_as_unknown_when_balancing(tmp_path):
+    """Balancing, the taps read the factors where session.loss()'s result is formed; a backward of another
+    total (here the plain sum, at step 2) cannot be measured, and says so instead of measuring wrongly."""
+    model, x, y = toy_setup()
+    session = hooks.attach(model.shared_layer, GradNorm(alpha=1.5), runs_root=tmp_path, run_name="bypass")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            index = torch.arange(step * 16, step * 16 + 16)
+            losses = toy.task_losses(model(x[index]), y[index])
+            total = session.loss(losses)
+            (sum(losses) if step == 2 else total).backward()
+    session.close()
+    assert session.taps is None
+    assert any("not through the loss session.loss() returned" in str(w.message) for w in caught)
+    norms = recorded(tmp_path, "bypass").view(4, 3)
+    assert torch.isnan(norms[2]).all() and torch.isfinite(norms[[0, 1, 3]]).all()
+
+
 def test_a_loss_from_two_forward_passes_gets_the_sum_of_their_gradients(tmp_path):
     """Each half of the batch through the heads separately, the losses averaged (DDP's objective on one process)."""
     model, x, y = toy_setup()
