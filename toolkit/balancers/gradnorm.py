@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -41,7 +41,27 @@ class GradNormTerms:
 UpdateResult = tuple[Tensor, OptimizerState, GradNormTerms, Tensor]
 
 
-def gradnorm_terms(weights: Tensor, unweighted_norms: Tensor, inverse_rate: Tensor, alpha: float, reduction: str = "mean") -> GradNormTerms:
+class UpdateConstants(NamedTuple):
+    """The update's constants as 0-d tensors in the weights' dtype and device: an operator with a tensor
+    operand costs about half one with a Python number, which it first converts to a tensor."""
+
+    scale: Tensor  # 1/T for reduction="mean", else 1
+    floor: Tensor  # min_weight
+    tasks: Tensor  # T
+    inf: Tensor
+
+    @staticmethod
+    def make(weights: Tensor, reduction: str, min_weight: float) -> UpdateConstants:
+        def same(value: float) -> Tensor:
+            return torch.full((), value, dtype=weights.dtype, device=weights.device)
+
+        count = weights.numel()
+        return UpdateConstants(same(1.0 / count if reduction == "mean" else 1.0), same(min_weight), same(float(count)), same(math.inf))
+
+
+def gradnorm_terms(
+    weights: Tensor, unweighted_norms: Tensor, inverse_rate: Tensor, alpha: float, reduction: str = "mean", constants: Optional[UpdateConstants] = None
+) -> GradNormTerms:
     """Paper eq. 2 and its closed-form gradient with respect to the weights.
 
     ``unweighted_norms`` is (T,) for the norm of the whole weight of W, or (T, C) for the per-filter-channel
@@ -60,7 +80,7 @@ def gradnorm_terms(weights: Tensor, unweighted_norms: Tensor, inverse_rate: Tens
     weight_grad = torch.sign(gap).mul_(unweighted_norms)
     grad_loss = torch.linalg.vector_norm(gap.flatten(), ord=1)  # sum_i |G_i - c_i|
     if reduction == "mean":
-        scale = 1.0 / weights.numel()
+        scale = constants.scale if constants is not None else 1.0 / weights.numel()
         weight_grad.mul_(scale)
         grad_loss = grad_loss * scale
     if per_channel:
@@ -71,18 +91,18 @@ def gradnorm_terms(weights: Tensor, unweighted_norms: Tensor, inverse_rate: Tens
     return GradNormTerms(grad_norm, target_norm, grad_loss, weight_grad)
 
 
-def renormalize(weights: Tensor, min_weight: float) -> Tensor:
+def renormalize(weights: Tensor, min_weight: float, constants: Optional[UpdateConstants] = None) -> Tensor:
     """Floor the weights, then rescale so that sum_i w_i = T (paper 3.1, end).
 
     Dividing by the largest weight first keeps the sum from overflowing when one weight has grown huge
     (a float32 sum of three 1e38 weights is inf, which would turn every weight into 0).
     """
-    floored = weights.clamp_min(min_weight)
+    floored = weights.clamp_min(constants.floor if constants is not None else min_weight)
     scaled = floored / floored.max()
-    return scaled.div(scaled.sum()).mul(weights.numel())
+    return scaled.div(scaled.sum()).mul(constants.tasks if constants is not None else weights.numel())
 
 
-def update_is_sound(losses: Tensor, grad_norms: Tensor, inverse_rate: Tensor, stepped: Tensor) -> Tensor:
+def update_is_sound(losses: Tensor, grad_norms: Tensor, inverse_rate: Tensor, stepped: Tensor, inf: Optional[Tensor] = None) -> Tensor:
     """A 0-d bool tensor: every loss, norm and inverse rate is finite and every new weight finite and > 0.
 
     log(w) is finite exactly when w is finite and positive, and the largest magnitude of a set (NaN
@@ -90,7 +110,7 @@ def update_is_sound(losses: Tensor, grad_norms: Tensor, inverse_rate: Tensor, st
     five operators, where each is a dispatch on a T-element tensor (the update's real cost) and
     ``torch.isfinite(...).all()`` alone is five. (Not x * 0 == 0: ``torch.compile`` folds x * 0 to 0.)
     """
-    return torch.cat((losses, grad_norms.flatten(), inverse_rate, stepped.log())).abs().amax() < math.inf
+    return torch.cat((losses, grad_norms.flatten(), inverse_rate, stepped.log())).abs().amax() < (math.inf if inf is None else inf)
 
 
 def gradnorm_update(
@@ -103,6 +123,7 @@ def gradnorm_update(
     reduction: str,
     min_weight: float,
     optimizer: WeightOptimizer,
+    constants: Optional[UpdateConstants] = None,
 ) -> UpdateResult:
     """One GradNorm step as a pure function: (new weights, new optimiser state, eq. 2 terms, applied).
 
@@ -112,10 +133,10 @@ def gradnorm_update(
     beyond float range). Decided on the device, without a host sync. Pure, so that ``torch.compile`` can
     fuse it (``GradNorm(compile_update=True)``).
     """
-    terms = gradnorm_terms(weights, grad_norms, inverse_rate, alpha, reduction)
+    terms = gradnorm_terms(weights, grad_norms, inverse_rate, alpha, reduction, constants)
     candidate, proposed = optimizer.propose(state, weights, terms.weight_grad)
-    stepped = renormalize(candidate, min_weight)
-    applied = update_is_sound(losses, grad_norms, inverse_rate, stepped)
+    stepped = renormalize(candidate, min_weight, constants)
+    applied = update_is_sound(losses, grad_norms, inverse_rate, stepped, constants.inf if constants is not None else None)
     return torch.where(applied, stepped, weights), keep_where(applied, proposed, state), terms, applied
 
 
@@ -167,6 +188,7 @@ class GradNorm(Balancer):
         super().__init__(initial_loss=initial_loss)
         self.compile_update = bool(compile_update)
         self._compiled: Optional[Callable[..., UpdateResult]] = None
+        self._constants: Optional[UpdateConstants] = None
         self.per_channel = bool(per_channel)
         if not (alpha >= 0):
             raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
@@ -202,7 +224,10 @@ class GradNorm(Balancer):
         if grad_norms is None:
             raise RuntimeError("GradNorm needs the per-task gradient norms at the shared layer")
         state = self.optimizer.state_for(weights)
-        args = (weights, grad_norms, inverse_rate, losses, state, self.alpha, self.reduction, self.min_weight, self.optimizer)
+        constants = self._constants
+        if constants is None or constants.tasks.device != weights.device or constants.tasks.dtype != weights.dtype:
+            constants = self._constants = UpdateConstants.make(weights, self.reduction, self.min_weight)
+        args = (weights, grad_norms, inverse_rate, losses, state, self.alpha, self.reduction, self.min_weight, self.optimizer, constants)
         self._weights, new_state, terms, applied_update = self._run_update(*args)
         self.optimizer.load(new_state)
         return StepStats(

@@ -44,7 +44,7 @@ class WeightOptimizer:
         self._exp_avg: Optional[Tensor] = None
         self._exp_avg_sq: Optional[Tensor] = None
         self._steps: Optional[Tensor] = None
-        self._constant_tensors: Optional[tuple[Tensor, Tensor]] = None
+        self._constant_tensors: Optional[_AdamConstants] = None
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"optimizer": self.kind, "lr": self.lr}
@@ -62,14 +62,11 @@ class WeightOptimizer:
             self._steps = torch.zeros((), dtype=STEPS_DTYPE, device=weights.device)
         return (self._steps, self._exp_avg, self._exp_avg_sq)
 
-    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """-lr and 1/2 as 0-d float64 tensors on ``device``, made once (see :meth:`propose`)."""
+    def _constants(self, weights: Tensor) -> _AdamConstants:
+        """The step's constants as 0-d tensors on the weights' device, made once (see :meth:`propose`)."""
         constants = self._constant_tensors
-        if constants is None or constants[0].device != device:
-            constants = self._constant_tensors = (
-                torch.full((), -self.lr, dtype=STEPS_DTYPE, device=device),
-                torch.full((), 0.5, dtype=STEPS_DTYPE, device=device),
-            )
+        if constants is None or constants.one.device != weights.device or constants.beta2.dtype != weights.dtype:
+            constants = self._constant_tensors = _AdamConstants.make(self, weights)
         return constants
 
     def load(self, state: OptimizerState) -> None:
@@ -112,25 +109,28 @@ class WeightOptimizer:
         tensor (``keep_where``): NaN in a refused step never reaches the state.
         """
         steps, exp_avg, exp_avg_sq = state
-        steps = steps + 1
         if self.kind == "sgd":
+            steps = steps + 1
             if not self.momentum:
                 return weights - self.lr * grad, (steps, exp_avg, exp_avg_sq)
             buf = torch.where(state[0] > 0, self.momentum * exp_avg + grad, grad)
             return weights - self.lr * buf, (steps, buf, exp_avg_sq)
         beta1, beta2 = self.betas
+        # 0-d tensors of the operands' dtypes where torch.optim.Adam has Python numbers: the same values (a
+        # number is converted to the tensor's dtype first either way), without a conversion per operator.
+        c = self._constants(weights)
+        steps = steps + c.one
         # The arithmetic of torch.optim.Adam's single-tensor step: lerp for the first moment, addcmul for
         # the second, bias corrections in float64, then addcdiv's (step_size * exp_avg) / denom.
         exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)
-        exp_avg_sq = torch.addcmul(exp_avg_sq * beta2, grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**steps
-        bias_correction2 = 1 - beta2**steps
+        exp_avg_sq = torch.addcmul(exp_avg_sq * c.beta2, grad, grad, value=1 - beta2)
+        bias_correction1 = c.one - c.beta1_64.pow(steps)
+        bias_correction2 = c.one - c.beta2_64.pow(steps)
         # A tensor numerator: ``lr / tensor`` would be computed as lr * (1 / tensor), one rounding more.
-        neg_lr, half = self._constants(steps.device)
-        neg_step_size = neg_lr / bias_correction1  # -(lr / bc1), exactly
+        neg_step_size = c.neg_lr / bias_correction1  # -(lr / bc1), exactly
         # pow with a tensor exponent is libm's pow, as Python's ``bias_correction2 ** 0.5`` in torch.optim.Adam
         # (sqrt differs from it in the last bit of a few float64 values).
-        denom = exp_avg_sq.sqrt() / bias_correction2.pow(half) + self.eps
+        denom = exp_avg_sq.sqrt() / bias_correction2.pow(c.half) + c.eps
         if self.lr / (1 - beta1) <= 1 + 1e-9:
             # step_size <= lr / (1 - beta1), about 1 at most, so step_size * exp_avg cannot overflow.
             updated = weights + (neg_step_size * exp_avg) / denom
@@ -139,6 +139,30 @@ class WeightOptimizer:
             # for huge gradient norms and turn the step into inf / inf = NaN.
             updated = weights + (exp_avg / denom) * neg_step_size
         return updated, (steps, exp_avg, exp_avg_sq)
+
+
+@dataclass(frozen=True)
+class _AdamConstants:
+    """Adam's constants: in float64 for the bias corrections, in the weights' dtype for the moments."""
+
+    one: Tensor
+    neg_lr: Tensor
+    half: Tensor
+    beta1_64: Tensor
+    beta2_64: Tensor
+    beta2: Tensor
+    eps: Tensor
+
+    @staticmethod
+    def make(optimizer: WeightOptimizer, weights: Tensor) -> _AdamConstants:
+        def f64(value: float) -> Tensor:
+            return torch.full((), value, dtype=STEPS_DTYPE, device=weights.device)
+
+        def same(value: float) -> Tensor:
+            return torch.full((), value, dtype=weights.dtype, device=weights.device)
+
+        beta1, beta2 = optimizer.betas
+        return _AdamConstants(f64(1.0), f64(-optimizer.lr), f64(0.5), f64(beta1), f64(beta2), same(beta2), same(optimizer.eps))
 
 
 def keep_where(apply: Tensor, proposed: OptimizerState, current: OptimizerState) -> OptimizerState:
