@@ -1,4 +1,4 @@
-"""Every Python block of the README and of ``docs/integrations.md`` runs, unchanged, after the set-up a
+"""Every Python block of the README and of every page under ``docs/`` runs, unchanged, after the set-up a
 user's training script already has (``tests/helpers/user_project.py``), so the documentation cannot rot.
 
 A block preceded by ``<!-- example: needs NAME -->`` runs only where NAME is available: ``cuda``, an
@@ -16,7 +16,7 @@ import torch
 
 from tests.helpers.user_project import REPO, TRAINER_SETUP, CodeBlock, python_blocks
 
-BLOCKS = python_blocks(REPO / "README.md") + python_blocks(REPO / "docs" / "integrations.md")
+BLOCKS = python_blocks(REPO / "README.md") + [block for page in sorted((REPO / "docs").glob("*.md")) for block in python_blocks(page)]
 
 
 def missing_requirement(block: CodeBlock) -> str | None:
