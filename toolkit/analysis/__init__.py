@@ -12,6 +12,7 @@ Every function takes a runs root (a folder of run directories) first; ``default_
 from gradnorm.toolkit.runs import RUNNING, RunError
 
 from .catalog import FINISHED_ROWS_LOST, INVALID, RunsRoot, bundled_runs_root, default_runs_root, list_runs, problems, resolve_runs_root, run_ids
+from .comparison import Comparison, compare_runs, validation_losses
 from .export import export_weights
 from .overfitting import overfitting, overfitting_onsets
 from .series import balance_series, balance_summary, metric_series
@@ -21,6 +22,7 @@ from .weights import WeightAverage, weight_average
 
 __all__ = [
     "AnalysisError",
+    "Comparison",
     "FINISHED_ROWS_LOST",
     "INVALID",
     "RUNNING",
@@ -31,6 +33,7 @@ __all__ = [
     "WeightAverage",
     "balance_series",
     "balance_summary",
+    "compare_runs",
     "default_runs_root",
     "export_weights",
     "list_runs",
@@ -40,5 +43,6 @@ __all__ = [
     "problems",
     "run_ids",
     "summary",
+    "validation_losses",
     "weight_average",
 ]
