@@ -53,6 +53,7 @@ from gradnorm.toolkit.balancers import Balancer, EqualWeights, StaticWeights, st
 from gradnorm.toolkit.recorder import DEFAULT_FLUSH_EVERY, Recorder
 
 from . import distributed
+from .distributed_norms import DEFAULT_SKETCH_SIZE, DistributedNormMeter, meter_for, release
 from .grad_norms import AUTOGRAD_LOOP, GradNormMeter, statistics_dtype
 from .head_finder import HeadFinder, layer_call
 from .shared_layer import SharedLayer, reaches, resolve_shared_layer
@@ -232,6 +233,8 @@ class Session:
         config: Optional[Mapping[str, Any]] = None,
         heads: Union[None, bool, str, Sequence[nn.Module]] = "auto",
         grad_scaler: Optional[Any] = None,
+        distributed_norms: str = "auto",
+        sketch_size: int = DEFAULT_SKETCH_SIZE,
     ) -> None:
         # First, so that hooks registered before a later argument check fails are removed with the half-made session.
         self._owned = _Owned()
@@ -255,6 +258,12 @@ class Session:
         self.measure = measure_grad_norms or self.balancer.needs_grad_norms
         per_channel = bool(getattr(self.balancer, "per_channel", False))
         self.meter = GradNormMeter(self.layer.parameter, reduce=distributed.mean_across_ranks, per_channel=per_channel)
+        # Under torch.distributed: one small exchange of W's rows or of a sketch per step (hooks/distributed_norms.py).
+        dist_meter = meter_for(self.layer.parameter, self.layer.module, distributed_norms, sketch_size=sketch_size, per_channel=per_channel, owner=self)
+        if dist_meter is not None:
+            release(self.meter)
+            self.meter = self._owned.own(dist_meter)
+            heads = None  # the taps form and average the T x |W| gradients; this meter needs W's rows
         # Methods that need gradients at the shared representation see its output through a forward hook.
         needs_capture = self.balancer.task_gradients == "representation"
         self.capture = self._owned.own(RepresentationCapture(self.layer.module, self.layer.description)) if needs_capture else None
@@ -295,6 +304,8 @@ class Session:
                     "per-task gradients before the loss is formed; leave heads= out for it"
                 )
             self.taps = self._make_taps(list(heads), check_pairing=True)
+        if dist_meter is not None:
+            self._heads_search = f"not searched: distributed_norms={distributed_norms!r} measures from W's input and output-gradient rows"
         self.tasks: Optional[list[str]] = list(tasks) if tasks is not None else None
         self.step_index = 0
         # An unusable runs root or a taken run name is refused here, naming the path and the cause, not at
@@ -538,6 +549,8 @@ class Session:
         }
         if self.meter.choice is not None:
             meta["grad_norm_route"] = f"{self.meter.choice.route}: {self.meter.choice.reason}"
+        if isinstance(self.meter, DistributedNormMeter):
+            meta["distributed_norms"] = self.meter.describe()
         if self._heads_search is not None:
             meta["heads_search"] = self._heads_search
         if self._applied is not None:
@@ -691,7 +704,7 @@ class Session:
 
     def _finish(self, stacked: Tensor, norms: Optional[Tensor], applied: Tensor, epoch: Optional[int], step: Optional[int]) -> None:
         # Under DDP every rank balances the global (rank-averaged) losses, so the weights agree.
-        stacked = distributed.mean_across_ranks(stacked)
+        stacked = self.meter.global_losses(stacked) if isinstance(self.meter, DistributedNormMeter) else distributed.mean_across_ranks(stacked)
         stats = self.balancer.update(stacked, norms, applied=applied)
         if self.recorder is not None:
             matrix, defined = stats_matrix(stats, len(self._known_tasks()))
@@ -713,6 +726,8 @@ def attach(
     config: Optional[Mapping[str, Any]] = None,
     heads: Union[None, bool, str, Sequence[nn.Module]] = "auto",
     grad_scaler: Optional[Any] = None,
+    distributed_norms: str = "auto",
+    sketch_size: int = DEFAULT_SKETCH_SIZE,
 ) -> Session:
     """Attach ``balancer`` (default: equal weights, monitor only) at the shared layer ``shared``
     (paper section 3: W, the last shared layer, where the per-task gradient norms G_W^(i) are taken).
@@ -726,6 +741,10 @@ def attach(
     measures them with separate backward passes, the general path. ``grad_scaler`` is accepted and
     ignored: the loss scale is read from the backward itself.
     Under ``torch.distributed`` every rank attaches with the same ``run_name``; see ``hooks/distributed.py``.
+    ``distributed_norms`` says how the norms of the rank-averaged gradient are formed there: ``"auto"``
+    chooses by the bytes each route sends, ``"exact"`` forces the cheaper exact route, ``"rows"``,
+    ``"sketch"`` (``sketch_size`` random pairs, an estimate with a stated error) or ``"gradients"`` one
+    route (``docs/distributed.md``; ``run.json``'s ``distributed_norms`` records the choice and its bytes).
     The session owns every hook it registers and removes them on :meth:`Session.close`.
     """
     return Session(
@@ -741,4 +760,6 @@ def attach(
         config=config,
         heads=heads,
         grad_scaler=grad_scaler,
+        distributed_norms=distributed_norms,
+        sketch_size=sketch_size,
     )
