@@ -1,0 +1,207 @@
+"""Hugging Face Transformers: GradNorm in a ``transformers.Trainer``.
+
+The Trainer calls ``compute_loss`` for one scalar loss and backpropagates it itself (through
+Accelerate's ``backward``); a multitask model has T losses. Two pieces, for two kinds of users:
+
+- :class:`GradNormTrainer`, a ``Trainer`` whose ``compute_loss`` hands the per-task losses to the
+  session and returns sum_i w_i L_i (paper section 3). It needs one function, ``task_losses(outputs,
+  inputs) -> {task: loss}``, or a model whose outputs carry a ``losses`` mapping::
+
+      callback = GradNormCallback(lambda m: m.encoder.pooler.dense, gradnorm.GradNorm(1.5), runs_root="runs")
+      trainer = GradNormTrainer(model=model, args=args, train_dataset=data, gradnorm=callback, task_losses=fn)
+      trainer.train()
+
+- :class:`GradNormCallback`, a ``TrainerCallback`` that owns the session's life: it attaches at
+  ``on_train_begin`` (to the unwrapped model the Trainer trains) and closes the run, removing every hook
+  the session registered, at ``on_train_end``. A Trainer subclass of your own calls
+  ``callback.session.loss(losses)`` in its ``compute_loss``.
+
+What the Trainer does around the loss needs nothing special: its division by the accumulation steps,
+Accelerate's loss scale and gradient clipping (after the backward, where the norms are already taken)
+are divided out or come later. Gradient accumulation (``gradient_accumulation_steps > 1``) is refused for
+now: GradNorm would update its weights at every micro-batch, from a micro-batch's losses and norms, not
+once per optimiser step from the accumulated ones.
+
+Evaluation (``Trainer.evaluate`` or evaluation during training) runs the same ``compute_loss`` without
+gradients: it returns the unweighted sum of the task losses (comparable across runs and methods, whatever
+the weights) and does not step the session; the mean of each task's loss over the evaluation is recorded
+as that step's validation loss (the overfitting view, paper section 5.2).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from gradnorm.toolkit import runs
+from gradnorm.toolkit.balancers import Balancer
+
+from .session import Losses, Session, attach
+from .shared_layer import SharedLayer
+
+try:
+    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as exc:  # pragma: no cover - exercised only without transformers
+    raise ImportError("gradnorm.hooks.hf_trainer needs transformers and accelerate: pip install 'gradnorm-toolkit[huggingface]'") from exc
+
+#: ``task_losses(outputs, inputs)``: the model's outputs and the batch it was given -> one loss per task.
+TaskLosses = Callable[[Any, Mapping[str, Any]], Losses]
+
+
+def check_accumulation(args: TrainingArguments) -> None:
+    """Refuse gradient accumulation, naming the setting and what to do instead."""
+    steps = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+    if steps > 1:
+        raise ValueError(
+            f"gradnorm: TrainingArguments(gradient_accumulation_steps={steps}) is not supported: GradNorm would update its "
+            "weights at each micro-batch from that micro-batch's losses and norms, not once per optimiser step; use "
+            "gradient_accumulation_steps=1 (a larger per_device_train_batch_size, or more processes)"
+        )
+
+
+def outputs_losses(outputs: Any, inputs: Mapping[str, Any]) -> Losses:
+    """The default ``task_losses``: the ``losses`` mapping of the model's outputs (a dict or a ModelOutput)."""
+    losses = outputs.get("losses") if isinstance(outputs, Mapping) else getattr(outputs, "losses", None)
+    if losses is None:
+        kind = type(outputs).__name__
+        raise ValueError(
+            f"gradnorm: the model's outputs ({kind}) carry no 'losses' mapping; return {{'losses': {{task: loss, ...}}, ...}} "
+            "from forward(), or give GradNormTrainer(task_losses=fn), fn(outputs, inputs) -> {task: loss}"
+        )
+    return losses
+
+
+class GradNormCallback(TrainerCallback):
+    """Attaches a :class:`hooks.Session` when training starts and closes its run when training ends.
+
+    Args:
+        shared_layer: a function of the model (the unwrapped one the Trainer trains) returning the shared
+            layer W, the last shared layer (paper 3.1): a module or a parameter.
+        balancer: GradNorm or any toolkit balancer (default: equal weights, monitor only).
+        heads: ``"auto"`` (the default: the session finds the heads at the first step and taps the norms
+            from the Trainer's backward), a function of the model returning the task heads in task order,
+            or None for the general path (see ``heads=`` of :func:`hooks.attach`).
+        runs_root, options: the other keyword arguments of :func:`hooks.attach` (``run_name``, ``flush_every``, ...).
+
+    ``session`` is None before ``on_train_begin`` and stays, closed, after ``on_train_end``; a second
+    ``train()`` attaches a new session (a new run).
+    """
+
+    def __init__(
+        self,
+        shared_layer: Callable[[nn.Module], SharedLayer],
+        balancer: Optional[Balancer] = None,
+        *,
+        heads: Union[None, bool, str, Callable[[nn.Module], Sequence[nn.Module]]] = "auto",
+        runs_root: Optional[Union[str, Path]] = None,
+        **options: Any,
+    ) -> None:
+        self.shared_layer = shared_layer
+        self.balancer = balancer
+        self.heads = heads
+        self.runs_root = runs_root
+        self.options = options
+        self.session: Optional[Session] = None
+        self._attached = False  # the balancer is bound to its first run's tasks; a second train() starts over from its state
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Optional[nn.Module] = None, **kwargs: Any) -> None:
+        check_accumulation(args)
+        if model is None:
+            raise RuntimeError("gradnorm: the Trainer passed no model to on_train_begin")
+        if self.session is not None and not self.session.closed:
+            self.session.close(runs.INTERRUPTED)
+        options = dict(self.options)
+        options["heads"] = self.heads if self.heads is None or isinstance(self.heads, (str, bool)) else list(self.heads(model))
+        balancer = self.balancer
+        if self._attached and balancer is not None:
+            # The same balancer object would carry the last run's weights and L_i(0) into a new run as if it were its first step.
+            raise RuntimeError("gradnorm: this GradNormCallback already trained once; give each train() a new callback (and a new balancer)")
+        self.session = attach(self.shared_layer(model), balancer, runs_root=self.runs_root, **options)
+        self._attached = True
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.close(runs.FINISHED)
+
+    def close(self, status: str = runs.FINISHED) -> None:
+        """Close the session's run as ``status`` (``failed`` for a Trainer that raised) and remove its hooks."""
+        if self.session is not None:
+            self.session.close(status)
+
+    def log_validation(self, losses: Mapping[str, float], state: TrainerState) -> None:
+        if self.session is not None and not self.session.closed:
+            self.session.log_validation(losses, step=state.global_step, epoch=_epoch(state))
+
+
+def _epoch(state: TrainerState) -> int:
+    """The epoch being trained: ``state.epoch`` is the fraction of epochs done (e + k/n after step k)."""
+    return int(math.floor(state.epoch or 0.0))
+
+
+class GradNormTrainer(Trainer):
+    """A ``transformers.Trainer`` that balances the task losses with GradNorm (or any toolkit balancer).
+
+    ``gradnorm``: the :class:`GradNormCallback` that owns the session (it is added to the Trainer's
+    callbacks). ``task_losses(outputs, inputs)``: the per-task losses of a batch, from the model's
+    outputs and the batch (default: ``outputs["losses"]``). The other arguments are the Trainer's.
+    A ``train()`` that raises closes the run as ``failed`` (``interrupted`` on Ctrl-C).
+    """
+
+    # compute_loss returns a per-batch mean, which the Trainer divides by the accumulation steps itself.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, gradnorm: GradNormCallback, task_losses: Optional[TaskLosses] = None, **kwargs: Any) -> None:
+        if not isinstance(gradnorm, GradNormCallback):
+            raise TypeError(f"gradnorm= takes a gradnorm.hooks.hf_trainer.GradNormCallback, got {type(gradnorm).__name__}")
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), gradnorm]
+        super().__init__(*args, **kwargs)
+        check_accumulation(self.args)  # at construction, before any work, as well as at on_train_begin
+        self.gradnorm = gradnorm
+        self.task_losses: TaskLosses = task_losses if task_losses is not None else outputs_losses
+        self._validation: dict[str, list[float]] = {}  # per task: sum of batch losses, batches, over one evaluation
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Optional[Union[Tensor, int]] = None,
+    ) -> Union[Tensor, tuple[Tensor, Any]]:
+        outputs = model(**inputs)
+        losses = self.task_losses(outputs, inputs)
+        session = self.gradnorm.session
+        if session is not None and not session.closed and model.training and torch.is_grad_enabled():
+            total = session.loss(losses, epoch=_epoch(self.state), step=self.state.global_step)
+        else:
+            total = self._evaluation_loss(losses)
+        return (total, outputs) if return_outputs else total
+
+    def _evaluation_loss(self, losses: Losses) -> Tensor:
+        """Evaluation: the unweighted sum; each task's loss joins the evaluation's mean (a host copy per batch)."""
+        named = dict(losses) if isinstance(losses, Mapping) else {f"task{i}": value for i, value in enumerate(losses)}
+        session = self.gradnorm.session
+        if session is not None and session.tasks is not None and not isinstance(losses, Mapping):
+            named = dict(zip(session.tasks, losses))
+        for task, value in named.items():
+            entry = self._validation.setdefault(str(task), [0.0, 0.0])
+            entry[0] += float(value.detach())
+            entry[1] += 1
+        return torch.stack([value.reshape(()) for value in named.values()]).sum()
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        self._validation = {}
+        metrics = super().evaluate(*args, **kwargs)
+        if self._validation:
+            self.gradnorm.log_validation({task: total / count for task, (total, count) in self._validation.items()}, self.state)
+        self._validation = {}
+        return metrics
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException as exc:
+            self.gradnorm.close(runs.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else runs.FAILED)
+            raise
