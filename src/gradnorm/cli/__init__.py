@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "gradnorm.cli.app",
     "gradnorm.cli.report",
     "gradnorm.cli.compact",
+    "gradnorm.cli.report_paper",
 )
 
 
