@@ -52,7 +52,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -137,6 +137,17 @@ class _Batch:
 RANK_FILE = runs.RANK_FILE
 
 
+class RecordListener(Protocol):
+    """Hears what a recorder writes (toolkit/forwarding.py forwards it to trackers). ``opened`` runs on the
+    thread that creates the recorder, ``rows_written`` on the writer thread right after a part file holding
+    those rows is on disk (``values``: (steps, T, len(schema.RECORDED_FIELDS)), valid during the call only),
+    ``closed`` after the final run.json is written. What a listener raises is caught and warned about."""
+
+    def opened(self, recorder: Recorder) -> None: ...
+    def rows_written(self, steps: Sequence[int], values: np.ndarray, defined: frozenset[str]) -> None: ...
+    def closed(self, recorder: Recorder, status: str) -> None: ...
+
+
 class Recorder:
     """Writes one rank's records of a run. Thread-safe for one training thread plus its own writer."""
 
@@ -155,6 +166,7 @@ class Recorder:
         compact_target_rows: int = COMPACT_TARGET_ROWS,
         compact_fanout: int = COMPACT_FANOUT,
         compact_grace: float = COMPACT_GRACE,
+        listeners: Sequence[RecordListener] = (),
     ) -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
@@ -234,6 +246,8 @@ class Recorder:
         self._footers: dict[str, PartFile] = {}
         self._split_column: Optional[pa.Array] = None
         self._task_column: Optional[pa.Array] = None
+        self._listeners = list(listeners)
+        self._tell("opened", self)
         self._thread = threading.Thread(target=self._write_loop, name=f"gradnorm-recorder-{self.run_path.name}", daemon=True)
         self._thread.start()
         _EXIT.opened(self)
@@ -349,6 +363,7 @@ class Recorder:
             if self._reserve is not None:
                 _unlink(self._reserve)
             self._lock_file.release()
+        self._tell("closed", self, status)
 
     def counts(self) -> dict[str, Any]:
         """Rows written and lost, failed writes, skipped weight updates, the writer's waits and the
@@ -536,6 +551,16 @@ class Recorder:
             self.batches_coalesced += len(written) - 1
             for batch in written:
                 self._note_skips(batch)
+                if self._listeners and batch.values is not None and batch.steps:
+                    self._tell("rows_written", batch.steps, batch.values.numpy(), batch.defined)
+
+    def _tell(self, event: str, *args: Any) -> None:
+        """Call ``event`` on every listener; a failing listener never stops recording (it counts its own failures)."""
+        for listener in self._listeners:
+            try:
+                getattr(listener, event)(*args)
+            except Exception as exc:
+                warnings.warn(f"gradnorm recorder: a record listener failed in {event} ({exc!r}); the records are unaffected", RuntimeWarning)
 
     def _give_up_pending(self) -> None:
         """At close: rows that still cannot be written are lost; count them and say so."""

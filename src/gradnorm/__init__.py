@@ -9,7 +9,8 @@ This module is the public API. Its names load on first use (PEP 562), so ``impor
 ``gradnorm`` command line start without importing torch. The layers behind it are internal:
 ``gradnorm.toolkit`` (balancers, schema, recorder, analysis, weights files), ``gradnorm.hooks`` (the
 session that attaches to a model) and ``gradnorm.app`` (the Streamlit app); ``gradnorm.cli`` and
-``gradnorm.experiments`` sit on top. ``gradnorm.toolkit.analysis`` is the documented analysis API.
+``gradnorm.experiments`` sit on top. ``gradnorm.toolkit.analysis`` is the documented analysis API;
+``TensorBoard``, ``WandB`` and ``MLflow`` forward the records to those trackers (``attach(..., trackers=...)``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ _EXPORTS: dict[str, str] = {
     "PCGrad": "gradnorm.toolkit.balancers",
     "load_weights": "gradnorm.toolkit.weights_file",
     "export_weights": "gradnorm.toolkit.analysis",
+    "Tracker": "gradnorm.toolkit.forwarding",
+    "TensorBoard": "gradnorm.toolkit.trackers",
+    "WandB": "gradnorm.toolkit.trackers",
+    "MLflow": "gradnorm.toolkit.trackers",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -60,6 +65,8 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         StepStats,
         UncertaintyWeighting,
     )
+    from gradnorm.toolkit.forwarding import Tracker
+    from gradnorm.toolkit.trackers import MLflow, TensorBoard, WandB
     from gradnorm.toolkit.weights_file import load_weights
 
 
