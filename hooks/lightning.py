@@ -1,4 +1,4 @@
-"""PyTorch Lightning: a callback that attaches GradNorm to a LightningModule.
+"""PyTorch Lightning: a callback that attaches GradNorm to a LightningModule and logs its quantities.
 
 Lightning calls ``backward()`` itself; the session never does, so the module only has to hand its task
 losses to ``self.gradnorm.loss`` and return the result::
@@ -11,15 +11,26 @@ losses to ``self.gradnorm.loss`` and return the result::
     trainer = L.Trainer(callbacks=[gradnorm.hooks.lightning.GradNormCallback(lambda m: m.trunk[-1], gradnorm.GradNorm(1.5), runs_root="runs")])
 
 The run is closed as ``finished`` at the end of fitting and as ``failed`` when fitting raises.
+
+With a ``runs_root`` and a logger on the Trainer, the recorded per-task quantities (``gradnorm/weight/<task>``,
+``gradnorm/grad_norm/<task>``, ...) also go to the Trainer's logger through ``pl_module.log_dict``, at the
+Trainer's logging steps (``log_every_n_steps``). The values come from the recorder's writer (host floats,
+toolkit/forwarding.py): the training thread reads nothing back from the device for them. A row reaches the
+logger a flush late (up to ``flush_every`` steps), so each logged row carries ``gradnorm/step``, the step
+it was recorded at; the logger's own step is the Trainer's. At the end of fitting, E_t[w_i] and its drift
+(``gradnorm/mean_weight/<task>``, ``gradnorm/drift/<task>``) go to each logger as metrics.
 """
 
 from __future__ import annotations
 
+import collections
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union, cast
 
 from gradnorm.toolkit import runs
 from gradnorm.toolkit.balancers import Balancer
+from gradnorm.toolkit.forwarding import DEFAULT_QUANTITIES, Rows, RunSummary, Tracker, resolve_trackers
 
 from .session import Session, attach
 
@@ -27,6 +38,33 @@ try:
     import lightning.pytorch as pl
 except ImportError as exc:  # pragma: no cover - exercised only without lightning
     raise ImportError("gradnorm.hooks.lightning needs the lightning package: pip install 'gradnorm-toolkit[lightning]'") from exc
+
+#: Forwarded rows waiting for a logging step; beyond this the oldest go (a Trainer that logs far less often than it records).
+MAX_WAITING_ROWS = 1000
+
+
+class LoggerRows(Tracker):
+    """The rows forwarded for the Trainer's logger: filled on the forwarding thread, taken on the training thread."""
+
+    name = "lightning"
+
+    def __init__(self, *, every: int = 50, quantities: Optional[Sequence[str]] = None) -> None:
+        super().__init__(every=every, quantities=quantities)
+        self._rows: collections.deque[dict[str, float]] = collections.deque(maxlen=MAX_WAITING_ROWS)
+        self._lock = threading.Lock()
+        self.summary: Optional[RunSummary] = None
+
+    def send(self, rows: Rows) -> None:
+        with self._lock:
+            self._rows.extend({"gradnorm/step": float(step), **values} for step, values in rows.scalars())
+
+    def send_summary(self, summary: RunSummary) -> None:
+        self.summary = summary
+
+    def take(self) -> Optional[dict[str, float]]:
+        """The oldest row not logged yet (rows arrive at about one per logging step, a flush late)."""
+        with self._lock:
+            return self._rows.popleft() if self._rows else None
 
 
 class GradNormCallback(pl.Callback):
@@ -38,7 +76,9 @@ class GradNormCallback(pl.Callback):
         heads: ``"auto"`` (the default: the session finds the heads and taps the norms from Lightning's
             backward), a function of the module returning the task heads in task order, or None for the
             general path (see ``heads=`` of :func:`hooks.attach`).
-        options: the other keyword arguments of :func:`hooks.attach` (``runs_root``, ``run_name``, ...).
+        log: log the recorded quantities to the Trainer's loggers (needs ``runs_root``: they come from the records).
+        log_quantities: which quantities (default: weight, grad_norm, target_norm, loss_ratio, inverse_rate, skipped).
+        options: the other keyword arguments of :func:`hooks.attach` (``run_name``, ``trackers``, ...).
     """
 
     def __init__(
@@ -48,14 +88,20 @@ class GradNormCallback(pl.Callback):
         *,
         heads: Union[None, bool, str, Callable[[pl.LightningModule], Sequence[Any]]] = "auto",
         runs_root: Optional[Union[str, Path]] = None,
+        log: bool = True,
+        log_quantities: Optional[Sequence[str]] = None,
         **options: Any,
     ) -> None:
         self.shared_layer = shared_layer
         self.balancer = balancer
         self.heads = heads
         self.runs_root = runs_root
+        self.log = log
+        self.log_quantities = tuple(DEFAULT_QUANTITIES if log_quantities is None else log_quantities)
+        LoggerRows(quantities=self.log_quantities)  # bad names are refused here, not when fitting starts
         self.options = options
         self.session: Optional[Session] = None
+        self.logged_rows: Optional[LoggerRows] = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         options = dict(self.options)
@@ -63,14 +109,40 @@ class GradNormCallback(pl.Callback):
             options["heads"] = self.heads
         else:
             options["heads"] = list(self.heads(pl_module))
+        self.logged_rows = None
+        every = int(getattr(trainer, "log_every_n_steps", 50))  # set by the Trainer's logger connector
+        if self.log and self.runs_root is not None and trainer.loggers and every > 0:
+            self.logged_rows = LoggerRows(every=every, quantities=self.log_quantities)
+            options["trackers"] = resolve_trackers(options.get("trackers")) + [self.logged_rows]
         self.session = attach(self.shared_layer(pl_module), self.balancer, runs_root=self.runs_root, **options)
         # nn.Module.__setattr__ is annotated for tensors and modules, though it keeps any other value as a plain attribute.
         cast(Any, pl_module).gradnorm = self.session
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Only at the Trainer's logging steps (the check log_dict's values meet right after this hook), so
+        # the steps between cost nothing; the values are host floats from the recorder's writer.
+        if self.logged_rows is None or not _logs_now(trainer):
+            return
+        row = self.logged_rows.take()
+        if row is not None:
+            pl_module.log_dict(row, on_step=True, on_epoch=False, logger=True, prog_bar=False, batch_size=1)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.session is not None:
             self.session.close(runs.FINISHED)
+        summary = self.logged_rows.summary if self.logged_rows is not None else None
+        if summary is not None:
+            # self.log is not allowed at on_fit_end; the loggers are finalised after it, so this still lands.
+            for logger in trainer.loggers:
+                logger.log_metrics(summary.scalars(), step=trainer.global_step)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.session is not None:
             self.session.close(runs.INTERRUPTED if isinstance(exception, KeyboardInterrupt) else runs.FAILED)
+
+
+def _logs_now(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer writes its loggers after this training batch (its own test, where it has one)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    should = getattr(connector, "should_update_logs", None)
+    return True if should is None else bool(should)
