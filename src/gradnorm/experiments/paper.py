@@ -377,28 +377,60 @@ def render_table(
     placement: str = "t",
     wide_rules: Sequence[int] = (),
     size: str = r"\small",
+    grid: bool = False,
 ) -> str:
-    """A booktabs table, scaled down to the text width only where it would not fit."""
+    """A booktabs table, scaled down to the text width only where it would not fit. ``grid``: the
+    columns are named 'T=a, b=c' and get a two-row header, T above the batch sizes."""
     columns = list(range(len(table.header))) if columns is None else list(columns)
     head = [tex(table.header[c]) for c in columns] if header is None else list(header)
+    head_text = " & ".join(head)
+    if grid:
+        pairs = [re.match(r"T=(\d+), b=(\d+)", table.header[c]) for c in columns[1:]]
+        if all(pairs):
+            groups: list[tuple[str, int]] = []
+            for pair in pairs:
+                assert pair is not None
+                if groups and groups[-1][0] == pair.group(1):
+                    groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+                else:
+                    groups.append((pair.group(1), 1))
+            top, rules, start = [""], [], 2
+            for t, width in groups:
+                top.append(f"\\multicolumn{{{width}}}{{c}}{{$T={t}$}}")
+                rules.append(f"\\cmidrule(lr){{{start}-{start + width - 1}}}")
+                start += width
+            bottom = [head[0]] + [f"$b={pair.group(2)}$" for pair in pairs if pair is not None]
+            head_text = " & ".join(top) + " \\\\\n" + "".join(rules) + "\n" + " & ".join(bottom)
     body: list[str] = []
     for index, cells in enumerate(table.rows):
         if rows is not None and not rows(cells):
             continue
         if index in wide_rules and body:
             body.append(r"\midrule")
-        body.append(" & ".join(tex(cells[c]) if c < len(cells) else "" for c in columns) + r" \\")
+        first = VARIANT_NAMES.get(strip_markup(cells[0]), tex(cells[0])) if cells else ""
+        body.append(" & ".join([first] + [tex(cells[c]) if c < len(cells) else "" for c in columns[1:]]) + r" \\")
     spec = align or ("l" + "r" * (len(columns) - 1))
     return (
         f"\\begin{{table}}[{placement}]\n\\centering{size}\n\\caption{{{caption}}}\\label{{{label}}}\n"
         "\\begin{adjustbox}{max width=\\linewidth}\n"
         f"\\begin{{tabular}}{{{spec}}}\n\\toprule\n"
-        + " & ".join(head)
+        + head_text
         + " \\\\\n\\midrule\n"
         + "\n".join(body)
         + "\n\\bottomrule\n\\end{tabular}\n\\end{adjustbox}\n"
         + f"\\par\\smallskip{{\\footnotesize Source: {source}.}}\n\\end{{table}}\n"
     )
+
+
+#: The results files' variant names, shortened for the report's tables (LaTeX).
+VARIANT_NAMES = {
+    "floor: equal + T products at W": r"floor: equal + $T$ products at $W$",
+    "general path (heads=None)": "general path",
+    "TorchJD mtl_backward + UPGrad": "TorchJD UPGrad",
+    "README default": "default attach",
+    "equal (ms per step)": "equal (ms per step)",
+    "equal (MB)": "equal (total MB)",
+}
 
 
 def not_measured(what: str, source: str) -> str:
@@ -548,6 +580,14 @@ COMPARE_METHODS = {
     "pcgrad": "PCGrad",
     "mgda": "MGDA",
     "mgda-ub": "MGDA-UB",
+    "famo": "FAMO",
+    "db-mtl": "DB-MTL",
+    "nash-mtl": "Nash-MTL",
+    "cagrad": "CAGrad",
+    "rlw": "RLW",
+    "upgrad": "UPGrad",
+    "imtl": "IMTL",
+    "scale-invariant": "scale-invariant",
 }
 
 
@@ -656,7 +696,7 @@ def step_time(report: Report, results: Results) -> None:
     compact_rows = []
     for row in table.rows:
         if strip_markup(row[0]) == "equal":
-            compact_rows.append(["equal (ms per step)"] + [f"{numbers_in(c)[1]:.2f} ms" if len(numbers_in(c)) > 1 else c for c in row[1:]])
+            compact_rows.append(["equal (ms per step)"] + [f"{numbers_in(c)[1]:.2f}" if len(numbers_in(c)) > 1 else c for c in row[1:]])
         else:
             compact_rows.append([row[0]] + [f"{number(c):.2f}" if number(c) is not None else c for c in row[1:]])
     report.fragments["tab_step_time.tex"] = render_table(
@@ -668,6 +708,7 @@ def step_time(report: Report, results: Results) -> None:
         header=header,
         placement="t",
         size=r"\footnotesize",
+        grid=True,
     )
     decomposition = next((t for t in section.tables if t.row("products at W") is not None), None)
     if decomposition is None:
@@ -682,6 +723,7 @@ def step_time(report: Report, results: Results) -> None:
         source_note(file, section),
         header=["part"] + header[1:],
         size=r"\footnotesize",
+        grid=True,
     )
 
 
@@ -708,7 +750,7 @@ def memory(report: Report, results: Results) -> None:
         cells[(row[t_col], row[b_col], strip_markup(row[v_col]))] = row  # type: ignore[index]
     variants = [("equal", "equal"), ("README default", "default"), ("general path (heads=None)", "general"), ("double backward", "double")]
     configs = sorted({(int(t), int(b)) for t, b, _ in cells})
-    lines = []
+    lines: list[list[str]] = []
     for label, key in variants:
         entries = []
         for t, b in configs:
@@ -719,36 +761,31 @@ def memory(report: Report, results: Results) -> None:
             report.put(f"mem.{key}.T{t}b{b}", fmt(ratio, 2, RATIO))
             total = number(row[table.column("total MB") or r_col]) if row else None  # type: ignore[index]
             if key == "equal":
-                entries.append(f"{total:.2f} MB" if total is not None else NOT_MEASURED)
+                entries.append(f"{total:.2f}" if total is not None else "-")
             else:
-                entries.append(f"{ratio:.2f}" if ratio is not None and working is not None else NOT_MEASURED)
-        lines.append(tex("equal (MB)" if key == "equal" else label) + " & " + " & ".join(entries) + r" \\")
-    header = " & ".join(f"$T={t}$, $b={b}$" for t, b in configs)
-    report.fragments["tab_memory.tex"] = (
-        "\\begin{table}[t]\n\\centering\\footnotesize\n"
-        "\\caption{Peak memory on the toy problem: the step's total (parameters, gradients, optimiser state, batch and working memory) as a ratio to the equal-weights step (the first row: the equal step's total in MB); "
-        "each variant in its own process, median of three. " + tex(machine(section.title)) + ".}\\label{tab:memory}\n"
-        "\\begin{adjustbox}{max width=\\linewidth}\n\\begin{tabular}{l"
-        + "r" * len(configs)
-        + "}\n\\toprule\nvariant & "
-        + header
-        + " \\\\\n\\midrule\n"
-        + "\n".join(lines)
-        + "\n\\bottomrule\n\\end{tabular}\n\\end{adjustbox}\n"
-        f"\\par\\smallskip{{\\footnotesize Source: {source_note(file, section)}.}}\n\\end{{table}}\n"
+                entries.append(f"{ratio:.2f}" if ratio is not None and working is not None else "-")
+        lines.append(["equal (MB)" if key == "equal" else label] + entries)
+    report.fragments["tab_memory.tex"] = render_table(
+        Table(["variant"] + [f"T={t}, b={b}" for t, b in configs], lines),
+        "Peak memory on the toy problem: the step's total (parameters, gradients, optimiser state, batch and working memory) as a ratio to the "
+        "equal-weights step (the first row: the equal step's total in MB); each variant in its own process, median of three. "
+        + tex(machine(section.title))
+        + ".",
+        "tab:memory",
+        source_note(file, section),
+        size=r"\footnotesize",
+        grid=True,
     )
 
 
 def dense(report: Report, results: Results) -> None:
     file = "dense.md"
     found = results.find(file, columns=("variant", "ratio"), first_cell="equal")
-    memory_found = results.find("memory.md", heading=".", columns=("variant", "total ratio"), first_cell="equal", last=True)
     dense_memory = None
     for section in results.sections("memory.md") or []:
         if "Encoder-decoder" in section.text:
             for table in section.tables:
                 dense_memory = (section, table)
-    del memory_found
     if found is None:
         report.fragments["tab_dense.tex"] = not_measured("The step time on the dense scenes.", source_note(file, None))
         for key in ("floor", "gradnorm", "heads", "headsrecord", "mem.heads", "mem.gradnorm", "equal.ms"):
@@ -1062,22 +1099,74 @@ def generic_section(report: Report, results: Results, file: str, fragment: str, 
     report.fragments[fragment] = "".join(parts)
 
 
-def qm9(report: Report, results: Results) -> None:
-    """QM9 (a section of ``compare.md``) with Delta_m% beside the published figures, where it was run."""
+def qm9(report: Report, results: Results, published_file: Path) -> None:
+    """QM9 (a section of ``compare.md``) with Delta_m% beside the published figures, where it was run.
+
+    Our Delta_m% is against the equal-weights run of the same seed (what ``gradnorm compare`` reports);
+    the published ones are against single-task baselines, so the two columns sit side by side on their
+    own scales, never as one ranking."""
+    keys = ("gradnorm", "static", "equal", "best", "bestname", "beaten", "methods", "steps", "seeds")
     found = results.find("compare.md", heading="QM9", first_cell="gradnorm")
-    published = Path(results.directory).parent.parent / "shared" / "reference" / "published-delta-m.md"
     if found is None:
         report.fragments["tab_qm9.tex"] = not_measured("QM9 with $\\Delta_m\\%$ beside the published tables.", source_note("compare.md", None))
-        report.put("qm9.gradnorm", None)
-        report.put("qm9.equal", None)
+        for key in keys:
+            report.put(f"qm9.{key}", None)
         return
     section, table = found
-    delta = table.column("Delta") or table.column("Δ")
-    report.put("qm9.gradnorm", fmt(number(table.cell("gradnorm", table.header[delta])) if delta is not None else None, 1))
-    report.put("qm9.equal", fmt(number(table.cell("equal", table.header[delta])) if delta is not None else None, 1))
-    del published
-    report.fragments["tab_qm9.tex"] = render_table(
-        table, "QM9: " + tex(section.title) + ".", "tab:qm9", source_note("compare.md", section), size=r"\footnotesize"
+    delta = table.column("Δm") if table.column("Δm") is not None else table.column("Delta")
+    values = {strip_markup(r[0]): number(r[delta]) if delta is not None and delta < len(r) else None for r in table.rows}
+    gn = values.get("gradnorm")
+    report.put("qm9.gradnorm", fmt(gn, 1, r"\,\%"))
+    report.put("qm9.static", fmt(values.get("static"), 1, r"\,\%"))
+    report.put("qm9.equal", fmt(values.get("equal"), 1, r"\,\%"))
+    ranked = sorted((v, m) for m, v in values.items() if v is not None and m != "equal")
+    report.put("qm9.best", fmt(ranked[0][0], 1, r"\,\%") if ranked else None)
+    report.put("qm9.bestname", COMPARE_METHODS.get(ranked[0][1], tex(ranked[0][1])) if ranked else None)
+    report.put("qm9.beaten", str(len([m for v, m in ranked if gn is not None and v < gn and m not in ("gradnorm", "static")])) if gn is not None else None)
+    report.put("qm9.methods", str(len([m for m in values if m not in ("gradnorm", "static")])))
+    steps = re.search(r"([\d,]+) steps", section.title)
+    report.put("qm9.steps", steps.group(1).replace(",", "{,}") if steps else None)
+    seeds = re.search(r"Seeds: \[([^\]]*)\]", section.text)
+    report.put("qm9.seeds", str(len(seeds.group(1).split(","))) if seeds else None)
+    ours = []
+    for row in table.rows:
+        name = strip_markup(row[0])
+        cell = row[delta] if delta is not None and delta < len(row) else "-"
+        ours.append(f"{COMPARE_METHODS.get(name, tex(name))} & {tex(cell)} \\\\")
+    published_rows = []
+    if published_file.is_file():
+        for pub_section in parse_markdown(published_file.read_text(encoding="utf-8")):
+            for pub in pub_section.tables:
+                reported, rerun = pub.column("QM9, as reported"), pub.column("QM9, NTKMTL re-run")
+                if reported is None or rerun is None:
+                    continue
+                for row in pub.rows:
+                    if strip_markup(row[reported]) == "-" and strip_markup(row[rerun]) == "-":
+                        continue
+                    published_rows.append(f"{tex(row[0])} & {tex(row[reported])} & {tex(row[rerun])} \\\\")
+    published = (
+        "\\begin{tabular}[t]{lrr}\n\\toprule\nmethod & reported & re-run \\\\\n\\midrule\n" + "\n".join(published_rows) + "\n\\bottomrule\n\\end{tabular}"
+        if published_rows
+        else NOT_MEASURED
+    )
+    paragraph = (
+        f"On a fixed subset of QM9 ({tex(section.title)}; {report.numbers['qm9.seeds']} seeds), GradNorm's $\\Delta_m\\%$ against equal weights is {report.numbers['qm9.gradnorm']} "
+        f"and retraining with its $E_t[w_i]$ {report.numbers['qm9.static']}; {report.numbers['qm9.beaten']} of the {report.numbers['qm9.methods']} other methods do better, "
+        f"the best {report.numbers['qm9.bestname']} at {report.numbers['qm9.best']} (Table~\\ref{{tab:qm9}}).\n\n"
+    )
+    report.fragments["tab_qm9.tex"] = paragraph + (
+        "\\begin{table}[t]\n\\centering\\footnotesize\n"
+        "\\caption{QM9, 11 regression targets. Left: this toolkit's runs ("
+        + tex(section.title)
+        + "), $\\Delta_m\\%$ against the equal-weights run of the same seed, lower is better. "
+        "Right: published $\\Delta_m\\%$ against single-task baselines, as compiled by NTKMTL \\citep{ntkmtl2025} (as originally reported, and re-run by its authors), with a different model and scale of training: "
+        "the two columns are on their own scales and are not one ranking; GradNorm has no published row.}\\label{tab:qm9}\n"
+        "\\begin{adjustbox}{max width=\\linewidth}\n\\begin{tabular}[t]{lr}\n\\toprule\nmethod & $\\Delta_m\\%$ vs equal \\\\\n\\midrule\n"
+        + "\n".join(ours)
+        + "\n\\bottomrule\n\\end{tabular}\\qquad\n"
+        + published
+        + "\n\\end{adjustbox}\n"
+        + f"\\par\\smallskip{{\\footnotesize Source: {source_note('compare.md', section)}; \\texttt{{docs/report/published-delta-m.md}}.}}\n\\end{{table}}\n"
     )
 
 
@@ -1096,7 +1185,7 @@ def build(results_dir: Path, runs_dir: Path) -> tuple[Report, list[ToyRun]]:
     records(report, results)
     analysis_speed(report, results)
     distributed(report, results)
-    qm9(report, results)
+    qm9(report, results, repo_root() / "docs" / "report" / "published-delta-m.md")
     targets(report, results)
     for file, label, what in (
         ("many_tasks.md", "tab:many-tasks", "Many tasks"),
@@ -1176,7 +1265,7 @@ def figures(out_dir: Path, runs: Sequence[ToyRun], runs_dir: Path, results_dir: 
             .mark_line(point=alt.OverlayMarkDef(size=12), strokeWidth=1.6)
             .encode(
                 x=alt.X("step:Q", title="step"),
-                y=alt.Y("loss:Q", title="task-normalised test loss", scale=alt.Scale(type="log")),
+                y=alt.Y("loss:Q", title="task-normalised test loss", scale=alt.Scale(zero=False)),
                 color=alt.Color("weighting:N", title="weighting", scale=alt.Scale(scheme="tableau10")),
             )
             .properties(width=FIGURE_WIDTH, height=FIGURE_HEIGHT)
@@ -1201,7 +1290,7 @@ def figures(out_dir: Path, runs: Sequence[ToyRun], runs_dir: Path, results_dir: 
             alt.Chart(frame)
             .mark_line(point=True)
             .encode(
-                x=alt.X("T:Q", title="number of tasks T", scale=alt.Scale(type="log")),
+                x=alt.X("T:Q", title="number of tasks T", scale=alt.Scale(type="log"), axis=alt.Axis(values=sorted(set(frame["T"])), format="d")),
                 y=alt.Y("ratio:Q", title="step time / equal-weights step", scale=alt.Scale(type="log")),
                 color=alt.Color("variant:N", title="variant", scale=alt.Scale(scheme="tableau10")),
             )
