@@ -977,6 +977,37 @@ def records(report: Report, results: Results) -> None:
         report.fragments["tab_records.tex"] = not_measured("The recorder's bytes per row.", source_note(file, None))
 
 
+def reliability(report: Report, results: Results) -> None:
+    """The fault scenarios of ``reliability.md``: random kills against the stated bound, kills inside a
+    compaction."""
+    file = "reliability.md"
+    kills = results.find(file, heading="random moment", columns=("steps lost", "bound"))
+    if kills:
+        table = kills[1]
+        lost, bound = table.column("steps lost"), table.column("bound")
+        pairs = [(number(r[lost]), number(r[bound])) for r in table.rows if lost is not None and bound is not None]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        report.put("rel.random.kills", str(len(pairs)) if pairs else None)
+        report.put("rel.random.maxlost", fmt(max(a for a, _ in pairs), 0) if pairs else None)
+        report.put("rel.random.bound", fmt(max(b for _, b in pairs), 0) if pairs else None)
+        report.put("rel.random.within", str(sum(a <= b for a, b in pairs)) if pairs else None)
+    else:
+        for key in ("kills", "maxlost", "bound", "within"):
+            report.put(f"rel.random.{key}", None)
+    merge = results.find(file, heading="compaction", columns=("killed", "rows read back"))
+    if merge:
+        table = merge[1]
+        checks = [c for c in range(len(table.header)) if "rows" in table.header[c] and "=" in table.header[c]]
+        whole = [all(strip_markup(r[c]) == "True" for c in checks) for r in table.rows]
+        report.put("rel.merge.points", str(len(whole)))
+        report.put("rel.merge.whole", str(sum(whole)))
+        report.put("rel.merge.names", ", ".join(tex(strip_markup(r[0])) for r in table.rows))
+    else:
+        report.put("rel.merge.names", None)
+        report.put("rel.merge.points", None)
+        report.put("rel.merge.whole", None)
+
+
 def analysis_speed(report: Report, results: Results) -> None:
     file = "analysis.md"
     found = results.find(file, columns=("query", "closed"), first_cell="weight_average")
@@ -1183,6 +1214,7 @@ def build(results_dir: Path, runs_dir: Path) -> tuple[Report, list[ToyRun]]:
     dense(report, results)
     real_models(report, results)
     records(report, results)
+    reliability(report, results)
     analysis_speed(report, results)
     distributed(report, results)
     qm9(report, results, repo_root() / "docs" / "report" / "published-delta-m.md")
