@@ -11,6 +11,7 @@ Nothing of this runs after the first step.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -20,6 +21,11 @@ from torch import Tensor, nn
 from .shared_layer import graph_nodes, reaches
 
 MAX_CALLS = 4096
+#: Why a model run under torch.compile gets the general path (run.json's heads_search).
+COMPILED_REASON = (
+    "not used: the model runs under torch.compile, whose compiled graph replaces the module calls and autograd nodes "
+    "the heads' taps hook (they would never see the backward); the general path measures the norms"
+)
 
 
 @dataclass
@@ -44,10 +50,15 @@ class HeadFinder:
     def __init__(self) -> None:
         # Bounded, so that forwards run before the first balanced loss cannot pile up tensors.
         self.calls: deque[ModuleCall] = deque(maxlen=MAX_CALLS)
+        self.compiled = False  # a module compiled by torch.compile was called
         # Public so that its owner (the session) can remove the hook without keeping the noted calls alive.
         self.handle = nn.modules.module.register_module_forward_hook(self._record)
 
     def _record(self, module: nn.Module, args: tuple, output) -> None:
+        # torch.compile(module) calls its OptimizedModule wrapper (which holds _orig_mod), module.compile() a
+        # _compiled_call_impl: the compiled graph replaces the module calls and autograd nodes the taps hook.
+        if hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None:
+            self.compiled = True
         if not args or not isinstance(args[0], Tensor):
             return
         if not isinstance(output, Tensor) or output.grad_fn is None:
@@ -61,6 +72,14 @@ class HeadFinder:
     def find(self, losses: Sequence[Tensor], parameter: Tensor) -> FoundHeads:
         """The heads of ``losses`` (one per task, in task order) above the shared parameter W."""
         self.stop()
+        if self.compiled:
+            warnings.warn(
+                "gradnorm: the model runs under torch.compile: the heads' taps cannot see its backward (the compiled graph "
+                "replaces the module calls and autograd nodes they hook), so the general path measures the gradient norms "
+                "(run.json: heads_search, grad_norm_path)",
+                RuntimeWarning,
+            )
+            return FoundHeads(None, COMPILED_REASON, calls=self.calls)
         reach = [graph_nodes(loss) for loss in losses]
         by_input: dict[int, tuple[Tensor, dict[int, ModuleCall]]] = {}
         for call in self.calls:
