@@ -40,7 +40,6 @@ unless the sketch sends at least ``SKETCH_GAIN`` times less and the exact one ex
 
 from __future__ import annotations
 
-import datetime
 import math
 import warnings
 import weakref
@@ -53,6 +52,7 @@ from torch import Tensor, nn
 
 from . import distributed, gram_norms
 from .grad_norms import GradNormMeter, RouteChoice
+from .shared_layer import graph_nodes
 
 ROUTE_GRADIENTS = "gradients"
 ROUTE_ROWS = "rows"
@@ -210,21 +210,17 @@ def _wait(work: Any, route: str, step: int) -> None:
         raise exchange_failed(route, step, exc) from exc
 
 
-def exchange_failed(route: str, step: int, exc: BaseException) -> DistributedNormsError:
-    timeout = _group_timeout()
-    return DistributedNormsError(
-        f"gradnorm: rank {distributed.rank()} of {distributed.world_size()}: the {route} exchange of step {step} failed "
-        f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}); another rank has "
-        f"probably stopped (crashed, killed or stuck), and the process group's timeout{timeout} bounds the wait"
+def exchange_failed(route: str, step: int, exc: BaseException, issued: bool = True) -> DistributedNormsError:
+    """The error naming the rank, the route, the step and the likely cause."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+    cause = (
+        "another rank has probably stopped (crashed, killed or stuck); the process group's timeout (init_process_group(timeout=...)) bounds the wait"
+        if issued
+        else "the collective was refused: the ranks must hand the same shapes (the same positions at W on every rank for 'rows')"
     )
-
-
-def _group_timeout() -> str:
-    try:
-        value = dist.distributed_c10d._get_default_group().options._timeout  # type: ignore[attr-defined]
-    except Exception:  # a private attribute: the message only loses the figure
-        return ""
-    return f" ({value.total_seconds():g} s)" if isinstance(value, datetime.timedelta) else ""
+    return DistributedNormsError(
+        f"gradnorm: rank {distributed.rank()} of {distributed.world_size()}: the {route} exchange of step {step} failed ({type(exc).__name__}: {detail}); {cause}"
+    )
 
 
 class DistributedNormMeter(GradNormMeter):
@@ -265,7 +261,9 @@ class DistributedNormMeter(GradNormMeter):
         self.options: dict[str, Exchange] = {}
         self._generator: Optional[torch.Generator] = None
         self._losses: Optional[Tensor] = None  # this step's losses averaged across ranks, from the bucket
-        self._batched = True
+        # One backward per task to W's output (as the Gram route does): a non-finite loss stays with its task
+        # (a batched product's 0 * NaN would reach every task), and it costs about the same through the heads.
+        self._batched = False
 
     # the GradNormMeter interface ------------------------------------------------------------------------
     @property
@@ -315,6 +313,12 @@ class DistributedNormMeter(GradNormMeter):
             record["seed"] = self.seed
         return record
 
+    def reaches(self, loss: Tensor) -> bool:
+        """Whether ``loss`` depends on an output of W captured this step: under FSDP the sharded weight
+        the session holds is not the graph's leaf (the gathered one is), so its own check cannot tell."""
+        nodes = graph_nodes(loss)
+        return any(getattr(call.output, "node", call.output.grad_fn if isinstance(call.output, Tensor) else None) in nodes for call in self.capture.calls)
+
     def remove(self) -> None:
         self.capture.remove()
 
@@ -362,15 +366,16 @@ class DistributedNormMeter(GradNormMeter):
         # rows: every rank gathers every rank's X and D and forms the same global norms.
         positions = x_rows.shape[0]
         bucket = torch.cat([stacked, x_rows.flatten(), d_rows.flatten()])
-        gathered = torch.empty((world, bucket.numel()), dtype=dtype, device=bucket.device)
+        flat = torch.empty(world * bucket.numel(), dtype=dtype, device=bucket.device)
         try:
-            work = dist.all_gather_into_tensor(gathered, bucket, async_op=True) if world > 1 else None
+            work = dist.all_gather_into_tensor(flat, bucket, async_op=True) if world > 1 else None
         except RuntimeError as exc:
-            raise exchange_failed(route, step, exc) from exc
+            raise exchange_failed(route, step, exc, issued=False) from exc
         if work is None:
-            gathered.copy_(bucket.unsqueeze(0))
+            flat.copy_(bucket)
         else:
             _wait(work, route, step)
+        gathered = flat.view(world, -1)
         self._losses = gathered[:, :tasks].mean(0)
         x_size = x_rows.numel()
         x_all = gathered[:, tasks : tasks + x_size].reshape(world * positions, *x_rows.shape[1:])

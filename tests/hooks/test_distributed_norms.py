@@ -1,0 +1,377 @@
+"""The norms of the rank-averaged gradient from one small exchange per step (hooks/distributed_norms.py):
+2 and 4 gloo processes on 127.0.0.1 against one process on the whole batch, every route; the sketch's
+error against its stated bound (8/k relative variance, Chebyshev's tail) over 200 steps of the toy and of
+a small conv trunk, and over many seeds at fixed gradients; FSDP2 with W sharded; a rank killed mid-run."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import multiprocessing
+import os
+import signal
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradnorm.hooks import distributed_norms as dn
+
+BATCH = 16  # global batch, split into equal shards across the ranks
+GROUP_TIMEOUT_S = 20
+K = 64  # sketch pairs in the bound tests: a small k makes the error visible against the bound
+torch.set_num_threads(1)  # two shared cores: one thread per process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the models ---------------------------------------------------------------------------------------------
+class ConvTrunk(nn.Module):
+    """Two 3x3 convolutions (the second is W) and one 1x1 convolution head per task."""
+
+    def __init__(self, tasks: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU())
+        self.shared_layer = nn.Conv2d(6, 8, 3, padding=1)
+        self.heads = nn.ModuleList(nn.Conv2d(8, 1, 1) for _ in range(tasks))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = torch.relu(self.shared_layer(self.stem(x)))
+        return [head(z) for head in self.heads]
+
+
+def problem(kind: str):
+    """(model, inputs, targets, losses(outputs, targets)): float64, the same on every rank."""
+    torch.manual_seed(3)
+    if kind == "toy":
+        from gradnorm.experiments import toy
+
+        config = toy.ToyConfig(num_tasks=3, train_size=128, test_size=8)
+        data = toy.make_data(config)
+        return toy.make_model(config).double(), data.x_train.double(), data.y_train.double(), toy.task_losses
+    model = ConvTrunk().double()
+    x = torch.randn(128, 2, 4, 4, dtype=torch.float64)
+    y = torch.randn(128, 3, 4, 4, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.3], dtype=torch.float64).view(1, 3, 1, 1)
+
+    def losses(outputs, targets):
+        return [((out[:, 0] - targets[:, i]) ** 2).mean() for i, out in enumerate(outputs)]
+
+    return model, x, y, losses
+
+
+def batches(num: int):
+    generator = torch.Generator().manual_seed(11)
+    return [torch.randint(0, 128, (BATCH,), generator=generator) for _ in range(num)]
+
+
+def exact_global_norms(losses, parameter, world: int) -> torch.Tensor:
+    """The test's own reference: autograd's per-task gradients at W, averaged over ranks, then their norms."""
+    import torch.distributed as dist
+
+    grads = torch.stack([torch.autograd.grad(loss, parameter, retain_graph=True)[0] for loss in losses])
+    if world > 1:
+        dist.all_reduce(grads)
+        grads = grads / world
+    return grads.flatten(1).norm(dim=1)
+
+
+def train(kind: str, route: str, steps: int, rank: int, world: int, *, shards: int, root=None, wrap=None, reference_norms=False, sketch_size=K, name=None):
+    """``steps`` of GradNorm; ``world`` > 1: this rank's shard under DDP (or ``wrap``); else the mean of
+    ``shards`` shard losses in one process (DDP's objective)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gradnorm import hooks
+    from gradnorm.toolkit.balancers import GradNorm
+
+    model, x, y, task_losses = problem(kind)
+    layer = model.shared_layer
+    net = model
+    if world > 1:
+        net = wrap(model) if wrap is not None else DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    kwargs = {"distributed_norms": route, "sketch_size": sketch_size}
+    if world == 1 and route in ("exact", "gradients"):
+        kwargs = {"heads": None}  # one process: the default general path, exact
+    session = hooks.attach(layer, GradNorm(alpha=0.12), runs_root=root, run_name=(name or f"{kind}-{route}") if root else None, flush_every=5, **kwargs)
+    measured, exact, weights = [], [], []
+    update = session.balancer.update
+
+    def keep(losses, norms, **kw):
+        measured.append(norms.detach().clone())
+        return update(losses, norms, **kw)
+
+    session.balancer.update = keep  # type: ignore[method-assign]
+    with session:
+        for index in batches(steps):
+            if world > 1:
+                shard = index[rank::world]
+                losses = task_losses(net(x[shard]), y[shard])
+            else:
+                parts = [task_losses(net(x[index[r::shards]]), y[index[r::shards]]) for r in range(shards)]
+                losses = [sum(p) / shards for p in zip(*parts)]
+            if reference_norms:
+                exact.append(exact_global_norms(losses, layer.weight, world))
+            loss = session.loss(losses)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            weights.append(session.balancer.weights().clone())
+    out = {"weights": torch.stack(weights), "norms": torch.stack(measured), "route": session.meter.route}
+    if reference_norms:
+        out["exact"] = torch.stack(exact)
+    if isinstance(session.meter, dn.DistributedNormMeter):
+        out["describe"] = session.meter.describe()
+    return out
+
+
+def fsdp_wrap(model):
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model.shared_layer)
+    fully_shard(model)
+    return model
+
+
+def worker(rank: int, world: int, port: int, root: str, plan: list, out: str) -> None:
+    try:
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+        results = {}
+        for kind, route, steps, options in plan:
+            wrap = fsdp_wrap if options.get("fsdp") else None
+            key = f"{kind}-{route}" + ("-fsdp" if wrap else "")
+            results[key] = train(kind, route, steps, rank, world, shards=world, root=root, wrap=wrap, reference_norms=options.get("reference", False), name=key)
+        torch.save(results, out)
+        dist.destroy_process_group()
+    except BaseException:
+        Path(out + ".error").write_text(traceback.format_exc())
+        raise
+
+
+def run_group(tmp_path: Path, world: int, plan: list, target=worker, timeout: float = 300.0) -> list:
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
+    processes = [context.Process(target=target, args=(r, world, port, str(tmp_path / "runs"), plan, outs[r])) for r in range(world)]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.join(timeout=max(1.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+    errors = [Path(o + ".error").read_text() for o in outs if Path(o + ".error").exists()]
+    assert not errors, errors
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+    return [torch.load(o) for o in outs]
+
+
+def check_bound(result: dict, k: int) -> None:
+    """Every step's sketched norms against the exact global norms: Chebyshev's tail and the variance bound."""
+    ratio = (result["norms"] / result["exact"]) ** 2 - 1  # relative error of the squared norm, (steps, T)
+    assert ratio.numel() >= 600
+    bound = 8.0 / k
+    assert ratio.square().mean().item() <= 1.25 * bound, (ratio.square().mean().item(), bound)
+    for eps in (0.5, 0.75):
+        assert (ratio.abs() >= eps).double().mean().item() <= 8.0 / (k * eps * eps)
+    assert ratio.abs().max().item() > 0  # an estimate, not the exact value
+
+
+# -- the tests ----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # spawns gloo processes: about 20 s of CPU
+def test_two_ranks_every_route_matches_one_process_and_the_sketch_keeps_its_bound(tmp_path):
+    plan = [
+        ("toy", "rows", 12, {}),
+        ("toy", "gradients", 12, {}),
+        ("conv", "rows", 12, {}),
+        ("toy", "sketch", 200, {"reference": True}),
+        ("conv", "sketch", 200, {"reference": True}),
+        ("toy", "rows", 8, {"fsdp": True}),
+    ]
+    ranks = run_group(tmp_path, 2, plan)
+    for key in ranks[0]:
+        torch.testing.assert_close(ranks[0][key]["weights"], ranks[1][key]["weights"], rtol=0, atol=0)  # identical on every rank
+    for kind, route, steps, _ in plan[:3]:
+        got = ranks[0][f"{kind}-{route}"]
+        want = train(kind, "exact", steps, 0, 1, shards=2)
+        torch.testing.assert_close(got["norms"], want["norms"], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got["weights"], want["weights"], rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(got["weights"][-1], torch.ones(3, dtype=torch.float64))
+    assert ranks[0]["toy-rows"]["route"] == "distributed-rows"
+    assert ranks[0]["toy-gradients"]["route"] != "distributed-rows"  # the taps or the general path, all-reducing gradients
+    for kind in ("toy", "conv"):
+        got = ranks[0][f"{kind}-sketch"]
+        # The sketch is linear in the ranks' contributions: one process with the same seeds draws the same estimate.
+        same_seeds = train(kind, "sketch", 200, 0, 1, shards=2)
+        torch.testing.assert_close(got["norms"], same_seeds["norms"], rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(got["weights"], same_seeds["weights"], rtol=1e-8, atol=1e-12)
+        check_bound(got, K)
+        assert got["describe"]["error_bound"]["relative_variance_bound"] == pytest.approx(8.0 / K)
+        assert got["describe"]["exact_alternative"]["exact"] is True
+    # FSDP2 with W sharded across the two ranks: the rows need W's input and output gradients only.
+    fsdp = ranks[0]["toy-rows-fsdp"]
+    want = train("toy", "exact", 8, 0, 1, shards=2)
+    torch.testing.assert_close(fsdp["norms"].double(), want["norms"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fsdp["weights"].double(), want["weights"], rtol=1e-9, atol=1e-12)
+
+    from gradnorm.toolkit import runs
+
+    meta = runs.read_run_json(tmp_path / "runs" / "toy-sketch")
+    record = meta["distributed_norms"]
+    assert record["route"] == "sketch" and record["world_size"] == 2 and record["collectives_per_step"] == 1
+    assert record["exchange"]["numbers"] == 3 + 3 * K  # the losses and the (T, k) sketch
+    assert record["exact_alternative"]["route"] in ("rows", "gradients")
+    assert meta["grad_norm_path"] == "distributed-sketch"
+    rows_meta = runs.read_run_json(tmp_path / "runs" / "toy-rows")["distributed_norms"]
+    # 8 positions per rank: the losses, X (8 x 100) and D (3 x 8 x 100).
+    assert rows_meta["exchange"]["numbers"] == 3 + 8 * 100 + 3 * 8 * 100
+    assert rows_meta["exchange"]["wire_bytes"] == rows_meta["exchange"]["numbers"] * 8  # float64, (R - 1) = 1 copy
+
+
+@pytest.mark.slow  # spawns gloo processes: about 20 s of CPU
+def test_four_ranks_rows_and_sketch_match_one_process(tmp_path):
+    plan = [("toy", "rows", 8, {}), ("conv", "sketch", 8, {}), ("toy", "auto", 8, {})]
+    ranks = run_group(tmp_path, 4, plan)
+    for key in ranks[0]:
+        for other in ranks[1:]:
+            torch.testing.assert_close(ranks[0][key]["weights"], other[key]["weights"], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[0]["toy-rows"]["weights"], train("toy", "exact", 8, 0, 1, shards=4)["weights"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ranks[0]["conv-sketch"]["weights"], train("conv", "sketch", 8, 0, 1, shards=4)["weights"], rtol=1e-8, atol=1e-12)
+    auto = ranks[0]["toy-auto"]
+    assert auto["describe"]["route"] in ("rows", "gradients")  # the toy's exact exchange is small: no estimate
+    torch.testing.assert_close(auto["weights"], train("toy", "exact", 8, 0, 1, shards=4)["weights"], rtol=1e-9, atol=1e-12)
+
+
+def test_sketch_error_over_many_seeds_within_the_stated_variance():
+    """Fixed gradients G (one of rank 1, where Var is largest, one of full rank): 400 seeds of the sketch."""
+    torch.manual_seed(0)
+    positions, fan_in, fan_out, tasks = 12, 10, 7, 2
+    x = torch.randn(positions, 1, fan_in, dtype=torch.float64)
+    d = torch.randn(tasks, positions, 1, fan_out, dtype=torch.float64)
+    d[1] = d[1, :1] * torch.randn(positions, 1, 1, dtype=torch.float64)  # task 1: rank-one D, G = d x'^T
+    grads = dn.local_gradients(x, d).view(tasks, fan_out, fan_in)
+    exact = grads.square().sum((1, 2))
+    gram = grads.transpose(1, 2) @ grads
+    predicted = (2 + 6 * gram.square().sum((1, 2)) / exact**2) / K  # the stated relative variance
+    estimates = []
+    generator = torch.Generator()
+    for seed in range(400):
+        generator.manual_seed(seed)
+        u, v = dn.sketch_pairs(generator, K, 1, fan_in, fan_out, torch.float64, torch.device("cpu"))
+        estimates.append(dn.sketch_sq_norms(dn.local_sketch(x, d, u, v)))
+    relative = torch.stack(estimates) / exact - 1
+    assert relative.mean(0).abs().max().item() < 4 * math.sqrt(8 / K / 400)  # unbiased, within 4 standard errors
+    variance = relative.square().mean(0)
+    assert torch.all(predicted <= 8 / K)
+    torch.testing.assert_close(variance, predicted, rtol=0.25, atol=0)
+    sketch_from_grads = torch.stack([torch.einsum("tba,jb,ja->tj", grads, u[:, 0], v[:, 0])]).squeeze(0)
+    torch.testing.assert_close(dn.local_sketch(x, d, u, v), sketch_from_grads)  # u^T (D^T X) v, never forming D^T X
+
+
+def test_route_choice_by_bytes_and_forced_exact():
+    from gradnorm.hooks import gram_norms
+
+    # ResNet-18's last convolution (512 -> 512, 3x3, 7x7 outputs), 8 images per rank, T = 40, 4 ranks.
+    shape = gram_norms.Geometry(8 * 49, 1, 512 * 9, 512)
+    options = dn.exchanges(40, 512 * 512 * 9, 4, shape=shape, sketch_size=512)
+    assert options["gradients"].numbers == 40 + 40 * 2359296
+    assert options["rows"].numbers == 40 + 392 * (4608 + 40 * 512)
+    assert options["rows"].wire_bytes == 3 * options["rows"].numbers * 4
+    assert options["sketch"].wire_bytes == int(2 * 3 * (40 + 40 * 512) * 4 / 4)
+    route, reason = dn.choose("auto", options)
+    assert route == "sketch" and "fewer bytes" in reason
+    assert dn.choose("exact", options)[0] == "rows"
+    assert dn.choose("auto", options, per_channel=True)[0] == "rows"
+    small = dn.exchanges(3, 100 * 100, 2, shape=gram_norms.Geometry(8, 1, 100, 100), sketch_size=512)
+    assert dn.choose("auto", small)[0] == "rows"  # a few kB: exact
+    with pytest.raises(ValueError, match="per-channel"):
+        dn.choose("sketch", options, per_channel=True)
+    with pytest.raises(ValueError, match="distributed_norms must be one of"):
+        dn.choose("approximate", options)
+
+
+def test_attach_refuses_the_rows_routes_where_w_is_not_a_stock_layer():
+    import gradnorm
+
+    weight = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="needs a stock nn.Linear or nn.Conv2d"):
+        gradnorm.attach(weight, distributed_norms="sketch")
+    with pytest.raises(ValueError, match="distributed_norms must be one of"):
+        gradnorm.attach(nn.Linear(4, 4), distributed_norms="fast")
+    with pytest.raises(ValueError, match="sketch_size"):
+        gradnorm.attach(nn.Linear(4, 4), distributed_norms="sketch", sketch_size=0)
+
+
+KILL_AFTER = 6  # rank 1 dies after this many steps
+
+
+def kill_worker(rank: int, world: int, port: int, root: str, plan: list, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from gradnorm import hooks
+    from gradnorm.toolkit.balancers import GradNorm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    model, x, y, task_losses = problem("toy")
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    session = hooks.attach(model.shared_layer, GradNorm(alpha=0.12), runs_root=root, run_name="killed", flush_every=2, distributed_norms=plan[0])
+    started = None
+    try:
+        with session:
+            for step, index in enumerate(batches(20)):
+                if rank == 1 and step == KILL_AFTER:
+                    assert session.recorder is not None
+                    session.recorder.flush()
+                    session.recorder.wait()  # its steps confirmed on disk, then gone without a word
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if step == KILL_AFTER:
+                    time.sleep(1.0)  # rank 1 is gone before rank 0's next collective
+                    started = time.monotonic()
+                shard = index[rank::world]
+                loss = session.loss(task_losses(ddp(x[shard]), y[shard]))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        Path(out + ".error").write_text("the step after the kill did not fail")
+    except Exception as exc:
+        elapsed = time.monotonic() - started if started is not None else -1.0
+        Path(out + ".failed").write_text(f"{elapsed}\n{type(exc).__name__}: {exc}")
+
+
+def test_a_killed_rank_fails_the_others_clearly_within_the_timeout_with_every_confirmed_record(tmp_path):
+    route = "rows"
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    processes = [context.Process(target=kill_worker, args=(r, 2, port, str(tmp_path / "runs"), [route], outs[r])) for r in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=GROUP_TIMEOUT_S + 60)
+        if process.is_alive():
+            process.kill()
+    assert processes[1].exitcode == -signal.SIGKILL
+    assert not Path(outs[0] + ".error").exists(), Path(outs[0] + ".error").read_text()
+    elapsed, message = Path(outs[0] + ".failed").read_text().split("\n", 1)
+    assert 0 <= float(elapsed) < GROUP_TIMEOUT_S
+    assert "DistributedNormsError" in message and f"rank 0 of 2: the {route} exchange of step {KILL_AFTER} failed" in message
+    assert "another rank has probably stopped" in message
+
+    from gradnorm.toolkit import analysis, runs
+
+    run = tmp_path / "runs" / "killed"
+    assert runs.read_run_json(run)["status"] == runs.FAILED
+    listing = analysis.list_runs(tmp_path / "runs")
+    assert listing["rows"].iloc[0] == 2 * KILL_AFTER * 3  # both ranks' KILL_AFTER steps, T = 3 rows each
