@@ -50,6 +50,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradnorm.toolkit import runs
 from gradnorm.toolkit.balancers import Balancer, EqualWeights, StaticWeights, stats_matrix
+from gradnorm.toolkit.forwarding import Forwarder, TrackerSpec, resolve_trackers
 from gradnorm.toolkit.recorder import DEFAULT_FLUSH_EVERY, Recorder
 
 from . import distributed
@@ -233,6 +234,7 @@ class Session:
         config: Optional[Mapping[str, Any]] = None,
         heads: Union[None, bool, str, Sequence[nn.Module]] = "auto",
         grad_scaler: Optional[Any] = None,
+        trackers: Union[None, TrackerSpec, Sequence[TrackerSpec]] = None,
         distributed_norms: str = "auto",
         sketch_size: int = DEFAULT_SKETCH_SIZE,
     ) -> None:
@@ -241,6 +243,11 @@ class Session:
         self._finalizer = weakref.finalize(self, self._owned.collected)
         # At interpreter exit the recorder's exit handler closes open runs with the exit's status; hooks no longer matter.
         self._finalizer.atexit = False
+        # trackers=: the recorder's rows, forwarded from its writer side to TensorBoard, W&B, MLflow (toolkit/forwarding.py).
+        forward_to = resolve_trackers(trackers)
+        if forward_to and runs_root is None:
+            raise ValueError("trackers= forwards the rows the session records; give runs_root= as well")
+        self.listeners = [Forwarder(forward_to)] if forward_to else []  # the Recorder's listeners
         self.layer = resolve_shared_layer(shared)
         self.balancer = balancer if balancer is not None else EqualWeights()
         self.shadow = shadow
@@ -556,7 +563,7 @@ class Session:
         if self._applied is not None:
             meta["applied_weights"] = dict(zip(names, self._applied.tolist()))
         self.run_path = distributed.create_or_join_run(self.runs_root, self.run_name, meta)
-        self.recorder = self._owned.recorder = Recorder(self.run_path, names, flush_every=self.flush_every)
+        self.recorder = self._owned.recorder = Recorder(self.run_path, names, flush_every=self.flush_every, listeners=self.listeners)
 
     def _grad_norm_path(self, auto_route: Optional[str]) -> str:
         if not self.measure:
@@ -727,6 +734,7 @@ def attach(
     config: Optional[Mapping[str, Any]] = None,
     heads: Union[None, bool, str, Sequence[nn.Module]] = "auto",
     grad_scaler: Optional[Any] = None,
+    trackers: Union[None, TrackerSpec, Sequence[TrackerSpec]] = None,
     distributed_norms: str = "auto",
     sketch_size: int = DEFAULT_SKETCH_SIZE,
 ) -> Session:
@@ -746,7 +754,8 @@ def attach(
     chooses by the bytes each route sends, ``"exact"`` forces the cheaper exact route, ``"rows"``,
     ``"sketch"`` (``sketch_size`` random pairs, an estimate with a stated error) or ``"gradients"`` one
     route (``docs/distributed.md``; ``run.json``'s ``distributed_norms`` records the choice and its bytes).
-    The session owns every hook it registers and removes them on :meth:`Session.close`.
+    ``trackers`` forwards the recorded per-task quantities to TensorBoard, W&B or MLflow (a tracker, its name, or
+    a list; ``docs/trackers.md``). The session owns every hook it registers and removes them on :meth:`Session.close`.
     """
     return Session(
         shared,
@@ -761,6 +770,7 @@ def attach(
         config=config,
         heads=heads,
         grad_scaler=grad_scaler,
+        trackers=trackers,
         distributed_norms=distributed_norms,
         sketch_size=sketch_size,
     )
