@@ -895,6 +895,10 @@ def real_models(report: Report, results: Results) -> None:
     report.put("real.bert.default", ratio("bert", "attach default"))
     report.put("real.bert.gram", ratio("bert", "gradnorm: gram"))
     parts = []
+    combined = combined_real_models(blocks, source_note(file, head))
+    if combined is not None:
+        parts.append(combined)
+        blocks = []
     for section, table, note in blocks:
         caption = tex(section.title) + ": step time and peak-memory growth, ratios to equal weights from the same run."
         if note:
@@ -921,6 +925,78 @@ def real_models(report: Report, results: Results) -> None:
         report.fragments["real_models_scaling.csv"] = "\n".join(lines) + "\n"
     else:
         report.fragments["real_models_scaling.csv"] = ""
+
+
+def _block_name(title: str) -> str:
+    heads = re.search(r"(\d+) binary heads", title)
+    if heads:
+        return f"ResNet-18, $T={heads.group(1)}$"
+    if "bert" in title.lower():
+        return "BERT encoder, $T=2$" if "sequence head" in title and "token head" in title else "BERT encoder"
+    return tex(title[:24])
+
+
+def combined_real_models(blocks: Sequence[tuple[Section, Table, str]], source: str) -> Optional[str]:
+    """One table for every architecture (time and peak ratio per block), where every block has both."""
+    if not blocks or any(t.column("time ratio") is None or t.column("peak ratio") is None for _, t, _ in blocks):
+        return None
+    variants: list[str] = []
+    for _, table, _ in blocks:
+        for row in table.rows:
+            if strip_markup(row[0]) not in variants:
+                variants.append(strip_markup(row[0]))
+    names = [_block_name(section.title) for section, _, _ in blocks]
+    top = [""] + [f"\\multicolumn{{2}}{{c}}{{{name}}}" for name in names]
+    rules = "".join(f"\\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(len(blocks)))
+    second = ["variant"] + ["time", "memory"] * len(blocks)
+    body = []
+    for variant in variants:
+        cells = [VARIANT_NAMES.get(variant, tex(variant.replace("gradnorm: ", "")))]
+        for _, table, _ in blocks:
+            for column in ("time ratio", "peak ratio"):
+                value = number(table.cell(variant, column))
+                cells.append(f"{value:.2f}" if value is not None else "-")
+        body.append(" & ".join(cells) + r" \\")
+    equal_ms = []
+    for name, (_, table, _) in zip(names, blocks):
+        ms, mb = number(table.cell("equal", "ms")), number(table.cell("equal", "MB"))
+        if ms is not None and mb is not None:
+            equal_ms.append(f"{name}: {ms:.0f} ms, {mb:.0f} MB")
+    notes = "; ".join(f"{name}: {note}" for name, (_, _, note) in zip(names, blocks) if note)
+    routes = []
+    for name, (section, _, _) in zip(names, blocks):
+        found = re.search(
+            r"^route: (\w+): P=(\d+) positions, d_in=(\d+), d_out=(\d+), T=\d+: ~(\S+) multiply-adds by the Gram identity against ~(\S+) forming",
+            section.text,
+            re.MULTILINE,
+        )
+        if found:
+            route, positions, d_in, d_out, gram, direct = found.groups()
+            routes.append(
+                f"{name}: $P={positions}$, $d_{{\\text{{in}}}}={d_in}$, $d_{{\\text{{out}}}}={d_out}$, {tex(gram)} multiply-adds by the Gram identity against {tex(direct)} forming the weight gradients, route \\texttt{{{route}}}"
+            )
+    if len(routes) == len(blocks):
+        notes = "; ".join(routes)
+    caption = (
+        "Real architectures from \\texttt{transformers}: step time and peak-memory growth as ratios to the equal-weights step of the same run "
+        "(the equal step: " + "; ".join(equal_ms) + "); the variants are named as in the results file, which describes each. "
+        "Norms at $W$: " + notes + "."
+    )
+    return (
+        "\\begin{table}[t]\n\\centering\\footnotesize\n\\caption{" + caption + "}\\label{tab:real}\n"
+        "\\begin{adjustbox}{max width=\\linewidth}\n\\begin{tabular}{l"
+        + "rr" * len(blocks)
+        + "}\n\\toprule\n"
+        + " & ".join(top)
+        + " \\\\\n"
+        + rules
+        + "\n"
+        + " & ".join(second)
+        + " \\\\\n\\midrule\n"
+        + "\n".join(body)
+        + "\n\\bottomrule\n\\end{tabular}\n\\end{adjustbox}\n"
+        + f"\\par\\smallskip{{\\footnotesize Source: {source}.}}\n\\end{{table}}\n"
+    )
 
 
 def records(report: Report, results: Results) -> None:
