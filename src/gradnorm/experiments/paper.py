@@ -1061,8 +1061,11 @@ def reliability(report: Report, results: Results) -> None:
     if kills:
         table = kills[1]
         lost, bound = table.column("steps lost"), table.column("bound")
-        pairs = [(number(r[lost]), number(r[bound])) for r in table.rows if lost is not None and bound is not None]
-        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        pairs: list[tuple[float, float]] = []
+        for r in table.rows:
+            a, b = (number(r[lost]), number(r[bound])) if lost is not None and bound is not None else (None, None)
+            if a is not None and b is not None:
+                pairs.append((a, b))
         report.put("rel.random.kills", str(len(pairs)) if pairs else None)
         report.put("rel.random.maxlost", fmt(max(a for a, _ in pairs), 0) if pairs else None)
         report.put("rel.random.bound", fmt(max(b for _, b in pairs), 0) if pairs else None)
