@@ -35,6 +35,10 @@ def test_every_number_the_text_quotes_is_generated() -> None:
     inputs = set(re.findall(r"\\input\{generated/([^}]*)\}", text))
     missing = [name for name in inputs if not (REPORT / "generated" / f"{name}.tex").is_file()]
     assert not missing, f"report.tex inputs fragments that are not generated: {missing}"
+    figures = set(re.findall(r"\\gn(?:figure|panel)(?:\[[^\]]*\])?\{([^}]*)\}", text))
+    assert figures, "report.tex draws no figure"
+    absent = sorted(name for name in figures if not (REPORT / "figures" / f"{name}.pdf").is_file())
+    assert not absent, f"figures the report draws are not in docs/report/figures: {absent}; run `python -m gradnorm.experiments.paper`"
 
 
 def test_markdown_tables_are_read_by_heading_and_column() -> None:

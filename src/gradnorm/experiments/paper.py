@@ -542,6 +542,10 @@ def toy_reproduction(report: Report, runs: Sequence[ToyRun]) -> None:
     two = by.get((2, "gradnorm"))
     sigmas = two.config.get("toy", {}).get("sigmas") if two else None
     report.put("toy.T2.sigmas", ", ".join(f"{s:g}" for s in sigmas) if sigmas else None)
+    ten = by.get((10, "gradnorm"))
+    spread = ten.config.get("toy", {}).get("sigmas") if ten else None
+    report.put("toy.T10.sigmamin", fmt(min(spread), 1) if spread else None)
+    report.put("toy.T10.sigmamax", fmt(max(spread), 1) if spread else None)
     initial = list((two.config.get("initial_test_losses") or {}).values()) if two else []
     if len(initial) == 2 and min(initial) > 0:
         report.put("toy.T2.lossratio", power_of_ten(max(initial) / min(initial)))
@@ -1368,7 +1372,8 @@ def figures(out_dir: Path, runs: Sequence[ToyRun], runs_dir: Path, results_dir: 
         norms = analysis.metric_series(runs_dir, [first], "grad_norm", max_points=400)
         targets = analysis.metric_series(runs_dir, [first], "target_norm", max_points=400)
         save(app_chart(charts, "grad_norm", norms, targets, log=True).properties(title=first), "toy_grad_norms")
-    curves = [{"T": f"T={r.num_tasks}", "weighting": r.method, "step": s, "loss": v} for r in runs for s, v in r.curve]
+    methods = {"equal": "equal weights", "gradnorm": "GradNorm", "static-converged": "static E_t[w_i]"}
+    curves = [{"T": f"T={r.num_tasks}", "weighting": methods.get(r.method, r.method), "step": s, "loss": v} for r in runs for s, v in r.curve]
     if curves:
         frame = pd.DataFrame(curves)
         lines = (
