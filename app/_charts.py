@@ -1,8 +1,19 @@
 """Altair chart builders: plain functions from the analysis' DataFrames to charts.
 
-They know nothing of Streamlit, so the app, ``gradnorm report`` and the tests share them. Colours are
-fixed per task name (one scale over every task shown), so a task keeps its colour across runs and charts.
-Each per-run panel is one chart of a horizontal concatenation, titled with the run id.
+They know nothing of Streamlit, so the app, ``gradnorm report`` and the tests share them.
+
+Every chart is a single (layered) view, so it takes the width of its container (``width="container"``:
+Vega's autosize "fit" works only for single and layered views) and never the page's width plus a
+horizontal scroll, whatever the number of runs. Runs are overlaid on shared axes: colour is the task,
+stroke dash the run (``RUN_DASHES``); where dashes are taken by another meaning (G_i against its target)
+there is one chart per run, stacked, on a shared y domain. Every chart with more than one series has a
+legend, the x axis zooms and pans (drag, wheel; double click resets) and a hover rule shows the values of
+every series at the nearest x.
+
+Colours: one palette for tasks (``TASK_COLOURS``, 40 distinct colours in a fixed order: a task's colour
+is its place among the tasks shown, sorted naturally), one for runs (``RUN_COLOURS``, dark hues for the
+charts where the run is the colour). Both are explicit ranges, so a light or a dark theme, the app and the
+report draw the same colours.
 
 Task names are data and are drawn as text, whatever they hold, with one exception: Vega-Lite compiles an
 explicit sort order into a Vega expression with the names as string literals, and Vega's expression
@@ -13,17 +24,34 @@ so those two are drawn as their escapes ``\\u2028``/``\\u2029``.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import altair as alt
 import pandas as pd
 
-PANEL_WIDTH = 360
-PANEL_HEIGHT = 240
+PANEL_HEIGHT = 260
 X_TITLES = {"step": "step", "wall_time": "wall time (s)"}
 
+#: Tableau 20 (pairs of a strong and a light hue) then d3's category20b: 40 colours, none repeated.
+TASK_COLOURS = [
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
+    "#a0cbe8", "#ffbe7d", "#ff9d9a", "#86bcb6", "#8cd17d", "#f1ce63", "#d4a6c8", "#fabfd2", "#d7b5a6", "#79706e",
+    "#393b79", "#5254a3", "#6b6ecf", "#9c9ede", "#637939", "#8ca252", "#b5cf6b", "#cedb9c", "#8c6d31", "#bd9e39",
+    "#e7ba52", "#e7cb94", "#843c39", "#ad494a", "#d6616b", "#e7969c", "#7b4173", "#a55194", "#ce6dbd", "#de9ed6",
+]  # fmt: skip
+#: Runs where the run is the colour (balance): dark, saturated hues that read on white and on black.
+RUN_COLOURS = [
+    "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#1f78b4", "#b2182b", "#5e3c99",
+    "#01665e", "#8c510a", "#c51b7d", "#4d9221", "#2166ac", "#d6604d", "#762a83", "#35978f", "#bf812d", "#878787",
+]  # fmt: skip
+#: Stroke dash of each run in an overlay (solid first): eight patterns that stay apart at 1.6 px.
+RUN_DASHES = [[1, 0], [7, 3], [2, 2], [10, 3, 2, 3], [4, 5], [12, 2], [1, 4], [6, 2, 1, 2, 1, 2]]
+#: Runs one overlay shows at most; more are drawn as further charts below, on the same y domain.
+RUNS_PER_CHART = len(RUN_DASHES)
 
 _UNDRAWABLE = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+Width = Union[int, str]
 
 
 def drawable(name: object) -> str:
@@ -37,8 +65,8 @@ def _drawable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(**changes) if changes else frame
 
 
-def _drawable_tasks(tasks: Optional[Sequence[str]]) -> Optional[list[str]]:
-    return None if tasks is None else [drawable(t) for t in tasks]
+def _drawable_names(names: Optional[Sequence[str]]) -> Optional[list[str]]:
+    return None if names is None else [drawable(t) for t in names]
 
 
 def natural_key(name: str) -> list:
@@ -46,35 +74,83 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(name))]
 
 
+def _cycle(colours: Sequence, count: int) -> list:
+    return [colours[i % len(colours)] for i in range(count)]
+
+
+def task_domain(tasks: Sequence[str]) -> list[str]:
+    return sorted(set(map(str, tasks)), key=natural_key)
+
+
 def task_scale(tasks: Sequence[str]) -> alt.Scale:
-    domain = sorted(set(map(str, tasks)), key=natural_key)
-    return alt.Scale(domain=domain, scheme="tableau20" if len(domain) > 10 else "tableau10")
+    """The task colours: the i-th task (natural order) takes ``TASK_COLOURS[i]``."""
+    domain = task_domain(tasks)
+    return alt.Scale(domain=domain, range=_cycle(TASK_COLOURS, len(domain)))
 
 
-def _y(field: str, title: str, log: bool, zero: bool = False) -> alt.Y:
-    scale = alt.Scale(type="log") if log else alt.Scale(zero=zero)
-    return alt.Y(f"{field}:Q", title=title, scale=scale)
+def run_colour_scale(runs: Sequence[str]) -> alt.Scale:
+    domain = list(dict.fromkeys(map(str, runs)))
+    return alt.Scale(domain=domain, range=_cycle(RUN_COLOURS, len(domain)))
 
 
-#: Width of one row of panels, axes included: the main column of a wide page beside the sidebar in a
-#: 1440-1500 px browser window, so that three runs side by side are not cut off.
-ROW_WIDTH = 980
-#: What a panel needs besides its plot: the y axis' labels and title, and the spacing to the next panel.
-PANEL_CHROME = 75
+def run_dash_scale(runs: Sequence[str]) -> alt.Scale:
+    domain = list(dict.fromkeys(map(str, runs)))
+    return alt.Scale(domain=domain, range=_cycle(RUN_DASHES, len(domain)))
 
 
-def panel_width(panels: int) -> int:
-    """The plot width of each of ``panels`` panels in one row."""
-    return max(180, min(PANEL_WIDTH, ROW_WIDTH // max(panels, 1) - PANEL_CHROME))
+def _legend(title: str, count: int, **extra) -> alt.Legend:
+    """A compact legend on the right, inside the chart's width: two columns past 16 entries (the chart's
+    height follows the entries, :func:`legend_height`, so none is cut off)."""
+    settings = {"symbolSize": 80, "labelFontSize": 11, "labelLimit": 150, "rowPadding": 1, "symbolLimit": 0, "orient": "right"} | extra
+    return alt.Legend(title=title, columns=2 if count > 16 else 1, **settings)
 
 
-def _tooltip(value_title: str) -> list:
+def legend_height(*counts: int) -> int:
+    """A plot height that holds legends of ``counts`` entries stacked on the right."""
+    rows = sum((count + 1) // 2 if count > 16 else count for count in counts)
+    return max(PANEL_HEIGHT, 26 * rows + 40 * len(counts))
+
+
+def _task_colour(colour: alt.Scale) -> alt.Color:
+    """The task colour channel; every layer of a chart uses the same one, so Vega merges one legend."""
+    count = len(colour.domain) if isinstance(colour.domain, list) else 0
+    return alt.Color("task:N", scale=colour, legend=_legend("task", count))
+
+
+def _count(colour: alt.Scale) -> int:
+    return len(colour.domain) if isinstance(colour.domain, list) else 0
+
+
+def _run_dash(runs: Sequence[str], legend: bool = True) -> alt.StrokeDash:
+    return alt.StrokeDash(
+        "run_id:N",
+        scale=run_dash_scale(runs),
+        legend=_legend("run (dash)", len(runs), symbolType="stroke", symbolStrokeColor="gray", symbolStrokeWidth=2, symbolSize=300) if legend else None,
+    )
+
+
+def _x(x: str, field: str = "x", largest: float = 0.0) -> alt.X:
+    """Steps as integers (SI prefixes past 100,000: 200k, 1M), wall time in seconds without float noise."""
+    fmt = ("~s" if largest >= 1e5 else ",d") if x == "step" else ",.4~g"
+    return alt.X(f"{field}:Q", title=X_TITLES.get(x, x), axis=alt.Axis(format=fmt, labelFlush=True), scale=alt.Scale(nice=False))
+
+
+def _y(field: str, title: str, log: bool, zero: bool = False, domain: Optional[Sequence[float]] = None) -> alt.Y:
+    if domain is not None:
+        scale = alt.Scale(type="log", domain=list(domain)) if log else alt.Scale(domain=list(domain))
+    else:
+        scale = alt.Scale(type="log") if log else alt.Scale(zero=zero)
+    return alt.Y(f"{field}:Q", title=title, scale=scale, axis=alt.Axis(format=",.4~g"))
+
+
+def _tooltip(value_title: str, x: str, extra: Sequence[alt.Tooltip] = ()) -> list:
     return [
         alt.Tooltip("run_id:N", title="run"),
         alt.Tooltip("task:N"),
-        alt.Tooltip("x:Q", title="x", format=",.6g"),
-        alt.Tooltip("value_raw:Q", title=value_title, format=".6g"),
-        alt.Tooltip("value:Q", title=f"{value_title} (smoothed)", format=".6g"),
+        *extra,
+        alt.Tooltip("x:Q", title=X_TITLES.get(x, x), format=",.6~g"),
+        alt.Tooltip("value_raw:Q", title=value_title, format=".6~g"),
+        alt.Tooltip("value:Q", title=f"{value_title} (smoothed)", format=".6~g"),
         alt.Tooltip("n:Q", title="points in bucket"),
     ]
 
@@ -85,53 +161,85 @@ def _with_raw(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def line_layer(frame: pd.DataFrame, colour: alt.Scale, y_title: str, x: str, log: bool, dash: Optional[str] = None, zero: bool = False) -> alt.Chart:
-    """Lines per task, a tooltip with the exact (unsmoothed) bucket mean."""
-    encoding = dict(
-        x=alt.X("x:Q", title=X_TITLES.get(x, x)),
-        y=_y("value", y_title, log, zero),
-        color=alt.Color("task:N", scale=colour, legend=alt.Legend(title="task")),
-        tooltip=_tooltip(y_title),
+def _interactive(base: alt.Chart, encoding: dict, tooltip: list, name: str) -> list[alt.Chart]:
+    """Zoom/pan on x and a hover rule with the value of every series at the nearest x. The hover marks are
+    hidden by opacity rather than filtered out, so no layer is ever empty (Vega warns of an infinite
+    extent for an empty layer on a shared scale)."""
+    zoom = alt.selection_interval(bind="scales", encodings=["x"], name=f"{name}_zoom")
+    hover = alt.selection_point(name=f"{name}_hover", fields=["x"], nearest=True, on="pointerover", clear="pointerout", empty=False)
+    lines = base.mark_line(strokeWidth=1.6, clip=True).encode(**encoding).add_params(zoom)
+    points = (
+        base.mark_point(filled=True, size=36, clip=True)
+        .encode(x=encoding["x"], y=encoding["y"], color=encoding["color"], opacity=alt.condition(hover, alt.value(1.0), alt.value(0.0)), tooltip=tooltip)
+        .add_params(hover)
     )
-    if dash:
-        encoding["strokeDash"] = alt.StrokeDash(f"{dash}:N", title=None)
-        encoding["detail"] = alt.Detail(f"{dash}:N")
-    return alt.Chart(_with_raw(frame)).mark_line(strokeWidth=1.6).encode(**encoding)
-
-
-def band_layer(frame: pd.DataFrame, colour: alt.Scale, x: str, log: bool) -> alt.Chart:
-    """The min/max band of each bucket (what downsampling averaged over)."""
-    return (
-        alt.Chart(frame)
-        .mark_area(opacity=0.15)
-        .encode(
-            x=alt.X("x:Q", title=X_TITLES.get(x, x)),
-            y=alt.Y("value_min:Q", scale=alt.Scale(type="log") if log else alt.Scale(zero=False)),
-            y2="value_max:Q",
-            color=alt.Color("task:N", scale=colour, legend=None),
-        )
+    rule = (
+        base.transform_aggregate(groupby=["x"])
+        .mark_rule(color="gray", strokeWidth=1)
+        .encode(x=encoding["x"], opacity=alt.condition(hover, alt.value(0.7), alt.value(0.0)))
     )
+    return [lines, points, rule]
 
 
-def per_run(panels: Sequence[alt.Chart]) -> alt.HConcatChart:
-    return alt.hconcat(*panels).resolve_scale(color="shared")
+def _largest(frame: pd.DataFrame, column: str = "x") -> float:
+    values = pd.to_numeric(frame[column], errors="coerce") if column in frame.columns and len(frame) else pd.Series(dtype=float)
+    return float(values.max()) if values.notna().any() else 0.0
 
 
-def metric_chart(
-    series: pd.DataFrame, y_title: str, *, x: str = "step", log: bool = False, band: bool = True, tasks: Optional[Sequence[str]] = None
-) -> alt.HConcatChart:
-    """One panel per run: a metric per task over x, with its min/max band."""
-    series, tasks = _drawable(series), _drawable_tasks(tasks)
-    colour = task_scale(tasks if tasks is not None else series["task"].unique())
-    panels = []
-    for run_id, frame in _runs(series):
-        layers = [band_layer(frame, colour, x, log)] if band else []
-        layers.append(line_layer(frame, colour, y_title, x, log))
-        panels.append(alt.layer(*layers).properties(title=run_id, width=panel_width(series["run_id"].nunique()), height=PANEL_HEIGHT))
-    return per_run(panels)
+def _chunks(runs: Sequence[str]) -> list[list[str]]:
+    runs = list(runs)
+    return [runs[i : i + RUNS_PER_CHART] for i in range(0, len(runs), RUNS_PER_CHART)] or [[]]
 
 
-def weights_chart(
+def _finite_domain(values: pd.Series, log: bool, zero: bool) -> Optional[list[float]]:
+    values = pd.to_numeric(values, errors="coerce")
+    values = values[values.notna() & (values.abs() != float("inf"))]
+    if log:
+        values = values[values > 0]
+    if values.empty:
+        return None
+    low, high = float(values.min()), float(values.max())
+    if zero and not log:
+        low = min(0.0, low)
+    return [low, high] if high > low else None
+
+
+def metric_charts(
+    series: pd.DataFrame,
+    y_title: str,
+    *,
+    x: str = "step",
+    log: bool = False,
+    tasks: Optional[Sequence[str]] = None,
+    runs: Optional[Sequence[str]] = None,
+    zero: bool = False,
+    width: Width = "container",
+    name: str = "metric",
+    extra_layers: Optional[Mapping[str, Sequence[alt.Chart]]] = None,
+) -> list[alt.LayerChart]:
+    """A metric per task over x, runs overlaid (colour = task, dash = run), ``RUNS_PER_CHART`` runs per chart
+    and the charts on one y domain. ``extra_layers[run]`` are drawn with that run's chart."""
+    series, tasks, runs = _with_raw(_drawable(series)), _drawable_names(tasks), _drawable_names(runs)
+    tasks = tasks if tasks is not None else list(series["task"].unique()) if len(series) else []
+    runs = runs if runs is not None else sorted(series["run_id"].unique(), key=natural_key) if len(series) else []
+    colour = task_scale(tasks)
+    groups = _chunks(runs)
+    domain = _finite_domain(series["value"], log, zero) if len(groups) > 1 and len(series) else None
+    charts = []
+    for index, group in enumerate(groups):
+        frame = series[series["run_id"].isin(group)] if len(series) else series
+        encoding = dict(x=_x(x, largest=_largest(series)), y=_y("value", y_title, log, zero, domain), color=_task_colour(colour), strokeDash=_run_dash(group))
+        base = alt.Chart(frame)
+        layers = _interactive(base, encoding, _tooltip(y_title, x), f"{name}{index}")
+        for run_id in group:
+            layers.extend((extra_layers or {}).get(run_id, ()))
+        title = None if len(groups) == 1 else f"runs {index * RUNS_PER_CHART + 1}-{index * RUNS_PER_CHART + len(group)} of {len(runs)}"
+        chart = alt.layer(*layers).properties(width=width, height=legend_height(len(colour.domain), len(group)))
+        charts.append(chart.properties(title=title) if title else chart)
+    return charts
+
+
+def weights_charts(
     series: pd.DataFrame,
     averages: Mapping[str, pd.DataFrame],
     windows: Mapping[str, tuple[int, int]],
@@ -139,134 +247,207 @@ def weights_chart(
     x: str = "step",
     log: bool = False,
     tasks: Optional[Sequence[str]] = None,
-) -> alt.HConcatChart:
-    """w_i(t) per run with E_t[w_i] drawn as horizontal rules and the averaging window shaded
-    (paper Figures 2 and 5). ``averages[run]`` has columns task, mean; ``windows[run]`` = (start, end)."""
-    series, tasks = _drawable(series), _drawable_tasks(tasks)
-    averages = {drawable(run_id): _drawable(table) for run_id, table in averages.items()}
-    windows = {drawable(run_id): window for run_id, window in windows.items()}
-    colour = task_scale(tasks if tasks is not None else series["task"].unique())
-    panels = []
-    for run_id, frame in _runs(series):
-        layers = []
-        if x == "step" and run_id in windows:
-            start, end = windows[run_id]
-            window = pd.DataFrame({"start": [start], "end": [end]})
-            layers.append(
-                alt.Chart(window)
-                .mark_rect(opacity=0.08, color="gray")
-                .encode(x="start:Q", x2="end:Q", tooltip=[alt.Tooltip("start:Q", title="window start"), alt.Tooltip("end:Q", title="window end")])
-            )
-        # From zero: weights are positive and sum to T, and equal weights must not zoom into rounding.
-        layers.append(line_layer(frame, colour, "weight w_i(t)", x, log, zero=True))
-        average = averages.get(run_id)
-        if average is not None and len(average):
-            rules = average[["task", "mean"]].rename(columns={"mean": "average"})
-            layers.append(
+    runs: Optional[Sequence[str]] = None,
+    width: Width = "container",
+) -> list[alt.LayerChart]:
+    """w_i(t) of every run (paper Figures 2 and 5) with E_t[w_i] drawn over its averaging window as a
+    thick, faint segment in the task's colour (on a wall-time axis the windows, in steps, are not drawn).
+    ``averages[run]`` has columns task, mean; ``windows[run]`` = (start, end)."""
+    tasks = _drawable_names(tasks)
+    runs = _drawable_names(runs) if runs is not None else sorted({drawable(r) for r in series["run_id"].unique()}, key=natural_key)
+    colour = task_scale(tasks if tasks is not None else series["task"].map(drawable).unique())
+    extra: dict[str, list[alt.Chart]] = {}
+    if x == "step":
+        for run_id, table in averages.items():
+            key = drawable(run_id)
+            if key not in windows and run_id not in windows or table is None or not len(table):
+                continue
+            start, end = windows.get(run_id, windows.get(key, (0, 0)))
+            rules = _drawable(table)[["task", "mean"]].rename(columns={"mean": "average"}).assign(run_id=key, start=float(start), end=float(end))
+            extra[key] = [
                 alt.Chart(rules)
-                .mark_rule(strokeDash=[6, 3], strokeWidth=1.2)
+                .mark_rule(strokeWidth=4, opacity=0.4, clip=True)
                 .encode(
+                    x=alt.X("start:Q"),
+                    x2="end:Q",
                     y=alt.Y("average:Q"),
-                    color=alt.Color("task:N", scale=colour, legend=None),
-                    tooltip=[alt.Tooltip("task:N"), alt.Tooltip("average:Q", title="E_t[w_i]", format=".4f")],
+                    color=_task_colour(colour),
+                    tooltip=[
+                        alt.Tooltip("run_id:N", title="run"),
+                        alt.Tooltip("task:N"),
+                        alt.Tooltip("average:Q", title="E_t[w_i]", format=".4f"),
+                        alt.Tooltip("start:Q", title="window from step", format="d"),
+                        alt.Tooltip("end:Q", title="window to step", format="d"),
+                    ],
                 )
-            )
-        panels.append(alt.layer(*layers).properties(title=run_id, width=panel_width(series["run_id"].nunique()), height=PANEL_HEIGHT))
-    return per_run(panels)
+            ]
+    # From zero: weights are positive and sum to T, and equal weights must not zoom into rounding.
+    return metric_charts(series, "weight w_i(t)", x=x, log=log, tasks=tasks, runs=runs, zero=True, width=width, name="weights", extra_layers=extra)
 
 
-def grad_norm_chart(
-    norms: pd.DataFrame, targets: pd.DataFrame, *, x: str = "step", log: bool = True, tasks: Optional[Sequence[str]] = None
-) -> alt.HConcatChart:
-    """G_i(t) (solid) against the GradNorm target mean_j G_j * r_i^alpha (dashed), per run."""
-    frames = [norms.assign(kind="G_i")]
+def grad_norm_charts(
+    norms: pd.DataFrame,
+    targets: Optional[pd.DataFrame],
+    *,
+    x: str = "step",
+    log: bool = True,
+    tasks: Optional[Sequence[str]] = None,
+    runs: Optional[Sequence[str]] = None,
+    width: Width = "container",
+) -> list[alt.LayerChart]:
+    """One chart per run, on one y domain: G_i(t) (solid) against the GradNorm target
+    mean_j G_j * r_i^alpha (dashed) of each task, the legend naming both."""
+    frames = [norms.assign(kind="G_i (solid)")]
     if targets is not None and len(targets):
-        frames.append(targets.assign(kind="target"))
-    combined = _drawable(pd.concat(frames, ignore_index=True))
-    tasks = _drawable_tasks(tasks)
+        frames.append(targets.assign(kind="target (dashed)"))
+    combined = _with_raw(_drawable(pd.concat(frames, ignore_index=True)))
+    tasks = _drawable_names(tasks)
     colour = task_scale(tasks if tasks is not None else combined["task"].unique())
-    panels = [
-        line_layer(frame, colour, "gradient norm at W", x, log, dash="kind").properties(
-            title=run_id, width=panel_width(combined["run_id"].nunique()), height=PANEL_HEIGHT
+    runs = _drawable_names(runs) if runs is not None else sorted(combined["run_id"].unique(), key=natural_key) if len(combined) else []
+    domain = _finite_domain(combined["value"], log, False) if len(combined) else None
+    kinds = ["G_i (solid)", "target (dashed)"]
+    dash = alt.StrokeDash(
+        "kind:N",
+        scale=alt.Scale(domain=kinds, range=[[1, 0], [5, 3]]),
+        legend=alt.Legend(title="series", orient="right", symbolType="stroke", symbolStrokeColor="gray", symbolStrokeWidth=2, symbolSize=300, labelFontSize=11),
+    )
+    charts = []
+    for index, run_id in enumerate(runs):
+        frame = combined[combined["run_id"] == run_id]
+        if frame.empty:
+            continue
+        encoding = dict(
+            x=_x(x, largest=_largest(combined)),
+            y=_y("value", "gradient norm at W", log, False, domain),
+            color=_task_colour(colour),
+            strokeDash=dash,
+            detail="kind:N",
         )
-        for run_id, frame in _runs(combined)
-    ]
-    return per_run(panels)
+        tooltip = _tooltip("norm", x, [alt.Tooltip("kind:N", title="series")])
+        layers = _interactive(alt.Chart(frame), encoding, tooltip, f"norms{index}")
+        charts.append(alt.layer(*layers).properties(title=run_id, width=width, height=legend_height(_count(colour), 2)))
+    return charts
 
 
-def overfitting_chart(
-    frame: pd.DataFrame, onsets: pd.DataFrame, *, run_id: str = "", log: bool = False, tasks: Optional[Sequence[str]] = None
-) -> alt.VConcatChart:
-    """Top: one small panel per task (own y scale: task losses differ by orders of magnitude) with the
-    training (solid) and validation (dashed) loss and a rule where overfitting starts. Bottom: the
-    relative gap (validation - training) / validation of every task on one axis."""
-    frame, onsets, tasks, run_id = _drawable(frame), _drawable(onsets), _drawable_tasks(tasks), drawable(run_id)
-    colour = task_scale(tasks if tasks is not None else frame["task"].unique())
+def overfitting_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Training and validation loss of each task in long form (``split``, ``loss``), each divided by the
+    task's first validation loss (``normalised``: the paper's task-normalised loss, section 4, so every
+    task reads on one axis)."""
     long = frame.melt(id_vars=["task", "step"], value_vars=["train_loss", "val_loss"], var_name="split", value_name="loss")
     long["split"] = long["split"].map({"train_loss": "train", "val_loss": "validation"})
-    onset_by_task = {} if not len(onsets) else dict(zip(onsets["task"], onsets["onset_step"]))
-    long["onset_step"] = long["task"].map(lambda t: None if pd.isna(onset_by_task.get(t, None)) else float(onset_by_task[t]))
-    first = long.groupby("task")["step"].transform("min")
-    long["marker_row"] = (long["step"] == first) & (long["split"] == "validation")
-    lines = (
-        alt.Chart()
-        .mark_line(point=alt.OverlayMarkDef(size=10))
-        .encode(
-            x=alt.X("step:Q"),
-            y=_y("loss", "loss", log),
-            color=alt.Color("task:N", scale=colour),
-            strokeDash=alt.StrokeDash("split:N", title=None),
-            detail="split:N",
-            tooltip=["task:N", "split:N", alt.Tooltip("step:Q"), alt.Tooltip("loss:Q", format=".6g")],
+    first = frame.sort_values("step").dropna(subset=["val_loss"]).groupby("task")["val_loss"].first()
+    long["initial"] = long["task"].map(first)
+    long["normalised"] = long["loss"] / long["initial"].where(long["initial"] != 0)
+    return long
+
+
+def overfitting_charts(
+    frame: pd.DataFrame,
+    onsets: pd.DataFrame,
+    *,
+    run_id: str = "",
+    log: bool = False,
+    tasks: Optional[Sequence[str]] = None,
+    width: Width = "container",
+) -> list[alt.LayerChart]:
+    """Top: every task's training (solid) and validation (dashed) loss divided by its first validation
+    loss, with a rule in the task's colour where its overfitting starts (``overfitting_onsets``). Bottom:
+    the relative gap (validation - training) / validation of every task."""
+    frame, onsets, tasks, run_id = _drawable(frame), _drawable(onsets), _drawable_names(tasks), drawable(run_id)
+    colour = task_scale(tasks if tasks is not None else frame["task"].unique())
+    long = overfitting_frame(frame).assign(run_id=run_id)
+    split_dash = alt.StrokeDash(
+        "split:N",
+        scale=alt.Scale(domain=["train", "validation"], range=[[1, 0], [5, 3]]),
+        legend=alt.Legend(title="split", orient="right", symbolType="stroke", symbolStrokeColor="gray", symbolStrokeWidth=2, symbolSize=300, labelFontSize=11),
+    )
+    y_title = "loss / first validation loss"
+    long = long.rename(columns={"step": "x"})
+    encoding = dict(x=_x("step", largest=_largest(long)), y=_y("normalised", y_title, log), color=_task_colour(colour), strokeDash=split_dash, detail="split:N")
+    tooltip = [
+        alt.Tooltip("task:N"),
+        alt.Tooltip("split:N"),
+        alt.Tooltip("x:Q", title="step", format=",d"),
+        alt.Tooltip("loss:Q", format=".6~g"),
+        alt.Tooltip("normalised:Q", title=y_title, format=".4~g"),
+    ]
+    layers = _interactive(alt.Chart(long), encoding, tooltip, "overfit")
+    found = onsets.dropna(subset=["onset_step"]) if len(onsets) else onsets
+    if len(found):
+        rules = pd.DataFrame({"task": found["task"].astype(str), "x": found["onset_step"].astype(float)})
+        layers.append(
+            alt.Chart(rules)
+            .mark_rule(strokeDash=[3, 2], strokeWidth=2, clip=True)
+            .encode(
+                x=alt.X("x:Q"),
+                color=_task_colour(colour),
+                tooltip=[alt.Tooltip("task:N"), alt.Tooltip("x:Q", title="overfitting starts at step", format=",d")],
+            )
         )
-    )
-    rule = (
-        alt.Chart()
-        .transform_filter("datum.marker_row && isValid(datum.onset_step)")
-        .mark_rule(strokeDash=[2, 2], color="black")
-        .encode(x="onset_step:Q", tooltip=["task:N", alt.Tooltip("onset_step:Q", title="overfitting starts")])
-    )
-    panels = (
-        alt.layer(lines, rule, data=long)
-        .properties(width=170, height=120)
-        .facet(facet=alt.Facet("task:N", sort=sorted(long["task"].unique(), key=natural_key), title=None), columns=5)
-        .resolve_scale(y="independent")
-        .properties(title=f"{run_id}: training vs validation loss per task")
-    )
-    relative = frame.assign(relative_gap=frame["gap"] / frame["val_loss"])
+    losses = alt.layer(*layers).properties(title=f"{run_id}: training vs validation loss per task", width=width, height=legend_height(_count(colour), 2))
+    relative = frame.assign(relative_gap=frame["gap"] / frame["val_loss"].where(frame["val_loss"] != 0))
+    gap_zoom = alt.selection_interval(bind="scales", encodings=["x"], name="gap_zoom")
     gaps = (
         alt.Chart(relative)
-        .mark_line(point=alt.OverlayMarkDef(size=12))
+        .mark_line(point=alt.OverlayMarkDef(size=12), clip=True)
         .encode(
-            x=alt.X("step:Q"),
-            y=alt.Y("relative_gap:Q", title="(validation - training) / validation"),
-            color=alt.Color("task:N", scale=colour),
-            tooltip=["task:N", alt.Tooltip("step:Q"), alt.Tooltip("gap:Q", format=".6g"), alt.Tooltip("relative_gap:Q", format=".3%")],
+            x=_x("step", "step", largest=_largest(frame, "step")),
+            y=alt.Y("relative_gap:Q", title="(validation - training) / validation", axis=alt.Axis(format="~%")),
+            color=_task_colour(colour),
+            tooltip=[
+                "task:N",
+                alt.Tooltip("step:Q", format=",d"),
+                alt.Tooltip("gap:Q", format=".6~g"),
+                alt.Tooltip("relative_gap:Q", title="relative gap", format=".2%"),
+            ],
         )
-        .properties(title=f"{run_id}: generalisation gap, relative", width=2 * PANEL_WIDTH, height=PANEL_HEIGHT)
+        .add_params(gap_zoom)
     )
-    return alt.vconcat(panels, gaps).resolve_scale(color="shared")
+    return [losses, alt.layer(gaps).properties(title=f"{run_id}: generalisation gap, relative", width=width, height=legend_height(_count(colour)))]
 
 
-def balance_chart(balance: pd.DataFrame, *, log: bool = False) -> alt.HConcatChart:
-    """Spread across tasks over time, one line per run: CV of the G_i and CV of the loss ratios."""
+BALANCE_TITLES = {"grad_norm_cv": "spread of G_i (CV across tasks)", "loss_ratio_cv": "spread of loss ratios (CV across tasks)"}
+
+
+def balance_charts(balance: pd.DataFrame, *, log: bool = False, runs: Optional[Sequence[str]] = None, width: Width = "container") -> list[alt.LayerChart]:
+    """Spread across tasks over time, one line per run (colour and dash = run): CV of the G_i and CV of
+    the loss ratios."""
     balance = _drawable(balance)
-    panels = []
-    for column, title in (("grad_norm_cv", "spread of G_i (CV across tasks)"), ("loss_ratio_cv", "spread of loss ratios (CV)")):
-        panels.append(
-            alt.Chart(balance)
-            .mark_line()
-            .encode(
-                x=alt.X("step:Q"),
-                y=_y(column, title, log),
-                color=alt.Color("run_id:N", title="run"),
-                tooltip=["run_id:N", alt.Tooltip("step:Q"), alt.Tooltip(f"{column}:Q", format=".4g")],
-            )
-            .properties(title=title, width=PANEL_WIDTH, height=PANEL_HEIGHT)
+    runs = _drawable_names(runs) if runs is not None else sorted(balance["run_id"].unique(), key=natural_key) if len(balance) else []
+    charts = []
+    for column, title in BALANCE_TITLES.items():
+        frame = balance.rename(columns={"step": "x"}).assign(value=balance[column])
+        frame = frame.assign(value_raw=balance[f"{column}_raw"]) if f"{column}_raw" in balance.columns else frame.assign(value_raw=frame["value"])
+        legend = _legend("run", len(runs), symbolType="stroke", symbolStrokeWidth=2, symbolSize=300)
+        encoding = dict(
+            x=_x("step", largest=_largest(frame)),
+            y=_y("value", title, log),
+            color=alt.Color("run_id:N", scale=run_colour_scale(runs), legend=legend),
+            strokeDash=alt.StrokeDash("run_id:N", scale=run_dash_scale(runs), legend=legend),
         )
-    return alt.hconcat(*panels)
+        tooltip = [alt.Tooltip("run_id:N", title="run"), alt.Tooltip("x:Q", title="step", format=",d"), alt.Tooltip("value_raw:Q", title=title, format=".4~g")]
+        base = alt.Chart(frame[["run_id", "x", "value", "value_raw"]])
+        layers = _interactive(base, encoding, tooltip, f"balance_{column}")
+        charts.append(alt.layer(*layers).properties(title=title, width=width, height=legend_height(len(runs))))
+    return charts
 
 
-def _runs(series: pd.DataFrame):
-    for run_id in sorted(series["run_id"].unique(), key=natural_key) if len(series) else []:
-        yield run_id, series[series["run_id"] == run_id]
+def delta_chart(per_task: pd.DataFrame, baseline: str, *, runs: Sequence[str], width: Width = "container") -> alt.LayerChart:
+    """Per task, each run's relative change of the validation loss against the baseline, in percent
+    (negative: better than the baseline)."""
+    frame = _drawable(per_task[per_task["run_id"] != baseline].dropna(subset=["delta_pct"]))
+    others = [drawable(r) for r in runs if r != baseline]
+    bars = (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            x=alt.X("delta_pct:Q", title=f"change of the validation loss vs {drawable(baseline)} (%), lower is better", axis=alt.Axis(format=",.4~g")),
+            y=alt.Y("task:N", sort=task_domain(frame["task"]) if len(frame) else None, title=None),
+            yOffset=alt.YOffset("run_id:N", sort=others),
+            color=alt.Color("run_id:N", scale=run_colour_scale(list(runs)), legend=_legend("run", len(others), values=others)),
+            tooltip=[alt.Tooltip("run_id:N", title="run"), alt.Tooltip("task:N"), alt.Tooltip("delta_pct:Q", title="change (%)", format="+.2f")],
+        )
+    )
+    zero = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="gray").encode(x="zero:Q")
+    rows = max(1, frame["task"].nunique() if len(frame) else 1)
+    return alt.layer(bars, zero).properties(width=width, height=min(900, max(120, rows * max(1, len(others)) * 14 + 40)))

@@ -106,3 +106,26 @@ def listing_signature(root: str) -> tuple:
     except OSError:
         return ()
     return tuple((entry.name, run_signature(Path(entry.path))) for entry in entries if entry.is_dir())
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def comparison(root: str, run_ids: tuple, baseline: str, metric: str, signature: tuple) -> tuple[pd.DataFrame, pd.DataFrame]:
+    result = analysis.compare_runs(root, list(run_ids), baseline=baseline, metric=metric)
+    return result.per_task, result.per_run
+
+
+def root_entries(root: str) -> tuple[str, ...]:
+    """The names of the run directories under ``root`` that hold a run.json (``lstat`` only): a new run
+    shows up here as soon as its run.json is written."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return ()
+    found = []
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False) and os.path.lexists(os.path.join(entry.path, schema.RUN_FILE)):
+                found.append(entry.name)
+        except OSError:
+            continue
+    return tuple(sorted(found))

@@ -17,7 +17,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import altair as alt
 import pandas as pd
@@ -25,21 +25,27 @@ import pandas as pd
 from gradnorm.toolkit import analysis
 
 from . import _charts as charts
+from . import _verdicts as verdicts
 
 MAX_POINTS = 500
 
 #: What the chart builders return: one panel per run side by side, or the overfitting view's rows.
-Chart = Union[alt.HConcatChart, alt.VConcatChart]
+Chart = Union[alt.LayerChart, alt.HConcatChart, alt.VConcatChart]
 PathLike = Union[str, os.PathLike]
 
 STYLE = (
     "body{font-family:sans-serif;margin:24px} table{border-collapse:collapse} td,th{padding:2px 10px;text-align:right}"
-    " .problems{color:#8a1c1c} #charts.vega-embed{width:100%;display:flex}"
+    " .problems{color:#8a1c1c} #charts.vega-embed{width:100%;display:flex} td.best{background:#d7efdc;font-weight:bold} #charts>div{margin-bottom:18px}"
 )
 
 
+#: Plot width in the report (a page, not a container): the charts stack in one column at this width.
+WIDTH = 820
+
+
 def build_charts(root: PathLike, run_ids: Sequence[str]) -> list[tuple[str, Chart]]:
-    """(title, chart) in the app's order: weights, gradient norms, loss ratios, balance, overfitting."""
+    """(title, chart) in the app's order: weights, gradient norms, loss ratios, balance, overfitting, the
+    change against the baseline; the same builders, palettes and overlays as the app, at a fixed width."""
     run_ids = list(run_ids)
     averages: dict[str, pd.DataFrame] = {}
     windows: dict[str, tuple[int, int]] = {}
@@ -48,22 +54,100 @@ def build_charts(root: PathLike, run_ids: Sequence[str]) -> list[tuple[str, Char
         averages[run_id], windows[run_id] = average.table, (average.start_step, average.end_step)
     # E_t[w_i]'s table has one row per recorded task, in the run's order.
     tasks = sorted({str(t) for table in averages.values() for t in table["task"]}, key=charts.natural_key)
+    found: list[tuple[str, Chart]] = []
+
+    def add(title: str, built: Sequence[Chart]) -> None:
+        for index, chart in enumerate(built):
+            found.append((title if len(built) == 1 else f"{title} ({index + 1} of {len(built)})", chart))
+
     weights = analysis.metric_series(root, run_ids, "balancer_weight", max_points=MAX_POINTS)
-    found: list[tuple[str, Chart]] = [("Task weights w_i(t) and E_t[w_i]", charts.weights_chart(weights, averages, windows, tasks=tasks))]
+    add("Task weights w_i(t) and E_t[w_i] over its window", charts.weights_charts(weights, averages, windows, tasks=tasks, runs=run_ids, width=WIDTH))
     norms = analysis.metric_series(root, run_ids, "grad_norm", max_points=MAX_POINTS)
     targets = analysis.metric_series(root, run_ids, "target_norm", max_points=MAX_POINTS)
     if len(norms):
-        found.append(("Gradient norms G_i at the shared layer vs GradNorm targets", charts.grad_norm_chart(norms, targets, log=True, tasks=tasks)))
+        for chart in charts.grad_norm_charts(norms, targets, log=True, tasks=tasks, runs=run_ids, width=WIDTH):
+            found.append((f"Gradient norms G_i at the shared layer vs GradNorm targets: {chart.title}", chart))
     ratios = analysis.metric_series(root, run_ids, "loss_ratio", max_points=MAX_POINTS)
-    found.append(("Loss ratios L_i/L_i(0)", charts.metric_chart(ratios, "loss ratio", tasks=tasks)))
+    add("Loss ratios L_i/L_i(0)", charts.metric_charts(ratios, "loss ratio", tasks=tasks, runs=run_ids, width=WIDTH, name="ratio"))
     balance = analysis.balance_series(root, run_ids, max_points=MAX_POINTS)
     if len(balance):
-        found.append(("Balance across tasks", charts.balance_chart(balance)))
+        for chart in charts.balance_charts(balance, runs=run_ids, width=WIDTH):
+            found.append((f"Balance across tasks: {chart.title}", chart))
     for run_id in run_ids:
         frame = analysis.overfitting(root, run_id)
         if len(frame):
-            found.append((f"Overfitting: {run_id}", charts.overfitting_chart(frame, analysis.overfitting_onsets(root, run_id), run_id=run_id, tasks=tasks)))
+            built = charts.overfitting_charts(frame, analysis.overfitting_onsets(root, run_id), run_id=run_id, tasks=tasks, width=WIDTH)
+            found.extend((f"Overfitting: {chart.title}", chart) for chart in built)
+    comparison = _comparison(root, run_ids)
+    if comparison is not None and len(run_ids) > 1 and len(comparison.per_task):
+        found.append(
+            (
+                f"Change of the final validation loss against {comparison.baseline} (%)",
+                charts.delta_chart(comparison.per_task, comparison.baseline, runs=run_ids, width=WIDTH),
+            )
+        )
+    # Each builder's own title moves to the report's caption line above it.
+    for index, (title, chart) in enumerate(found):
+        chart = chart.copy()
+        chart.title = alt.Undefined
+        found[index] = (title, chart)
     return found
+
+
+def baseline_of(root: PathLike, run_ids: Sequence[str]) -> str:
+    """The comparison's baseline: the first equal-weights run, else the first run."""
+    listing = analysis.list_runs(root, only=list(run_ids))
+    balancers = dict(zip(listing["run_id"], listing["balancer"]))
+    return next((r for r in run_ids if balancers.get(r) == "equal"), run_ids[0])
+
+
+def _comparison(root: PathLike, run_ids: Sequence[str]) -> Optional[analysis.Comparison]:
+    try:
+        return analysis.compare_runs(root, list(run_ids), baseline=baseline_of(root, run_ids))
+    except analysis.AnalysisError:
+        return None
+
+
+def comparison_section(root: PathLike, run_ids: Sequence[str]) -> str:
+    """ "Did balancing help?": Delta_m% and the task-normalised loss per run, the final validation loss
+    per task and run, the better (lowest) cell of each row in bold."""
+    comparison = _comparison(root, run_ids)
+    if comparison is None or comparison.per_task.empty:
+        return "<p>No validation losses were logged: no comparison.</p>"
+    best_delta = comparison.per_run["delta_m_pct"].min()
+    best_norm = comparison.per_run["task_normalised_loss"].min()
+
+    def cell(value: float, best: float, text: str) -> str:
+        if not math.isfinite(value):
+            return "<td>&ndash;</td>"
+        return f'<td class="best">{html.escape(text)}</td>' if value == best else f"<td>{html.escape(text)}</td>"
+
+    rows = "".join(
+        f"<tr><th>{html.escape(str(r['run_id']))}</th>"
+        + cell(r["delta_m_pct"], best_delta, f"{r['delta_m_pct']:+.2f}")
+        + cell(r["task_normalised_loss"], best_norm, f"{r['task_normalised_loss']:.4f}")
+        + f"<td>{int(r['tasks_compared'])}</td></tr>"
+        for r in comparison.per_run.to_dict("records")
+    )
+    runs = comparison.runs
+    head = "".join(f"<th>{html.escape(r)}</th>" for r in runs)
+    per_task = comparison.per_task
+    body = ""
+    for task in sorted(per_task["task"].unique(), key=charts.natural_key):
+        mine = per_task[per_task["task"] == task].set_index("run_id")
+        lowest = mine["final_val_loss"].min()
+        cells = "".join(
+            cell(float(mine.loc[r, "final_val_loss"]), lowest, f"{mine.loc[r, 'final_val_loss']:.5g}") if r in mine.index else "<td>&ndash;</td>" for r in runs
+        )
+        body += f"<tr><th>{html.escape(str(task))}</th>{cells}</tr>"
+    return (
+        f"<h2>Did balancing help?</h2><p>Against {html.escape(comparison.baseline)}, on each task's final validation loss. "
+        "Delta_m% = (1/T) sum_i (M_run,i - M_baseline,i) / M_baseline,i x 100 (lower is better; negative beats the baseline). "
+        "Task-normalised loss: sum over tasks of the final validation loss over the initial test loss (paper section 4). Best cell in bold.</p>"
+        f'<table class="comparison"><tr><th>run</th><th>Delta_m% vs {html.escape(comparison.baseline)}</th><th>task-normalised loss</th>'
+        f"<th>tasks compared</th></tr>{rows}</table>"
+        f'<p>Final validation loss per task:</p><table class="comparison"><tr><th>task</th>{head}</tr>{body}</table>'
+    )
 
 
 def script_json(value: Any) -> str:
@@ -111,8 +195,18 @@ def _run_section(root: PathLike, run_id: str, row: dict[str, Any]) -> str:
         + (f"<p>{html.escape('; '.join(counts))}</p>" if counts else "")
         + (f'<ul class="problems">{problems}</ul>' if problems else "")
         + f"<p>E_t[w_i] over steps {average.start_step}-{average.end_step}; largest drift between the window's halves "
-        f"{average.convergence:.2%}.</p>" + table.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, escape=True)
+        f"{average.convergence:.2%}: {html.escape(verdicts.convergence_verdict(average.convergence).split(' (')[0])}"
+        + (
+            f" (more than {verdicts.CONVERGED_DRIFT:.0%}: retraining with these weights may not reproduce the run).</p>"
+            if verdicts.converged(average.convergence) is False
+            else ".</p>"
+        )
+        + table.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, escape=True)
     )
+
+
+def _titled(chart: Chart, title: str) -> dict[str, Any]:
+    return chart.properties(title=title).configure_title(anchor="start").to_dict()
 
 
 def write_report(root: PathLike, run_ids: Sequence[str], out_path: PathLike) -> Path:
@@ -124,10 +218,10 @@ def write_report(root: PathLike, run_ids: Sequence[str], out_path: PathLike) -> 
         analysis.weight_average(root, run_id)  # an unknown or empty run is refused before anything is built
     built = build_charts(root, run_ids)
     listing = {row["run_id"]: row for row in analysis.list_runs(root, only=run_ids).to_dict("records")}
-    sections = "".join(_run_section(root, run_id, listing.get(run_id, {})) for run_id in run_ids)
-    # Independent colours: tasks in most charts, runs in the balance chart.
-    combined = alt.vconcat(*[chart.properties(title=title) for title, chart in built]).resolve_scale(color="independent").configure_title(anchor="start")
-    spec = combined.to_dict()
+    sections = "".join(_run_section(root, run_id, listing.get(run_id, {})) for run_id in run_ids) + comparison_section(root, run_ids)
+    # One embed per chart (each chart's zoom and hover signals are its own; a concatenation would merge
+    # them); the colours are the app's explicit palettes, so a task or a run keeps its colour throughout.
+    spec = [_titled(chart, title) for title, chart in built]
     title = html.escape("GradNorm report: " + ", ".join(run_ids))
     document = (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="UTF-8">\n'
@@ -137,8 +231,13 @@ def write_report(root: PathLike, run_ids: Sequence[str], out_path: PathLike) -> 
         '<div class="vega-visualization" id="charts"></div>\n'
         f'<script type="application/json" id="gradnorm-spec">{script_json(spec)}</script>\n'
         '<script type="text/javascript">\n'
-        '  const spec = JSON.parse(document.getElementById("gradnorm-spec").textContent);\n'
-        '  vegaEmbed("#charts", spec, {"mode": "vega-lite"}).catch(console.error);\n'
+        '  const specs = JSON.parse(document.getElementById("gradnorm-spec").textContent);\n'
+        '  const holder = document.getElementById("charts");\n'
+        "  for (const spec of specs) {\n"
+        '    const place = document.createElement("div");\n'
+        "    holder.appendChild(place);\n"
+        '    vegaEmbed(place, spec, {"mode": "vega-lite"}).catch(console.error);\n'
+        "  }\n"
         "</script>\n</body>\n</html>\n"
     )
     out = Path(out_path)

@@ -18,15 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, TypeVar
 
+import altair as alt
 import pandas as pd
 import streamlit as st
 
 from gradnorm.app import _charts as charts
 from gradnorm.app import _data as data
+from gradnorm.app import _state as url
+from gradnorm.app import _verdicts as verdicts
 from gradnorm.app._smoothing import smooth_series
 from gradnorm.toolkit import analysis
 
 LIVE_REFRESH_SECONDS = 5.0
+#: How often a finished or empty root is looked at for a new run (a directory listing, nothing read).
+WATCH_SECONDS = 5.0
 USER_ERRORS = (analysis.AnalysisError, analysis.RunError, FileNotFoundError, PermissionError, ValueError)
 TYPED_IN_SIDEBAR = "typed in the sidebar"
 
@@ -49,6 +54,20 @@ def _code(text: object) -> str:
     return "`" + str(text).replace("`", "'") + "`"
 
 
+VIEWS = ["Weights", "Compare runs", "Gradient norms & loss ratios", "Overfitting", "Balance", "Export weights"]
+#: Which sidebar controls each view uses; the others are shown disabled there, with the reason.
+USES = {
+    "Weights": {"smoothing", "x", "log", "steps", "tasks", "points"},
+    "Compare runs": {"tasks"},
+    "Gradient norms & loss ratios": {"smoothing", "x", "log", "steps", "tasks", "points"},
+    "Overfitting": {"smoothing", "log", "steps", "tasks", "points"},
+    "Balance": {"smoothing", "log", "steps", "points"},
+    "Export weights": set(),
+}
+#: Keeps the page at full opacity while Streamlit reruns it (live refreshes would dim it every 5 s).
+NO_DIMMING = "<style>[data-stale='true']{opacity:1 !important;transition:none !important}</style>"
+
+
 @dataclass
 class Controls:
     smoothing: float
@@ -67,11 +86,20 @@ def root_from_arguments(argv: Sequence[str]) -> analysis.RunsRoot:
     return analysis.resolve_runs_root(known.root)
 
 
-def choose_root(argv: Sequence[str]) -> analysis.RunsRoot:
-    """The resolved root, or another one typed in the sidebar."""
+def url_state() -> url.UrlState:
+    """The state the page was opened with (read once per browser session, so widgets own it after)."""
+    if "_url_state" not in st.session_state:
+        st.session_state["_url_state"] = url.parse({key: st.query_params.get_all(key) for key in st.query_params.keys()})
+    return st.session_state["_url_state"]
+
+
+def choose_root(argv: Sequence[str], opened: url.UrlState) -> analysis.RunsRoot:
+    """The resolved root, or another one typed in the sidebar (or given in the URL)."""
     resolved = root_from_arguments(argv)
     shown = str(resolved.path.absolute())
-    typed = st.sidebar.text_input("Runs root", value=shown, help="A folder of run directories (each with run.json and metrics/)").strip()
+    typed = st.sidebar.text_input(
+        "Runs root", value=opened.root or shown, key="root", help="A folder of run directories (each with run.json and metrics/)"
+    ).strip()
     if typed and typed != shown:
         return analysis.RunsRoot(Path(typed).expanduser(), TYPED_IN_SIDEBAR)
     return analysis.RunsRoot(Path(shown), resolved.reason)
@@ -79,6 +107,18 @@ def choose_root(argv: Sequence[str]) -> analysis.RunsRoot:
 
 def show_root(root: analysis.RunsRoot) -> None:
     st.caption(f"Runs root: {_code(root.path)} — {_text(root.reason)}")
+
+
+def watch_root(folder: str, known: tuple[str, ...]) -> None:
+    """Rerun the page when a run directory appears under ``folder`` or one goes (a listing, every few
+    seconds; nothing on the page is redrawn until then)."""
+
+    @st.fragment(run_every=WATCH_SECONDS)
+    def watcher() -> None:
+        if data.root_entries(folder) != known:
+            st.rerun(scope="app")
+
+    watcher()
 
 
 def run_table(root: analysis.RunsRoot) -> Optional[pd.DataFrame]:
@@ -97,7 +137,11 @@ def run_table(root: analysis.RunsRoot) -> Optional[pd.DataFrame]:
         st.error(f"Cannot list the runs under {_code(folder)}: {_text(str(exc))}")
         return None
     if listing.empty:
-        st.info(f"No runs under {_code(folder)} yet. Record one with `gradnorm.attach(..., runs_root=...)` or {_code(f'gradnorm demo --runs-root {folder}')}.")
+        st.info(
+            f"No runs under {_code(folder)} yet. Record one with `gradnorm.attach(..., runs_root=...)` or {_code(f'gradnorm demo --runs-root {folder}')}; "
+            "it shows up here on its own."
+        )
+        watch_root(folder, data.root_entries(folder))
         return None
     return listing
 
@@ -110,25 +154,82 @@ def default_selection(listing: pd.DataFrame) -> list[str]:
     gradnorm = usable[usable["balancer"] == "gradnorm"]
     anchor = (gradnorm if len(gradnorm) else usable).iloc[0]
     same = usable[usable["tasks"].map(lambda t: list(t) == list(anchor["tasks"]))]
-    return list(same["run_id"])[:4]
+    chosen = list(same["run_id"])[: charts.RUNS_PER_CHART]
+    if anchor["run_id"] not in chosen:  # never hide the GradNorm run itself
+        chosen = [anchor["run_id"], *chosen[: charts.RUNS_PER_CHART - 1]]
+    return chosen
 
 
-def sidebar_controls(listing: pd.DataFrame) -> tuple[list[str], Controls]:
+def _unused(view: str, control: str) -> bool:
+    return control not in USES.get(view, set())
+
+
+def _why(view: str, control: str, help_text: str) -> str:
+    return f"Not used by {view}." if _unused(view, control) else help_text
+
+
+def sidebar_controls(listing: pd.DataFrame, opened: url.UrlState, view: str) -> tuple[list[str], Controls]:
     sidebar = st.sidebar
     options = list(listing["run_id"])
-    selected = sidebar.multiselect("Runs", options, default=default_selection(listing), help="Shown side by side")
-    smoothing = sidebar.slider("Smoothing (TensorBoard EMA)", 0.0, 0.99, 0.6, 0.01)
-    x = _or(sidebar.radio("x axis", ["step", "wall_time"], format_func=lambda v: charts.X_TITLES[v], horizontal=True), "step")
-    log = sidebar.checkbox("Log scale", value=False)
+    wanted = [r for r in (opened.runs or []) if r in options]
+    selected = sidebar.multiselect(
+        "Runs", options, default=wanted or default_selection(listing), key="runs", help="Overlaid on shared axes: colour = task, dash = run"
+    )
+    smoothing = sidebar.slider(
+        "Smoothing (TensorBoard EMA)",
+        0.0,
+        0.99,
+        opened.smoothing if opened.smoothing is not None else 0.6,
+        0.01,
+        key="smoothing",
+        disabled=_unused(view, "smoothing"),
+        help=_why(view, "smoothing", "Debiased exponential moving average; tooltips show the raw value"),
+    )
+    x_options = ["step", "wall_time"]
+    x = _or(
+        sidebar.radio(
+            "x axis",
+            x_options,
+            index=x_options.index(opened.x) if opened.x in x_options else 0,
+            format_func=lambda v: charts.X_TITLES[v],
+            horizontal=True,
+            key="x",
+            disabled=_unused(view, "x"),
+            help=_why(view, "x", "Wall time: seconds since the run's first record"),
+        ),
+        "step",
+    )
+    log = sidebar.checkbox(
+        "Log scale", value=bool(opened.log), key="log", disabled=_unused(view, "log"), help=_why(view, "log", "A log y axis on every chart of the view")
+    )
     chosen = listing[listing["run_id"].isin(selected)]
     last = int(chosen["last_step"].dropna().max()) if len(chosen) and chosen["last_step"].notna().any() else 0
     step_range = None
     if last > 0:
-        low, high = sidebar.slider("Step range", 0, last, (0, last))
+        initial = opened.step_range if opened.step_range and opened.step_range[1] <= last else (0, last)
+        low, high = sidebar.slider(
+            "Step range", 0, last, initial, key=f"steps-{last}", disabled=_unused(view, "steps"), help=_why(view, "steps", "Steps drawn and queried")
+        )
         step_range = None if (low, high) == (0, last) else (int(low), int(high))
     all_tasks = sorted({t for tasks in chosen["tasks"] for t in tasks}, key=charts.natural_key)
-    tasks = sidebar.multiselect("Tasks", all_tasks, default=all_tasks)
-    max_points = sidebar.select_slider("Points per series", [250, 500, 1000, 2000, 4000], value=1000)
+    wanted_tasks = [t for t in (opened.tasks or []) if t in all_tasks]
+    tasks = sidebar.multiselect(
+        "Tasks",
+        all_tasks,
+        default=wanted_tasks or all_tasks,
+        key="tasks",
+        disabled=_unused(view, "tasks"),
+        help=_why(view, "tasks", "Tasks drawn and compared"),
+    )
+    point_options = [250, 500, 1000, 2000, 4000]
+    max_points = sidebar.select_slider(
+        "Points per series",
+        point_options,
+        value=opened.max_points if opened.max_points in point_options else 500,
+        key="points",
+        disabled=_unused(view, "points"),
+        help=_why(view, "points", "Buckets along x; each keeps its mean, min/max and last value"),
+    )
     task_filter = None if set(tasks) == set(all_tasks) else tuple(tasks)
     return selected, Controls(smoothing, x, log, step_range, task_filter, max_points)
 
@@ -155,38 +256,72 @@ def series(root: str, selected: list[str], metric: str, controls: Controls, sign
     return smooth_series(frame, controls.smoothing)
 
 
+def _int_or_none(value: object) -> Optional[int]:
+    return None if value is None or pd.isna(value) else int(value)  # type: ignore[call-overload]
+
+
 def headline(root: str, listing: pd.DataFrame, selected: list[str], signature: tuple) -> None:
     rows = []
     for run_id in selected:
         meta = listing[listing["run_id"] == run_id].iloc[0]
-        row = {
-            "run": run_id,
-            "status": meta["status"],
-            "balancer": meta["balancer"],
-            "tasks": meta["num_tasks"],
-            "last step": meta["last_step"],
-            "rows lost": meta["rows_lost"],
-            "write errors": meta["write_errors"],
-        }
+        figures: dict = {}
+        row: dict[str, object] = {"run": run_id, "status": meta["status"], "balancer": meta["balancer"]}
         try:
             figures = data.balance_summary(root, run_id, signature)
             average = data.weight_average(root, run_id, None, signature)
+            drift = average["convergence"]
+            state, change = verdicts.balance_state(figures.get("grad_norm_cv_start"), figures.get("grad_norm_cv_end"))
+            converged = verdicts.converged(drift)
             row.update(
                 {
-                    "G_i spread start": figures.get("grad_norm_cv_start"),
+                    "balance": state,
                     "G_i spread end": figures.get("grad_norm_cv_end"),
-                    "loss-ratio spread end": figures.get("loss_ratio_cv_end"),
-                    "E_t[w] drift": average["convergence"],
-                    "skipped updates": figures.get("skipped_updates"),
+                    "G_i spread change (%)": None if change is None else 100.0 * change,
+                    "E_t[w]": "unknown" if converged is None else "converged" if converged else "not converged",
+                    "E_t[w] drift (%)": None if drift is None or pd.isna(drift) else 100.0 * float(drift),
                 }
             )
         except USER_ERRORS as exc:
             row["note"] = str(exc)
+        row.update(
+            {
+                "last step": _int_or_none(meta["last_step"]),
+                "tasks": meta["num_tasks"],
+                "rows lost": _int_or_none(meta["rows_lost"]) or 0,
+                "write errors": _int_or_none(meta["write_errors"]) or 0,
+                "skipped updates": _int_or_none(figures.get("skipped_updates")) or 0,
+                "loss-ratio spread end": figures.get("loss_ratio_cv_end"),
+            }
+        )
         rows.append(row)
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-    st.caption(
-        "Spread: coefficient of variation across tasks (0 = perfectly balanced). E_t[w] drift: largest relative change between the two halves of the averaging window."
+    st.dataframe(
+        pd.DataFrame(rows),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "E_t[w] drift (%)": st.column_config.NumberColumn(format="%.1f%%", help="Largest relative change of E_t[w_i] between the window's halves"),
+            "loss-ratio spread end": st.column_config.NumberColumn(format="%.3f", help="CV of the loss ratios across tasks at the end"),
+            "G_i spread end": st.column_config.NumberColumn(format="%.3f", help="CV of the gradient norms across tasks at the end"),
+            "G_i spread change (%)": st.column_config.NumberColumn(format="%+.0f%%", help="Relative change of the G_i spread from the start"),
+            "last step": st.column_config.NumberColumn(format="%d"),
+        },
     )
+    st.caption(
+        f"Balance: the spread (coefficient of variation across tasks, 0 = equal) of the gradient norms G_i at the end of the run; balanced at or below "
+        f"{verdicts.BALANCED_CV}. E_t[w]: converged when the time-averaged weights drift by at most {verdicts.CONVERGED_DRIFT:.0%} between the two halves "
+        "of the averaging window (paper 5.2)."
+    )
+
+
+def _chart(chart: alt.TopLevelMixin) -> None:
+    """A chart at the container's width; its title as Markdown above it (Vega's own title is cut at the
+    top of a container-width chart in Streamlit)."""
+    title = getattr(chart, "title", alt.Undefined)
+    if isinstance(title, str) and title:
+        chart = chart.copy()
+        chart.title = alt.Undefined
+        st.markdown(f"**{_text(title)}**")
+    st.altair_chart(chart, width="stretch")
 
 
 def weights_tab(root: str, selected: list[str], controls: Controls, signature: tuple, task_names: list[str]) -> None:
@@ -200,20 +335,50 @@ def weights_tab(root: str, selected: list[str], controls: Controls, signature: t
         except USER_ERRORS:
             continue
         table = average["table"]
+        start, end = average["window"]
+        if controls.step_range is not None:  # the segments stay inside the steps drawn
+            start, end = max(start, controls.step_range[0]), min(end, controls.step_range[1])
+            if start > end:
+                continue
         averages[run_id] = table if controls.tasks is None else table[table["task"].isin(controls.tasks)]
-        windows[run_id] = average["window"]
-    st.altair_chart(charts.weights_chart(frame, averages, windows, x=controls.x, log=controls.log, tasks=task_names), width="content")
-    st.caption("Dashed rules: E_t[w_i] over the shaded window (after the first 10% of steps). In shadow mode, what the balancer would have set.")
+        windows[run_id] = (start, end)
+    for chart in charts.weights_charts(frame, averages, windows, x=controls.x, log=controls.log, tasks=task_names, runs=selected):
+        _chart(chart)
+    if controls.x == "step":
+        st.caption(
+            "Faint thick segments: E_t[w_i] over its averaging window (after the first 10% of steps). In shadow mode, what the balancer would have set. "
+            "Drag or scroll to zoom the x axis, double-click to reset."
+        )
+    else:
+        st.caption("On wall time the averaging windows (in steps) are not drawn; choose step for E_t[w_i]. Drag or scroll to zoom, double-click to reset.")
 
 
 def norms_tab(root: str, selected: list[str], controls: Controls, signature: tuple, task_names: list[str]) -> None:
     norms = series(root, selected, "grad_norm", controls, signature)
     targets = series(root, selected, "target_norm", controls, signature)
-    st.altair_chart(charts.grad_norm_chart(norms, targets, x=controls.x, log=controls.log, tasks=task_names), width="content")
+    st.markdown("**Gradient norms G_i at the shared layer against GradNorm's target** (one chart per run, same y axis)")
+    for chart in charts.grad_norm_charts(norms, targets, x=controls.x, log=controls.log, tasks=task_names, runs=selected):
+        _chart(chart)
+    if targets.empty:
+        st.caption("No run here recorded a target norm (only GradNorm has one).")
+    st.markdown("**Loss ratios L_i(t) / L_i(0)**")
     ratios = series(root, selected, "loss_ratio", controls, signature)
-    st.altair_chart(charts.metric_chart(ratios, "loss ratio L_i/L_i(0)", x=controls.x, log=controls.log, tasks=task_names), width="content")
+    for chart in charts.metric_charts(ratios, "loss ratio L_i/L_i(0)", x=controls.x, log=controls.log, tasks=task_names, runs=selected, name="ratio"):
+        _chart(chart)
+    st.markdown("**Inverse training rates r_i = L~_i / mean_j L~_j** (above 1: the task trains slower than the others)")
     rates = series(root, selected, "inverse_rate", controls, signature)
-    st.altair_chart(charts.metric_chart(rates, "inverse training rate r_i", x=controls.x, log=controls.log, tasks=task_names), width="content")
+    for chart in charts.metric_charts(rates, "inverse training rate r_i", x=controls.x, log=controls.log, tasks=task_names, runs=selected, name="rate"):
+        _chart(chart)
+
+
+def _smooth_overfitting(frame: pd.DataFrame, weight: float) -> pd.DataFrame:
+    if weight == 0 or frame.empty:
+        return frame
+    out = frame.sort_values(["task", "step"]).copy()
+    for column in ("train_loss", "val_loss"):
+        out[column] = smooth_series(out.rename(columns={column: "value", "step": "x"})[["task", "x", "value"]], weight, by=("task",)).sort_index()["value"]
+    out["gap"] = out["val_loss"] - out["train_loss"]
+    return out
 
 
 def overfitting_tab(root: str, selected: list[str], controls: Controls, signature: tuple, task_names: list[str]) -> None:
@@ -222,22 +387,141 @@ def overfitting_tab(root: str, selected: list[str], controls: Controls, signatur
     if controls.tasks is not None:
         frame = frame[frame["task"].isin(controls.tasks)]
         onsets = onsets[onsets["task"].isin(controls.tasks)]
+    if controls.step_range is not None and len(frame):
+        frame = frame[frame["step"].between(*controls.step_range)]
     if frame.empty:
-        st.info(f"Run {run_id} has no validation losses. Log them with session.log_validation({{task: loss}}) to see the overfitting trend.")
+        st.info(f"Run {run_id} has no validation losses here. Log them with session.log_validation({{task: loss}}) to see the overfitting trend.")
         return
-    st.altair_chart(charts.overfitting_chart(frame, onsets, run_id=run_id, log=controls.log, tasks=task_names), width="content")
-    st.dataframe(onsets, hide_index=True)
+    for chart in charts.overfitting_charts(_smooth_overfitting(frame, controls.smoothing), onsets, run_id=run_id, log=controls.log, tasks=task_names):
+        _chart(chart)
+    shown = onsets.rename(columns={"gap_slope": "gap slope (loss/step)", "onset_step": "overfitting starts at step", "final_gap": "final gap"})
+    st.dataframe(shown, hide_index=True)
+    overfit = [str(t) for t, s in zip(onsets["task"], onsets["onset_step"]) if not pd.isna(s)]
     st.caption(
-        "Onset: the validation minimum, when the validation loss ends more than 2% above it and the gap has widened since. Slope: per step, over the second half of the validation points."
+        (f"Overfitting: {', '.join(overfit)}. " if overfit else "No task overfits by this rule. ")
+        + "Onset (dotted rule in the task's colour): the validation minimum, when the validation loss ends more than 2% above it and the gap has "
+        "widened since. Slope: per step, over the second half of the validation points. The onsets are taken over the whole run, unsmoothed. "
+        "The x axis is steps here (validation points)."
     )
 
 
 def balance_tab(root: str, selected: list[str], controls: Controls, signature: tuple) -> None:
     frame = data.balance(root, tuple(selected), controls.max_points, signature)
+    if controls.step_range is not None and len(frame):
+        frame = frame[frame["step"].between(*controls.step_range)]
     if frame.empty:
         st.info("No gradient norms recorded for these runs.")
         return
-    st.altair_chart(charts.balance_chart(frame, log=controls.log), width="content")
+    frame = frame.copy()
+    for column in charts.BALANCE_TITLES:
+        smoothed = smooth_series(frame.rename(columns={"step": "x", column: "value"})[["run_id", "x", "value"]], controls.smoothing, by=("run_id",))
+        frame[f"{column}_raw"] = frame[column]
+        frame[column] = smoothed.sort_index()["value"]
+    for chart in charts.balance_charts(frame, log=controls.log, runs=selected):
+        _chart(chart)
+    st.caption("Spread across all tasks of each run (the task filter does not apply: a spread needs every task). 0 = every task the same.")
+
+
+def _default_baseline(listing: pd.DataFrame, selected: list[str], wanted: Optional[str]) -> int:
+    if wanted in selected:
+        return selected.index(str(wanted))
+    balancers = dict(zip(listing["run_id"], listing["balancer"]))
+    for index, run_id in enumerate(selected):
+        if balancers.get(run_id) == "equal":
+            return index
+    return 0
+
+
+def _mark_lowest(table: pd.DataFrame) -> pd.DataFrame:
+    """Styles for a task x run table: the lowest value of each row marked."""
+    styles = pd.DataFrame("", index=table.index, columns=table.columns)
+    lowest = table.min(axis=1)
+    for column in table.columns:
+        styles[column] = [
+            "background-color: rgba(46, 160, 67, 0.28); font-weight: bold" if pd.notna(v) and v == low else "" for v, low in zip(table[column], lowest)
+        ]
+    return styles
+
+
+def compare_tab(root: str, listing: pd.DataFrame, selected: list[str], controls: Controls, signature: tuple, opened: url.UrlState) -> None:
+    if len(selected) < 2:
+        st.info("Choose two or more runs in the sidebar to compare them (for example equal weights and GradNorm).")
+    left, right = st.columns(2)
+    baseline = _or(
+        left.selectbox(
+            "Baseline run", selected, index=_default_baseline(listing, selected, opened.baseline), key="baseline", help="Delta_m% is against this run"
+        ),
+        selected[0],
+    )
+    metric = _or(
+        right.radio("Validation loss", ["final", "best"], horizontal=True, key="compare_metric", help="The last validation point, or the lowest"), "final"
+    )
+    per_task, per_run = data.comparison(root, tuple(selected), baseline, metric, signature)
+    if controls.tasks is not None:
+        per_task = per_task[per_task["task"].isin(controls.tasks)]
+        per_run = _per_run_over(per_task, selected)
+    if per_task.empty:
+        st.info("None of these runs logged validation losses: nothing to compare. Log them with session.log_validation({task: loss}).")
+        return
+    balancers = dict(zip(listing["run_id"], listing["balancer"]))
+    summary = per_run.assign(balancer=per_run["run_id"].map(balancers))[["run_id", "balancer", "delta_m_pct", "task_normalised_loss", "tasks_compared"]]
+    summary = summary.rename(
+        columns={"run_id": "run", "delta_m_pct": f"Delta_m% vs {baseline}", "task_normalised_loss": "task-normalised loss", "tasks_compared": "tasks compared"}
+    )
+    best_delta = summary[f"Delta_m% vs {baseline}"].min()
+    best_norm = summary["task-normalised loss"].min()
+
+    def marks(row: pd.Series) -> list[str]:
+        good = "background-color: rgba(46, 160, 67, 0.28); font-weight: bold"
+        return [
+            good if (name == f"Delta_m% vs {baseline}" and row[name] == best_delta) or (name == "task-normalised loss" and row[name] == best_norm) else ""
+            for name in row.index
+        ]
+
+    st.markdown(f"**Did balancing help?** Each run against **{_text(baseline)}**, on the {metric} validation loss of each task")
+    st.dataframe(
+        summary.style.apply(marks, axis=1).format({f"Delta_m% vs {baseline}": "{:+.2f}", "task-normalised loss": "{:.4f}"}, na_rep="–"),
+        hide_index=True,
+        width="stretch",
+    )
+    winner = per_run.dropna(subset=["delta_m_pct"]).sort_values("delta_m_pct")
+    if len(winner) and len(selected) > 1:
+        top = winner.iloc[0]
+        verdict = (
+            f"Best: **{_text(str(top['run_id']))}**, {top['delta_m_pct']:+.2f}% against {_text(baseline)} over {int(top['tasks_compared'])} task(s)."
+            if top["run_id"] != baseline and top["delta_m_pct"] < 0
+            else f"No run beats **{_text(baseline)}** on average."
+        )
+        st.markdown(verdict)
+    column = "final_val_loss" if metric == "final" else "best_val_loss"
+    wide = per_task.pivot(index="task", columns="run_id", values=column).reindex(columns=[r for r in selected if r in set(per_task["run_id"])])
+    wide = wide.reindex(sorted(wide.index, key=charts.natural_key))
+    st.markdown(f"**{metric.capitalize()} validation loss per task** (lowest marked)")
+    st.dataframe(wide.style.apply(_mark_lowest, axis=None).format("{:.5g}", na_rep="–"), width="stretch")
+    if len(selected) > 1:
+        _chart(charts.delta_chart(per_task, baseline, runs=selected))
+    st.caption(
+        "Delta_m% = (1/T) sum_i (M_run,i - M_baseline,i) / M_baseline,i x 100 over the tasks both runs validated (losses: lower is better, so negative "
+        "beats the baseline). Task-normalised loss: sum over tasks of the final validation loss divided by the initial test loss (paper section 4; "
+        "the run's recorded initial test losses, else its first validation loss)."
+    )
+
+
+def _per_run_over(per_task: pd.DataFrame, selected: list[str]) -> pd.DataFrame:
+    rows = []
+    for run_id in selected:
+        mine = per_task[per_task["run_id"] == run_id]
+        deltas = mine["delta_pct"].dropna()
+        rows.append(
+            {
+                "run_id": run_id,
+                "delta_m_pct": float(deltas.mean()) if len(deltas) else float("nan"),
+                "task_normalised_loss": float(mine["normalised_final"].sum()) if len(mine) else float("nan"),
+                "tasks_compared": len(deltas),
+                "tasks_with_validation": len(mine),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def export_tab(root: str, selected: list[str], signature: tuple) -> None:
@@ -246,10 +530,19 @@ def export_tab(root: str, selected: list[str], signature: tuple) -> None:
     start, end = average["window"]
     low, high = st.slider("Averaging window (steps)", start if start == end else 0, end, (start, end), key="export_window")
     document = data.export_document(root, run_id, (int(low), int(high)), signature)
+    drift = document["convergence"]
     st.markdown(
         f"E_t[w_i] of **{run_id}** ({document['method']}) over steps **{document['window'][0]}-{document['window'][1]}**; "
-        f"drift between the window's halves: **{(document['convergence'] or 0):.2%}**."
+        f"drift between the window's halves: **{(drift or 0):.2%}**."
     )
+    state = verdicts.converged(drift)
+    if state is False:
+        st.warning(
+            f"These weights have not converged: E_t[w_i] drifts by {drift:.1%} between the window's halves (more than {verdicts.CONVERGED_DRIFT:.0%}). "
+            "Retraining with them may not reproduce the run; average over a later window or train longer."
+        )
+    elif state is None:
+        st.warning("The drift of these weights is unknown (too few steps in the window): check them before retraining.")
     st.dataframe(pd.DataFrame({"task": list(document["weights"]), "weight": list(document["weights"].values())}), hide_index=True)
     st.download_button("Download weights JSON", json.dumps(document, indent=2, sort_keys=True), file_name=f"{run_id}-weights.json", mime="application/json")
     st.code(
@@ -265,38 +558,69 @@ def _first_gradnorm(selected: list[str]) -> int:
     return 0
 
 
-def render(root: str, listing: pd.DataFrame, selected: list[str], controls: Controls) -> None:
+def render(root: str, listing: pd.DataFrame, selected: list[str], controls: Controls, opened: url.UrlState, view: str) -> None:
     signature = data.runs_signature(root, selected)
     task_names = sorted({t for tasks in listing[listing["run_id"].isin(selected)]["tasks"] for t in tasks}, key=charts.natural_key)
     headline(root, listing, selected, signature)
     sections = {
         "Weights": lambda: weights_tab(root, selected, controls, signature, task_names),
+        "Compare runs": lambda: compare_tab(root, listing, selected, controls, signature, opened),
         "Gradient norms & loss ratios": lambda: norms_tab(root, selected, controls, signature, task_names),
         "Overfitting": lambda: overfitting_tab(root, selected, controls, signature, task_names),
         "Balance": lambda: balance_tab(root, selected, controls, signature),
         "Export weights": lambda: export_tab(root, selected, signature),
     }
     # One view at a time: only what is on screen is queried (tabs would run every view on each rerun).
-    views = list(sections)
-    view = _or(st.radio("View", views, horizontal=True, key="view", label_visibility="collapsed"), views[0])
+    chosen = _or(st.radio("View", VIEWS, index=VIEWS.index(view), horizontal=True, key="view", label_visibility="collapsed"), view)
+    if chosen != view:  # (inside a live refresh: the sidebar's disabled controls follow the view)
+        st.rerun(scope="app")
     try:
-        sections[view]()
+        sections[chosen]()
     except USER_ERRORS as exc:
         st.warning(str(exc))
 
 
+def current_view(opened: url.UrlState) -> str:
+    view = st.session_state.get("view") or opened.view
+    return view if view in VIEWS else VIEWS[0]
+
+
+def write_url(root: str, selected: list[str], view: str, controls: Controls) -> None:
+    params = url.encode(
+        root=root,
+        runs=selected,
+        view=view,
+        smoothing=controls.smoothing,
+        x=controls.x,
+        log=controls.log,
+        step_range=controls.step_range,
+        tasks=controls.tasks,
+        max_points=controls.max_points,
+        baseline=st.session_state.get("baseline"),
+    )
+    current = {key: st.query_params.get_all(key) for key in st.query_params.keys()}
+    wanted = {key: value if isinstance(value, list) else [value] for key, value in params.items()}
+    if current != wanted:
+        st.query_params.from_dict(params)
+
+
 def main(argv: Sequence[str]) -> None:
     st.set_page_config(page_title="GradNorm runs", layout="wide")
+    st.html(NO_DIMMING)
+    opened = url_state()
     st.title("GradNorm runs")
-    chosen = choose_root(argv)
+    chosen = choose_root(argv, opened)
     show_root(chosen)
     listing = run_table(chosen)
     if listing is None:
         return
     root = str(chosen.path)
-    selected, controls = sidebar_controls(listing)
+    view = current_view(opened)
+    selected, controls = sidebar_controls(listing, opened, view)
+    write_url(str(st.session_state.get("root") or root), selected, view, controls)
     if not selected:
         st.info("Choose one or more runs in the sidebar.")
+        watch_root(root, data.root_entries(root))
         return
     show_problems(listing, selected)
     invalid = set(listing[listing["status"] == analysis.INVALID]["run_id"])
@@ -305,12 +629,30 @@ def main(argv: Sequence[str]) -> None:
         st.error(f"Run {run_id} cannot be read: {'; '.join(listing[listing['run_id'] == run_id]['problems'].iloc[0])}")
     if not usable:
         return
-    live = bool((listing[listing["run_id"].isin(usable)]["status"] == analysis.RUNNING).any())
-    if live:
-        st.caption(f"A run is still being written: refreshing every {LIVE_REFRESH_SECONDS:.0f} s.")
-        st.fragment(run_every=LIVE_REFRESH_SECONDS)(render)(root, listing, usable, controls)
+    known = data.root_entries(root)
+    if bool((listing[listing["run_id"].isin(usable)]["status"] == analysis.RUNNING).any()):
+        live(root, listing, usable, controls, opened, view, known)
     else:
-        render(root, listing, usable, controls)
+        render(root, listing, usable, controls, opened, view)
+        watch_root(root, known)
+
+
+def live(root: str, listing: pd.DataFrame, usable: list[str], controls: Controls, opened: url.UrlState, view: str, known: tuple[str, ...]) -> None:
+    """Every LIVE_REFRESH_SECONDS: the listing again (status, last step, lost rows), then the headline
+    and the view, all in one fragment, so they refresh together. When the runs shown have all ended, or a
+    run appeared in the root, the whole page reruns once (the sidebar's ranges and runs follow); a page
+    whose runs have ended polls no more."""
+
+    @st.fragment(run_every=LIVE_REFRESH_SECONDS)
+    def refresh() -> None:
+        fresh = data.list_runs(root, data.listing_signature(root))
+        still = bool((fresh[fresh["run_id"].isin(usable)]["status"] == analysis.RUNNING).any())
+        if not still or data.root_entries(root) != known:
+            st.rerun(scope="app")
+        st.caption(f"A run is still being written: refreshing every {LIVE_REFRESH_SECONDS:.0f} s.")
+        render(root, fresh, usable, controls, opened, view)
+
+    refresh()
 
 
 # Streamlit runs this file as a script, with the arguments after `--` in sys.argv[1:].

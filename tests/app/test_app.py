@@ -67,24 +67,22 @@ def test_starts_on_the_bundled_runs_and_draws_every_view(monkeypatch):
     specs = chart_specs(at)
     assert len(specs) == 1  # the weights view; the others draw when chosen
     weights_spec, weights_data = specs[0]
-    assert [panel["title"] for panel in weights_spec["hconcat"]] == selected
-    # E_t[w_i] rules equal the analysis' time average for each run.
-    rules = frames_with(weights_data, "task", "average")
-    assert len(rules) == len(selected)
-    expected = {r: analysis.weight_average(SAMPLE, r).table.set_index("task")["mean"] for r in selected}
-    matched = 0
-    for frame in rules:
-        for means in expected.values():
-            candidate = frame.set_index("task")["average"]
-            if ((candidate - means.reindex(candidate.index)).abs() < 1e-9).all():
-                matched += 1
-                break
-    assert matched == len(selected)
-    # The window is drawn as a rect from the analysis' default window.
-    windows = frames_with(weights_data, "start", "end")
-    gradnorm_window = analysis.weight_average(SAMPLE, "toy-T10-gradnorm")
-    assert any((w["start"].iloc[0], w["end"].iloc[0]) == (gradnorm_window.start_step, gradnorm_window.end_step) for w in windows)
-    for view, charts_expected in (("Gradient norms & loss ratios", 3), ("Overfitting", 1), ("Balance", 1)):
+    # one layered chart with every run overlaid (colour = task, dash = run), at the container's width
+    assert "layer" in weights_spec and "hconcat" not in weights_spec
+    lines = weights_spec["layer"][0]
+    assert lines["encoding"]["color"]["field"] == "task" and lines["encoding"]["strokeDash"]["field"] == "run_id"
+    assert lines["encoding"]["strokeDash"]["scale"]["domain"] == selected
+    series = frames_with(weights_data, "run_id", "task", "x", "value")
+    assert set(pd.concat(series)["run_id"]) == set(selected)
+    # E_t[w_i] segments equal the analysis' time average for each run, over its default window.
+    rules = pd.concat(frames_with(weights_data, "task", "average", "start", "end"))
+    assert set(rules["run_id"]) == set(selected)
+    for run_id in selected:
+        expected = analysis.weight_average(SAMPLE, run_id)
+        mine = rules[rules["run_id"] == run_id].set_index("task")
+        assert (mine["average"] - expected.table.set_index("task")["mean"].reindex(mine.index)).abs().max() < 1e-9
+        assert (mine["start"].iloc[0], mine["end"].iloc[0]) == (expected.start_step, expected.end_step)
+    for view, charts_expected in (("Compare runs", 1), ("Gradient norms & loss ratios", 5), ("Overfitting", 2), ("Balance", 2), ("Export weights", 0)):
         at.radio(key="view").set_value(view).run()
         no_failure(at)
         assert len(at.get("vega_lite_chart")) == charts_expected, view
@@ -93,30 +91,37 @@ def test_starts_on_the_bundled_runs_and_draws_every_view(monkeypatch):
 def test_gradient_norm_view_draws_norms_against_targets(monkeypatch):
     at = start(monkeypatch)
     at.radio(key="view").set_value("Gradient norms & loss ratios").run()
-    spec, data = chart_specs(at)[0]
-    frames = frames_with(data, "kind", "value")
-    kinds = set().union(*(set(f["kind"]) for f in frames))
-    assert kinds == {"G_i", "target"}
-    gradnorm = pd.concat(frames)
-    gradnorm = gradnorm[(gradnorm["run_id"] == "toy-T10-gradnorm") & (gradnorm["kind"] == "G_i")]
-    raw = analysis.metric_series(SAMPLE, "toy-T10-gradnorm", "grad_norm", max_points=1000)
-    merged = gradnorm.merge(raw, on=["task", "x"], suffixes=("", "_analysis"))
+    specs = chart_specs(at)
+    # one chart per run, on one y domain, G_i solid and the target dashed, both named in the legend
+    per_run = [(spec, data) for spec, data in specs if frames_with(data, "kind")]
+    assert len(per_run) == 3
+    domains = {json.dumps(spec["layer"][0]["encoding"]["y"]["scale"].get("domain")) for spec, _ in per_run}
+    assert len(domains) == 1 and domains != {"null"}
+    dash = per_run[0][0]["layer"][0]["encoding"]["strokeDash"]
+    assert dash["field"] == "kind" and dash["legend"]["title"] == "series"
+    gradnorm = pd.concat(
+        next(frames_with(data, "kind", "value") for _, data in per_run if set(pd.concat(frames_with(data, "kind"))["run_id"]) == {"toy-T10-gradnorm"})
+    )
+    assert set(gradnorm["kind"]) == {"G_i (solid)", "target (dashed)"}
+    norms = gradnorm[gradnorm["kind"] == "G_i (solid)"]
+    raw = analysis.metric_series(SAMPLE, "toy-T10-gradnorm", "grad_norm", max_points=500)
+    merged = norms.merge(raw, on=["task", "x"], suffixes=("", "_analysis"))
     assert len(merged) == len(raw)
     assert (merged["value_raw"] - merged["value_analysis"]).abs().max() < 1e-9
 
 
 def test_series_are_downsampled_to_the_chosen_number_of_points(monkeypatch):
     at = start(monkeypatch)
-    at.sidebar.select_slider[0].set_value(250).run()
+    at.sidebar.select_slider[0].set_value(250).run()  # (the default is 500)
     no_failure(at)
     spec, data = chart_specs(at)[0]
     series = frames_with(data, "run_id", "task", "x", "value", "value_raw")
     assert series
     for frame in series:
-        counts = frame.groupby("task").size()
+        counts = frame.groupby(["run_id", "task"]).size()
         assert counts.max() <= 250
         # 2000 steps in 250 buckets: every bucket averages 8 points.
-        assert frame["n"].sum() == 2000 * frame["task"].nunique()
+        assert frame["n"].sum() == 2000 * len(counts)
 
 
 def test_controls_change_what_is_drawn(monkeypatch):
