@@ -2,11 +2,16 @@
 
 Each is an optional extra, imported when the adapter is made (``pip install 'gradnorm-toolkit[tensorboard]'``,
 ``[wandb]``, ``[mlflow]``); without it the constructor says which to install. What they show, per
-forwarded step: ``gradnorm/<quantity>/<task>`` (W&B, MLflow) or, in TensorBoard, the tag
-``gradnorm/<quantity>`` in one sub-run per task, so that a quantity's task curves overlay in one chart
-(TensorBoard draws one chart per tag and one curve per run). Step-level values (``gradnorm/skipped``) have no task. At the end of
-the run: E_t[w_i] and its drift between the halves of the window (``gradnorm/mean_weight/<task>``,
-``gradnorm/drift/<task>``, ``gradnorm/convergence``; paper 5.2-5.3) as summary values a sweep sorts by.
+forwarded step: ``gradnorm/<quantity>/<task>`` (W&B, MLflow); step-level values (``gradnorm/skipped``)
+have no task. At the end of the run: E_t[w_i] and its drift between the halves of the window
+(``gradnorm/mean_weight/<task>``, ``gradnorm/drift/<task>``, ``gradnorm/convergence``; paper 5.2-5.3)
+as summary values a sweep sorts by.
+
+TensorBoard draws one chart per tag and one curve per run, so there each task is a sub-run and a
+quantity is one tag: its task curves overlay in one chart. Its Scalars page groups charts by the tag's
+first part and sorts the groups by name (``-`` after the end of a name, ``_`` before it), so the weights
+come first in their own section (``gradnorm/weight``), then the quantities behind them (``gradnorm-balance/grad_norm``, ``target_norm``, ``loss_ratio``,
+``inverse_rate``, ``skipped``), then the summary (``gradnorm-summary/mean_weight``, ``drift``, ``text``).
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ class TensorBoard(Tracker):
     Args:
         log_dir: the folder to write (default: ``<run>/tensorboard`` inside the run's directory, so that
             ``tensorboard --logdir runs`` shows every run). Each task's curves go to ``<log_dir>/<task>``
-            as tags ``gradnorm/weight``, ``gradnorm/grad_norm``, ...; step-level ones and the summary text
-            to ``log_dir`` itself.
+            as tags ``gradnorm/weight``, ``gradnorm-balance/grad_norm``, ... (see :func:`tensorboard_tag`);
+            step-level ones and the summary text to ``log_dir`` itself.
         writer: a ``SummaryWriter`` of yours instead: the task sub-runs go under its ``log_dir``, the
             step-level scalars into it; it is flushed at the end, not closed.
         every, quantities: see :class:`gradnorm.toolkit.forwarding.Tracker`.
@@ -84,9 +89,9 @@ class TensorBoard(Tracker):
         for row, step in enumerate(rows.steps.tolist()):
             for quantity, block in rows.per_task.items():
                 for task, value in zip(rows.tasks, block[row].tolist()):
-                    self.task_writers[task].add_scalar(f"gradnorm/{quantity}", value, step)
+                    self.task_writers[task].add_scalar(tensorboard_tag(quantity), value, step)
             for quantity, column in rows.per_step.items():
-                self.writer.add_scalar(f"gradnorm/{quantity}", float(column[row]), step)
+                self.writer.add_scalar(tensorboard_tag(quantity), float(column[row]), step)
 
     def send_summary(self, summary: RunSummary) -> None:
         step = summary.window[1]
@@ -94,8 +99,8 @@ class TensorBoard(Tracker):
             writer = self.task_writers.get(task)
             if writer is None:
                 continue
-            writer.add_scalar("gradnorm/mean_weight", summary.mean_weight[task], step)
-            writer.add_scalar("gradnorm/drift", summary.drift.get(task, float("nan")), step)
+            writer.add_scalar("gradnorm-summary/mean_weight", summary.mean_weight[task], step)
+            writer.add_scalar("gradnorm-summary/drift", summary.drift.get(task, float("nan")), step)
         lines = [
             f"E_t[w_i] of run `{summary.run_id}` ({summary.status}) over steps {summary.window[0]}-{summary.window[1]}; "
             f"largest drift between the window's halves {summary.convergence:.3g}",
@@ -104,7 +109,7 @@ class TensorBoard(Tracker):
             "|---|---|---|",
         ]
         lines += [f"| {task} | {w:.4g} | {summary.drift.get(task, float('nan')):.3g} |" for task, w in summary.mean_weight.items()]
-        self.writer.add_text("gradnorm/summary", "\n".join(lines), step)
+        self.writer.add_text("gradnorm-summary/text", "\n".join(lines), step)
 
     def close(self) -> None:
         for writer in self.task_writers.values():
@@ -114,6 +119,12 @@ class TensorBoard(Tracker):
                 self.writer.close()
             else:
                 self.writer.flush()
+
+
+def tensorboard_tag(quantity: str) -> str:
+    """The TensorBoard tag of a forwarded quantity: the weights (``weight``, ``balancer_weight``) in the
+    ``gradnorm`` section, which TensorBoard shows first, every other quantity in ``gradnorm-balance``."""
+    return f"gradnorm/{quantity}" if quantity in ("weight", "balancer_weight") else f"gradnorm-balance/{quantity}"
 
 
 class WandB(Tracker):

@@ -78,7 +78,7 @@ def test_tensorboard_event_files_hold_every_tasks_recorded_series(tmp_path: Path
         for task in TASKS:
             events = EventAccumulator(str(tmp_path / "tb" / task))
             events.Reload()
-            scalars = events.Scalars(f"gradnorm/{quantity}")
+            scalars = events.Scalars(f"gradnorm/{quantity}" if quantity == "weight" else f"gradnorm-balance/{quantity}")
             expected = forwarded_part(records[task], 10)
             assert [e.step for e in scalars] == sorted(expected) == list(range(0, STEPS, 10))
             # TensorBoard keeps scalars as float32: each equals the record rounded to float32
@@ -86,12 +86,12 @@ def test_tensorboard_event_files_hold_every_tasks_recorded_series(tmp_path: Path
     for task in TASKS:
         events = EventAccumulator(str(tmp_path / "tb" / task))
         events.Reload()
-        (mean,) = events.Scalars("gradnorm/mean_weight")
+        (mean,) = events.Scalars("gradnorm-summary/mean_weight")
         assert mean.value == pytest.approx(average.weights[task], rel=1e-6) and mean.step == average.end_step
     root = EventAccumulator(str(tmp_path / "tb"))
     root.Reload()
-    assert [e.value for e in root.Scalars("gradnorm/skipped")] == [0.0] * 7
-    (text,) = root.Tensors("gradnorm/summary/text_summary")
+    assert [e.value for e in root.Scalars("gradnorm-balance/skipped")] == [0.0] * 7
+    (text,) = root.Tensors("gradnorm-summary/text/text_summary")
     table = text.tensor_proto.string_val[0].decode()
     assert all(f"| {task} | {average.weights[task]:.4g} |" in table for task in TASKS), table
 
@@ -111,7 +111,7 @@ def test_tensorboard_into_the_users_writer_and_by_name(tmp_path: Path) -> None:
     events.Reload()
     assert [e.step for e in events.Scalars("gradnorm/weight")] == [0, 20, 40, 60]
     assert [e.value for e in events.Scalars("gradnorm/weight")] == [float(np.float32(records["task1"][s])) for s in (0, 20, 40, 60)]
-    assert events.Tags()["scalars"] == ["gradnorm/weight", "gradnorm/mean_weight", "gradnorm/drift"]
+    assert events.Tags()["scalars"] == ["gradnorm/weight", "gradnorm-summary/mean_weight", "gradnorm-summary/drift"]
     mine = EventAccumulator(str(tmp_path / "mine"))
     mine.Reload()
     assert [e.value for e in mine.Scalars("my/loss")] == [1.0, 2.0]
