@@ -24,7 +24,7 @@ so those two are drawn as their escapes ``\\u2028``/``\\u2029``.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import altair as alt
 import pandas as pd
@@ -101,7 +101,7 @@ def run_dash_scale(runs: Sequence[str]) -> alt.Scale:
 def _legend(title: str, count: int, **extra) -> alt.Legend:
     """A compact legend on the right, inside the chart's width: two columns past 16 entries (the chart's
     height follows the entries, :func:`legend_height`, so none is cut off)."""
-    settings = {"symbolSize": 80, "labelFontSize": 11, "labelLimit": 150, "rowPadding": 1, "symbolLimit": 0, "orient": "right"} | extra
+    settings: dict[str, Any] = {"symbolSize": 80, "labelFontSize": 11, "labelLimit": 150, "rowPadding": 1, "symbolLimit": 0, "orient": "right"} | extra
     return alt.Legend(title=title, columns=2 if count > 16 else 1, **settings)
 
 
@@ -303,7 +303,7 @@ def grad_norm_charts(
     combined = _with_raw(_drawable(pd.concat(frames, ignore_index=True)))
     tasks = _drawable_names(tasks)
     colour = task_scale(tasks if tasks is not None else combined["task"].unique())
-    runs = _drawable_names(runs) if runs is not None else sorted(combined["run_id"].unique(), key=natural_key) if len(combined) else []
+    runs = [drawable(r) for r in runs] if runs is not None else sorted(combined["run_id"].unique(), key=natural_key) if len(combined) else []
     domain = _finite_domain(combined["value"], log, False) if len(combined) else None
     kinds = ["G_i (solid)", "target (dashed)"]
     dash = alt.StrokeDash(
@@ -413,7 +413,7 @@ def balance_charts(balance: pd.DataFrame, *, log: bool = False, runs: Optional[S
     """Spread across tasks over time, one line per run (colour and dash = run): CV of the G_i and CV of
     the loss ratios."""
     balance = _drawable(balance)
-    runs = _drawable_names(runs) if runs is not None else sorted(balance["run_id"].unique(), key=natural_key) if len(balance) else []
+    runs = [drawable(r) for r in runs] if runs is not None else sorted(balance["run_id"].unique(), key=natural_key) if len(balance) else []
     charts = []
     for column, title in BALANCE_TITLES.items():
         frame = balance.rename(columns={"step": "x"}).assign(value=balance[column])

@@ -88,9 +88,9 @@ def build_charts(root: PathLike, run_ids: Sequence[str]) -> list[tuple[str, Char
         )
     # Each builder's own title moves to the report's caption line above it.
     for index, (title, chart) in enumerate(found):
-        chart = chart.copy()
-        chart.title = alt.Undefined
-        found[index] = (title, chart)
+        untitled: Chart = chart.copy()
+        untitled.title = alt.Undefined
+        found[index] = (title, untitled)
     return found
 
 

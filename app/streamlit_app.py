@@ -313,7 +313,7 @@ def headline(root: str, listing: pd.DataFrame, selected: list[str], signature: t
     )
 
 
-def _chart(chart: alt.TopLevelMixin) -> None:
+def _chart(chart: alt.LayerChart) -> None:
     """A chart at the container's width; its title as Markdown above it (Vega's own title is cut at the
     top of a container-width chart in Streamlit)."""
     title = getattr(chart, "title", alt.Undefined)
