@@ -125,10 +125,11 @@ def test_nash_mtl_bargaining_solution():
 @requires("aligned-mtl")
 def test_aligned_mtl_orthogonal_gradients_get_the_smallest_singular_value():
     """Aligned-MTL (Senushkin et al. 2023): the aligned matrix is sigma_min U V^T; for orthogonal gradients
-    that makes every task's contribution sigma_min times its unit gradient, w_i = min_j ||g_j|| / ||g_i||."""
+    that makes every task's contribution sigma_min times its unit gradient, combined with TorchJD's default
+    preference vector (the mean, 1/T): w_i = min_j ||g_j|| / (T ||g_i||)."""
     norms = np.array([0.5, 2.0, 4.0])
     grads = np.eye(3, 5) * norms[:, None]
-    np.testing.assert_allclose(weights_for("aligned-mtl", grads), norms.min() / norms, rtol=1e-6)
+    np.testing.assert_allclose(weights_for("aligned-mtl", grads), norms.min() / norms / 3, rtol=1e-6)
 
 
 def test_rlw_weights_are_a_softmax_of_standard_normals():
