@@ -87,8 +87,8 @@ def build_charts(root: PathLike, run_ids: Sequence[str]) -> list[tuple[str, Char
             )
         )
     # Each builder's own title moves to the report's caption line above it.
-    for index, (title, chart) in enumerate(found):
-        untitled: Chart = chart.copy()
+    for index, (title, titled) in enumerate(found):
+        untitled: Chart = titled.copy()
         untitled.title = alt.Undefined
         found[index] = (title, untitled)
     return found
