@@ -368,7 +368,9 @@ class DistributedNormMeter(GradNormMeter):
         bucket = torch.cat([stacked, x_rows.flatten(), d_rows.flatten()])
         flat = torch.empty(world * bucket.numel(), dtype=dtype, device=bucket.device)
         try:
-            work = dist.all_gather_into_tensor(flat, bucket, async_op=True) if world > 1 else None
+            # all_gather_single where this torch has it (all_gather_into_tensor, its older name, is deprecated there).
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            work = gather(flat, bucket, async_op=True) if world > 1 else None
         except RuntimeError as exc:
             raise exchange_failed(route, step, exc, issued=False) from exc
         if work is None:
