@@ -1419,7 +1419,9 @@ def figures(out_dir: Path, runs: Sequence[ToyRun], runs_dir: Path, results_dir: 
     written: list[Path] = []
 
     def save(chart: Any, name: str) -> None:
-        spec = chart.to_dict()
+        spec = static_spec(chart.to_dict())
+        # Legend symbols at full strength: with the hover layers gone they take a faint layer's opacity.
+        spec.setdefault("config", {}).setdefault("legend", {})["symbolOpacity"] = 1
         path = out_dir / f"{name}.pdf"
         path.write_bytes(vlc.vegalite_to_pdf(spec))
         written.append(path)
@@ -1483,6 +1485,30 @@ def figures(out_dir: Path, runs: Sequence[ToyRun], runs_dir: Path, results_dir: 
         )
         save(chart, "real_models_scaling")
     return written
+
+
+def _hover_only(layer: Any) -> bool:
+    """A layer drawn only while the pointer is over the chart (opacity 0 unless a selection holds)."""
+    opacity = layer.get("encoding", {}).get("opacity", {}) if isinstance(layer, dict) else {}
+    return isinstance(opacity, dict) and opacity.get("value") == 0 and "param" in opacity.get("condition", {})
+
+
+def static_spec(spec: Any) -> Any:
+    """``spec`` without its hover-only layers: on paper they draw nothing, but a PDF would still carry
+    one invisible mark per data point (megabytes for a weights chart)."""
+    if isinstance(spec, dict):
+        out = {key: static_spec(value) for key, value in spec.items()}
+        if isinstance(out.get("layer"), list):
+            kept = [layer for layer in out["layer"] if not _hover_only(layer)]
+            removed = [layer for layer in out["layer"] if _hover_only(layer)]
+            names = {p.get("name") for layer in removed for p in layer.get("params", []) if isinstance(p, dict)}
+            if names and any(name in json.dumps(kept) for name in names):
+                kept = out["layer"]  # a kept layer reads the removed layer's selection: keep everything
+            out["layer"] = kept
+        return out
+    if isinstance(spec, list):
+        return [static_spec(item) for item in spec]
+    return spec
 
 
 def app_chart(charts: Any, view: str, *args: Any, **kwargs: Any) -> Any:
