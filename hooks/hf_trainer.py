@@ -146,21 +146,35 @@ class GradNormTrainer(Trainer):
 
     ``gradnorm``: the :class:`GradNormCallback` that owns the session (it is added to the Trainer's
     callbacks). ``task_losses(outputs, inputs)``: the per-task losses of a batch, from the model's
-    outputs and the batch (default: ``outputs["losses"]``). The other arguments are the Trainer's.
+    outputs and the batch (default: ``outputs["losses"]``). ``model_inputs``: the keys of the batch the
+    model is called with (default: all of them, as the Trainer does; the targets then reach the model
+    too); given, the Trainer keeps every key of the batch (``remove_unused_columns=False``), since the
+    targets that ``task_losses`` reads are not ``forward()``'s arguments. The other arguments are the Trainer's.
     A ``train()`` that raises closes the run as ``failed`` (``interrupted`` on Ctrl-C).
     """
 
     # compute_loss returns a per-batch mean, which the Trainer divides by the accumulation steps itself.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, gradnorm: GradNormCallback, task_losses: Optional[TaskLosses] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        gradnorm: GradNormCallback,
+        task_losses: Optional[TaskLosses] = None,
+        model_inputs: Optional[Sequence[str]] = None,
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(gradnorm, GradNormCallback):
             raise TypeError(f"gradnorm= takes a gradnorm.hooks.hf_trainer.GradNormCallback, got {type(gradnorm).__name__}")
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), gradnorm]
         super().__init__(*args, **kwargs)
+        if model_inputs is not None:
+            # The Trainer would drop the batch's keys that forward() does not take: the targets task_losses reads.
+            self.args.remove_unused_columns = False
         check_accumulation(self.args)  # at construction, before any work, as well as at on_train_begin
         self.gradnorm = gradnorm
         self.task_losses: TaskLosses = task_losses if task_losses is not None else outputs_losses
+        self.model_inputs = None if model_inputs is None else list(model_inputs)
         self._validation: dict[str, list[float]] = {}  # per task: sum of batch losses, batches, over one evaluation
 
     def compute_loss(
@@ -170,7 +184,13 @@ class GradNormTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Optional[Union[Tensor, int]] = None,
     ) -> Union[Tensor, tuple[Tensor, Any]]:
-        outputs = model(**inputs)
+        if self.model_inputs is None:
+            outputs = model(**inputs)
+        else:
+            missing = [key for key in self.model_inputs if key not in inputs]
+            if missing:
+                raise KeyError(f"gradnorm: model_inputs={self.model_inputs} names {missing}, which the batch lacks (it has {sorted(inputs)})")
+            outputs = model(**{key: inputs[key] for key in self.model_inputs})
         losses = self.task_losses(outputs, inputs)
         session = self.gradnorm.session
         if session is not None and not session.closed and model.training and torch.is_grad_enabled():
