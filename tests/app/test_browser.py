@@ -146,3 +146,125 @@ def test_a_report_on_hostile_names_runs_no_script_and_draws_them_as_text(tmp_pat
     keep = os.environ.get("GRADNORM_KEEP_SCREENSHOTS")
     if keep:  # to look at the page by eye
         shutil.copy(screenshot, Path(keep) / screenshot.name)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Every view at two window sizes: fits the window, legends, no Vega warning, state in the URL
+
+VIEWS = ["Weights", "Compare runs", "Gradient norms & loss ratios", "Overfitting", "Balance", "Export weights"]
+SIZES = [(1400, 900), (1000, 800)]
+#: Screenshots to look at (and keep as CI artifacts); git-ignored.
+RESULTS = Path(__file__).resolve().parent / "results" / "screenshots"
+CHART = "[data-testid='stVegaLiteChart']"
+
+
+def _chart_specs(payload) -> list[dict]:
+    """The Vega-Lite specs in one websocket frame from the server (a ForwardMsg): what the browser drew."""
+    import json
+
+    from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+    if isinstance(payload, str):
+        return []
+    message = ForwardMsg()
+    try:
+        message.ParseFromString(payload)
+    except Exception:  # (not a ForwardMsg: nothing to check)
+        return []
+    if message.WhichOneof("type") != "delta" or message.delta.WhichOneof("type") != "new_element":
+        return []
+    element = message.delta.new_element
+    return [json.loads(element.vega_lite_chart.spec)] if element.WhichOneof("type") == "vega_lite_chart" else []
+
+
+def _settled(page) -> None:
+    """Wait until the script has finished and every chart on the page has drawn."""
+    page.wait_for_timeout(300)
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
+    page.wait_for_function(
+        f"() => [...document.querySelectorAll(\"{CHART}\")].every(c => c.querySelector('canvas, svg'))",
+        timeout=60_000,
+    )
+    page.wait_for_timeout(300)
+
+
+def _rights(page) -> list[float]:
+    return page.evaluate(
+        f"() => [...document.querySelectorAll(\"{CHART}\")].flatMap(c => [c, ...c.querySelectorAll('canvas, svg')]).map(e => e.getBoundingClientRect().right)"
+    )
+
+
+def _layers(spec: dict) -> list[dict]:
+    return [spec, *[layer for layer in spec.get("layer", []) for layer in _layers(layer)]]
+
+
+def _series_channels(spec: dict) -> list[tuple[str, object]]:
+    """(channel, legend) of every colour or dash channel of a chart that maps a field (several series)."""
+    found = []
+    for layer in _layers(spec):
+        for channel in ("color", "strokeDash"):
+            encoding = layer.get("encoding", {}).get(channel)
+            if isinstance(encoding, dict) and "field" in encoding:
+                found.append((channel, encoding.get("legend", "default")))
+    return found
+
+
+def test_every_view_fits_the_window_has_legends_and_draws_without_vega_warnings(repo_app: Served) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    console: list[tuple[str, str]] = []
+    specs: list[dict] = []
+    with playwright_api.sync_playwright() as play:
+        browser = launch(play)
+        try:
+            for width, height in SIZES:
+                page = browser.new_page(viewport={"width": width, "height": height})
+                page.on("console", lambda message: console.append((message.type, message.text)))
+                page.on("websocket", lambda socket: socket.on("framereceived", lambda payload: specs.extend(_chart_specs(payload))))
+                page.goto(repo_app.server.url, wait_until="domcontentloaded")
+                page.wait_for_selector(f"{CHART} canvas", timeout=60_000)
+                for view in VIEWS:
+                    page.locator("[data-testid='stMainBlockContainer'] label").filter(has_text=view).first.click()
+                    _settled(page)
+                    if view != "Export weights":
+                        assert page.locator(CHART).count() >= 1, view
+                    page.screenshot(path=str(RESULTS / f"{view.split()[0].lower()}-{width}x{height}.png"))
+                    viewport = page.evaluate("() => document.documentElement.clientWidth")
+                    assert max(_rights(page), default=0) <= viewport, (view, width, _rights(page))
+                    assert page.locator("[data-testid='stException']").count() == 0, view
+                page.close()
+        finally:
+            browser.close()
+    vega = [text for kind, text in console if kind in ("warning", "error") and ("WARN" in text or "vega" in text.lower())]
+    assert not vega, vega
+    assert len(specs) >= 10  # every chart of every view (a second session may get them from the message cache)
+    for spec in specs:
+        for channel, legend in _series_channels(spec):
+            assert legend is not None, (channel, spec.get("title"))
+
+
+def test_a_reload_with_the_url_restores_the_view(repo_app: Served) -> None:
+    with playwright_api.sync_playwright() as play:
+        browser = launch(play)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{repo_app.server.url}/?run=toy-T2-equal&run=toy-T2-gradnorm&view=Balance&log=1", wait_until="domcontentloaded")
+            page.wait_for_selector(f"{CHART} canvas", timeout=60_000)
+            _settled(page)
+            page.locator("[data-testid='stMainBlockContainer'] label").filter(has_text="Compare runs").first.click()
+            _settled(page)
+            assert "view=Compare+runs" in page.url or "view=Compare%20runs" in page.url, page.url
+            shown = page.url
+            page.reload(wait_until="domcontentloaded")
+            page.wait_for_selector(f"{CHART} canvas", timeout=60_000)
+            _settled(page)
+            checked = page.evaluate(
+                "() => [...document.querySelectorAll('[data-testid=stMainBlockContainer] [role=radiogroup] input:checked')]"
+                ".map(i => i.closest('label').innerText.trim())"
+            )
+            assert "Compare runs" in checked, checked
+            text = page.inner_text("[data-testid='stSidebar']")
+            assert "toy-T2-equal" in text and "toy-T2-gradnorm" in text and "toy-T10-gradnorm" not in text
+            assert page.locator("[data-testid='stSidebar'] input[type=checkbox]").first.is_checked()  # log scale
+            assert page.url == shown
+        finally:
+            browser.close()
