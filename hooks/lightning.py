@@ -15,9 +15,11 @@ The run is closed as ``finished`` at the end of fitting and as ``failed`` when f
 With a ``runs_root`` and a logger on the Trainer, the recorded per-task quantities (``gradnorm/weight/<task>``,
 ``gradnorm/grad_norm/<task>``, ...) also go to the Trainer's logger through ``pl_module.log_dict``, at the
 Trainer's logging steps (``log_every_n_steps``). The values come from the recorder's writer (host floats,
-toolkit/forwarding.py): the training thread reads nothing back from the device for them. A row reaches the
-logger a flush late (up to ``flush_every`` steps), so each logged row carries ``gradnorm/step``, the step
-it was recorded at; the logger's own step is the Trainer's. At the end of fitting, E_t[w_i] and its drift
+toolkit/forwarding.py): the training thread reads nothing back from the device for them. The recorder then
+flushes every ``log_every_n_steps`` steps (unless ``flush_every=`` is given), and a row reaches the logger
+after its flush, one or two logging steps late, so each logged row carries ``gradnorm/step``, the step it
+was recorded at; the logger's own step is the Trainer's. The rows of the last interval arrive as the run
+closes, after the last logging step: they are in the records, not in the logger. At the end of fitting, E_t[w_i] and its drift
 (``gradnorm/mean_weight/<task>``, ``gradnorm/drift/<task>``) go to each logger as metrics.
 """
 
@@ -114,6 +116,8 @@ class GradNormCallback(pl.Callback):
         if self.log and self.runs_root is not None and trainer.loggers and every > 0:
             self.logged_rows = LoggerRows(every=every, quantities=self.log_quantities)
             options["trackers"] = resolve_trackers(options.get("trackers")) + [self.logged_rows]
+            # Rows reach the logger after their flush: flushing once per logging interval keeps that a step or two of it.
+            options.setdefault("flush_every", every)
         self.session = attach(self.shared_layer(pl_module), self.balancer, runs_root=self.runs_root, **options)
         # nn.Module.__setattr__ is annotated for tensors and modules, though it keeps any other value as a plain attribute.
         cast(Any, pl_module).gradnorm = self.session
