@@ -51,8 +51,17 @@ def worker(rank: int, world: int, port: int, root: str, heads, out: str) -> None
         model, x, y = model_and_data(3)
         ddp = DistributedDataParallel(model)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        # The taps form and all-reduce the T per-task gradients: distributed_norms="gradients". Without heads,
+        # the default ("auto") exchanges W's rows (hooks/distributed_norms.py).
+        route = "gradients" if heads else "auto"
         session = hooks.attach(
-            model.shared_layer, GradNorm(alpha=0.12), runs_root=root, run_name="ddp", flush_every=5, heads=list(model.heads) if heads else None
+            model.shared_layer,
+            GradNorm(alpha=0.12),
+            runs_root=root,
+            run_name="ddp",
+            flush_every=5,
+            heads=list(model.heads) if heads else None,
+            distributed_norms=route,
         )
         trajectory = []
         with session:
@@ -66,6 +75,10 @@ def worker(rank: int, world: int, port: int, root: str, heads, out: str) -> None
                 trajectory.append(session.balancer.weights().clone())
         if heads == "stream":
             assert session.taps.mode == "stream", session.taps.mode
+        if heads:
+            assert session.taps is not None
+        else:
+            assert session.meter.route == "distributed-rows", session.meter.route
         torch.save({"weights": torch.stack(trajectory), "params": [p.detach().clone() for p in model.parameters()]}, out)
         dist.destroy_process_group()
     except BaseException:
@@ -94,7 +107,7 @@ def single_process_reference():
     return torch.stack(trajectory)
 
 
-@pytest.mark.parametrize("heads", [False, True, "stream"], ids=["autograd", "heads", "heads-stream"])
+@pytest.mark.parametrize("heads", [False, True, "stream"], ids=["auto-rows", "heads-gradients", "heads-stream-gradients"])
 def test_ddp_weights_agree_across_ranks_and_with_one_process(tmp_path, heads):
     context = multiprocessing.get_context("spawn")
     port = free_port()
