@@ -30,6 +30,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union, cast
 
+import torch
+
 from gradnorm.toolkit import runs
 from gradnorm.toolkit.balancers import Balancer
 from gradnorm.toolkit.forwarding import DEFAULT_QUANTITIES, Rows, RunSummary, Tracker, resolve_trackers
@@ -129,7 +131,10 @@ class GradNormCallback(pl.Callback):
             return
         row = self.logged_rows.take()
         if row is not None:
-            pl_module.log_dict(row, on_step=True, on_epoch=False, logger=True, prog_bar=False, batch_size=1)
+            # As CPU tensors: Lightning keeps a logged tensor's state on its device, where a Python float would
+            # be copied to the module's device and read back at the logging step (a wait on a GPU).
+            values = {key: torch.tensor(value) for key, value in row.items()}
+            pl_module.log_dict(values, on_step=True, on_epoch=False, logger=True, prog_bar=False, batch_size=1)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.session is not None:
