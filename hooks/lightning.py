@@ -43,6 +43,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without lightning
     raise ImportError("gradnorm.hooks.lightning needs the lightning package: pip install 'gradnorm-toolkit[lightning]'") from exc
 
+#: The key of the session's state in Lightning's checkpoint.
+CHECKPOINT_KEY = "gradnorm"
 #: Forwarded rows waiting for a logging step; beyond this the oldest go (a Trainer that logs far less often than it records).
 MAX_WAITING_ROWS = 1000
 
@@ -106,6 +108,7 @@ class GradNormCallback(pl.Callback):
         self.options = options
         self.session: Optional[Session] = None
         self.logged_rows: Optional[LoggerRows] = None
+        self._loaded_state: Optional[dict[str, Any]] = None  # from on_load_checkpoint, for on_fit_start
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         options = dict(self.options)
@@ -120,9 +123,27 @@ class GradNormCallback(pl.Callback):
             options["trackers"] = resolve_trackers(options.get("trackers")) + [self.logged_rows]
             # Rows reach the logger after their flush: flushing once per logging interval keeps that a step or two of it.
             options.setdefault("flush_every", every)
+        loaded, self._loaded_state = self._loaded_state, None
+        if loaded is not None and self.runs_root is not None and options.get("run_name") is not None:
+            options["resume"] = True  # the checkpoint's run continues under its name, as its next attempt
         self.session = attach(self.shared_layer(pl_module), self.balancer, runs_root=self.runs_root, **options)
+        if loaded is not None:
+            self.session.load_state_dict(loaded)
         # nn.Module.__setattr__ is annotated for tensors and modules, though it keeps any other value as a plain attribute.
         cast(Any, pl_module).gradnorm = self.session
+
+    # -- Lightning's checkpoints carry the session (docs/training-jobs.md) --------------------------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Put :meth:`Session.state_dict` into Lightning's checkpoint (key ``gradnorm``)."""
+        if self.session is not None:  # (also after fitting ends: trainer.save_checkpoint then)
+            checkpoint[CHECKPOINT_KEY] = self.session.state_dict()
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Keep the checkpoint's session state; ``on_fit_start`` loads it into the new session, which then
+        continues the balancer bit for bit and records into the checkpoint's run as its next attempt."""
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is not None:
+            self._loaded_state = state
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Only at the Trainer's logging steps (the check log_dict's values meet right after this hook), so

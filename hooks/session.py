@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradnorm.toolkit import runs
-from gradnorm.toolkit.balancers import Balancer, EqualWeights, StaticWeights, stats_matrix
+from gradnorm.toolkit.balancers import Balancer, EqualWeights, StaticWeights, StepStats, stats_matrix
 from gradnorm.toolkit.forwarding import Forwarder, TrackerSpec, resolve_trackers
 from gradnorm.toolkit.recorder import DEFAULT_FLUSH_EVERY, Recorder
 
@@ -65,6 +65,9 @@ Losses = Union[Mapping[str, Tensor], Sequence[Tensor]]
 #: A step the taps finish from inside the user's backward: (the losses as handed in, with their graph;
 #: the stacked losses, detached; the applied weights; epoch; step).
 _PendingStep = tuple[list[Tensor], Tensor, Tensor, Optional[int], Optional[int]]
+#: Layout of :meth:`Session.state_dict`, and its keys.
+SESSION_STATE_FORMAT = 1
+SESSION_STATE_KEYS = ("format", "balancer", "step", "tasks", "run_id", "attempt")
 #: What ``Recorder.close`` records as ``closed_by`` for a session dropped without ``close()``.
 CLOSED_BY_COLLECTION = "garbage collection"
 
@@ -237,6 +240,9 @@ class Session:
         trackers: Union[None, TrackerSpec, Sequence[TrackerSpec]] = None,
         distributed_norms: str = "auto",
         sketch_size: int = DEFAULT_SKETCH_SIZE,
+        resume: bool = False,
+        update_every: int = 1,
+        accumulate: int = 1,
     ) -> None:
         # First, so that hooks registered before a later argument check fails are removed with the half-made session.
         self._owned = _Owned()
@@ -261,6 +267,23 @@ class Session:
                 stacklevel=3,
             )
         self._user_weights = weights
+        for name, value in (("update_every", update_every), ("accumulate", accumulate)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if (update_every > 1 or accumulate > 1) and self.balancer.uses_current_step:
+            raise ValueError(
+                f"{self.balancer.name} sets each step's weights from that step's own losses or gradients; update_every and accumulate do not apply to it"
+            )
+        #: Norms measured and weights updated every update_every-th step only (the others cost what equal weights cost).
+        self.update_every = update_every
+        #: Micro-batches per optimiser step; the k-th finishes the step.
+        self.accumulate = accumulate
+        self._micro = 0
+        self._acc_losses: Optional[Tensor] = None
+        self._acc_counts: list[int] = []
+        self._acc_grads: list[Optional[Tensor]] = []
+        self._partial = False  # some step lacked a task: every step is balanced over the present tasks since
+        self._defined: frozenset[str] = frozenset()  # the recorded fields of the last step
         self._applied: Optional[Tensor] = None
         self.measure = measure_grad_norms or self.balancer.needs_grad_norms
         per_channel = bool(getattr(self.balancer, "per_channel", False))
@@ -299,12 +322,21 @@ class Session:
                 self._heads_search = (
                     f"not searched: {self.balancer.name} sets this step's weights from this step's losses or gradients before the loss is formed"
                 )
+            elif accumulate > 1:
+                self._heads_search = (
+                    f"not searched: accumulate={accumulate} sums each task's gradient at W over the micro-batches, "
+                    "which the taps (one norm per backward) do not keep"
+                )
             else:
                 self._finder = HeadFinder()
                 self._owned.own(self._finder.handle)
         elif heads is None or heads is False:
             self._heads_search = f"not searched: heads={heads!r} asks for the general path"
         else:
+            if accumulate > 1:
+                raise ValueError(
+                    f"heads= taps one norm per backward; accumulate={accumulate} needs each task's gradient summed over the micro-batches: leave heads= out"
+                )
             if taps_unusable:
                 raise ValueError(
                     f"heads= measures gradient norms during your backward, but {self.balancer.name} needs this step's "
@@ -321,12 +353,21 @@ class Session:
         if runs_root is not None and run_name is not None:
             runs.validate_run_id(run_name)  # before anything is created on disk
         self.runs_root = None if runs_root is None else runs.check_runs_root(runs_root)
-        if self.runs_root is not None and distributed.world_size() == 1:
+        if resume and (self.runs_root is None or run_name is None):
+            raise ValueError("resume=True continues the run named run_name under runs_root; give both")
+        if self.runs_root is not None and distributed.world_size() == 1 and not resume:
             self.run_name, self._owned.claim = runs.reserve_run(self.runs_root, run_name, self.balancer.name)
         else:
             self.run_name = run_name or time.strftime(f"{self.balancer.name}-%Y%m%d-%H%M%S")
         self.flush_every = flush_every
         self.user_config = dict(config or {})
+        self._named = run_name is not None
+        self._first_step: Optional[int] = None  # the step number the first step is recorded under
+        # resume=True: record into run_name as its next attempt if it exists (else create it); a loaded state
+        # continues its own run the same way (load_state_dict).
+        self._resume_asked = bool(resume)
+        self._resume = False
+        self.attempt = 1
         self.run_path: Optional[Path] = None
         self.recorder: Optional[Recorder] = None
         self.closed = False
@@ -335,15 +376,20 @@ class Session:
     def loss(self, losses: Losses, *, epoch: Optional[int] = None, step: Optional[int] = None) -> Tensor:
         """The weighted loss sum_i w_i L_i of this step (shadow mode: with the user's weights)."""
         self._check_open()
-        names, values = self._split(losses)
+        names, optional_values, present = self._split(losses)
         if self._pending is not None:
             self._unfinished_step()
-        stacked = self._stack(values)
+        stacked = self._stack(optional_values)
+        if present is not None:
+            self._check_partial(present, names)
+            self._stop_head_search(f"not searched: the first step lacks task(s) {[t for t, p in zip(names, present) if not p]}")
+        values = [v for v in optional_values if v is not None]
         # The head search: this step is measured the general way; the taps found here serve from the next.
         finder = self._finder
         first = not self.balancer.bound
         if first:
             self._bind(names, stacked)
+            self._first_step = step
         route = self._search_heads(finder, values) if finder is not None else None
         if first:
             self._open_run(values, route)
@@ -353,6 +399,15 @@ class Session:
         # Gradient surgery acts on Z's gradient; the heads then train on unit-weighted losses.
         loss_weights = torch.ones_like(applied) if self.balancer.weights_act_on_representation and not self.shadow else applied
         total = (loss_weights * stacked).sum()
+        if self.accumulate > 1:
+            self._micro_batch(optional_values, stacked, applied, present, epoch, step)
+            return total
+        if not self._measures_now():
+            self._hold(stacked, applied, present, epoch, step)
+            return total
+        if present is not None:
+            self._observe_present(optional_values, stacked, applied, present, epoch, step)
+            return total
         if self.taps is not None and finder is None:
             self._defer(self.taps, values, stacked, applied, epoch, step)
             return total
@@ -368,20 +423,31 @@ class Session:
         if not self.shadow:
             raise RuntimeError("observe() is for shadow mode (attach(..., shadow=True)); use loss() to balance")
         self._check_open()
-        names, values = self._split(losses)
+        names, optional_values, present = self._split(losses)
         if self._pending is not None:
             self._unfinished_step()
-        stacked = self._stack(values)
+        stacked = self._stack(optional_values)
+        if present is not None:
+            self._check_partial(present, names)
+        values = [v for v in optional_values if v is not None]
         self._stop_head_search("not searched: observe() measures before your backward")
         if self.taps is not None and self._auto:
             self._drop_taps(f"from step {self.step_index}: observe() measures before your backward")
         if not self.balancer.bound:
             self._bind(names, stacked)
+            self._first_step = step
             self._open_run(values, None)
         applied = self._applied_weights()
-        if self.balancer.uses_current_step:
-            self._current_step_weights(values, stacked, applied)
-        self._observe(values, stacked, applied, epoch, step)
+        if self.accumulate > 1:
+            self._micro_batch(optional_values, stacked, applied, present, epoch, step)
+        elif not self._measures_now():
+            self._hold(stacked, applied, present, epoch, step)
+        elif present is not None:
+            self._observe_present(optional_values, stacked, applied, present, epoch, step)
+        else:
+            if self.balancer.uses_current_step:
+                self._current_step_weights(values, stacked, applied)
+            self._observe(values, stacked, applied, epoch, step)
 
     def weights(self) -> dict[str, float]:
         """The balancer's current weights by task (a host copy: call it outside the hot path)."""
@@ -432,6 +498,91 @@ class Session:
         )
         return self._owned.own(taps)
 
+    # -- checkpoint and resume ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the session needs to continue bit for bit, for ``torch.save`` beside the model's state.
+
+        The balancer's state (weights w(t), their optimiser's moments and step, L_i(0); see
+        :meth:`Balancer.state_dict`), the step counter, the tasks, and the run it records into (its id and
+        attempt), as tensors and plain Python values that ``torch.load(weights_only=True)`` reads. Take it
+        after the step's ``backward()`` (the taps finish a step there). The recorder is flushed and waited
+        for first, so every step before the checkpoint is on disk when the checkpoint is.
+        """
+        if self._pending is not None:
+            raise RuntimeError(f"step {self.step_index}'s backward has not run yet (its weights update during backward()); take the state after backward()")
+        if self._micro:
+            raise RuntimeError(
+                f"the state is taken between optimiser steps: this is micro-batch {self._micro} of {self.accumulate} of step {self.step_index}; "
+                "take it after the optimiser step"
+            )
+        if self.recorder is not None and not self.recorder.closed:
+            self.recorder.wait()
+        return {
+            "format": SESSION_STATE_FORMAT,
+            "balancer": self.balancer.state_dict(),
+            "step": self.step_index,
+            "tasks": list(self.tasks) if self.tasks is not None else None,
+            "run_id": self.run_name if self.runs_root is not None else None,
+            "attempt": self.attempt,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], *, same_run: bool = True) -> None:
+        """Continue from a :meth:`state_dict`: call it after ``attach`` and before the first step.
+
+        The balancer, the step counter and the tasks are restored, so the weights follow the interrupted
+        run's trajectory bit for bit (on the general path, ``heads=None``; with the default taps the first
+        step after loading is measured the general way, whose norms agree to rounding). With a
+        ``runs_root`` and ``same_run=True`` (the default), the session records into the state's run, as
+        its next attempt (``run.json``'s ``attempts``): the run must be under this ``runs_root``, and the
+        directory ``attach`` claimed for a new run is released. Steps the interrupted process recorded
+        after its checkpoint are recorded again, and every analysis reads each step once, the latest
+        attempt's. ``same_run=False`` records into the new run ``attach`` named instead.
+        """
+        self._check_open()
+        if self.step_index or self.balancer.bound:
+            raise RuntimeError("load_state_dict() restores a session before its first step; attach a new session and load the state into it")
+        if not isinstance(state, Mapping):
+            raise ValueError(f"session state must be a dict from Session.state_dict(), got {type(state).__name__}")
+        missing = [key for key in SESSION_STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"session state lacks {missing}: not a Session.state_dict() (a balancer's state loads with balancer.load_state_dict)")
+        if state["format"] != SESSION_STATE_FORMAT:
+            raise ValueError(f"session state has format {state['format']!r}; this toolkit reads format {SESSION_STATE_FORMAT}")
+        step, tasks, run_id = state["step"], state["tasks"], state["run_id"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"session state: 'step' must be an int >= 0, got {step!r}")
+        if tasks is not None and (not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks)):
+            raise ValueError(f"session state: 'tasks' must be a list of task names, got {tasks!r}")
+        if tasks is not None and self.tasks is not None and list(self.tasks) != tasks:
+            raise ValueError(f"session state has tasks {tasks}, this session was attached with tasks={self.tasks}")
+        resume = same_run and self.runs_root is not None and run_id is not None
+        if resume:
+            if not isinstance(run_id, str):
+                raise ValueError(f"session state: 'run_id' must be a run name, got {run_id!r}")
+            runs.validate_run_id(run_id)
+            if self._named and run_id != self.run_name:
+                raise ValueError(
+                    f"session state records into run {run_id!r}, but this session was attached with run_name={self.run_name!r}; "
+                    "leave run_name out (or give the same) to continue that run, or pass same_run=False to record into the new one"
+                )
+            if distributed.world_size() > 1:
+                raise NotImplementedError("resuming into the same run under torch.distributed is not supported yet; pass same_run=False")
+            assert self.runs_root is not None
+            if not (self.runs_root / run_id / "run.json").exists():
+                raise runs.RunError(
+                    f"cannot resume run {run_id!r}: it is not under {self.runs_root}; attach with the runs_root of the interrupted run, "
+                    "or pass same_run=False to record into a new run"
+                )
+        self.balancer.load_state_dict(state["balancer"])
+        if tasks is not None:
+            self.tasks = list(tasks)
+        self.step_index = step
+        if resume:
+            claim, self._owned.claim = self._owned.claim, None
+            if claim is not None and claim.name != run_id:
+                runs.release_run(claim)
+            self.run_name, self._resume = run_id, True
+
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("session is closed")
@@ -449,12 +600,18 @@ class Session:
             raise RuntimeError("the tasks are known from the first step on")
         return self.tasks
 
-    def _stack(self, values: list[Tensor]) -> Tensor:
+    def _stack(self, values: Sequence[Optional[Tensor]]) -> Tensor:
         """The (T,) losses in the statistics' dtype: float32, or float64 for a float64 model or losses.
 
         Autocast's bfloat16 or float16 losses are converted (autograd converts their gradients back), so
         that the weights, their optimiser and the norms never run in half precision.
         """
+        given = [v for v in values if v is not None]
+        if len(given) < len(values):
+            # An absent task's place holds 0 (no gradient: w_i * 0 adds nothing to the total loss).
+            zero = torch.zeros((), dtype=given[0].dtype, device=given[0].device)
+            given = [zero if v is None else v for v in values]
+        values = given
         stacked = torch.stack([v if v.dim() == 0 else v.reshape(()) for v in values])
         dtype = self._dtype
         if dtype is None:
@@ -493,9 +650,16 @@ class Session:
                 return task
         return None
 
-    def _split(self, losses: Losses) -> tuple[list[str], list[Tensor]]:
+    def _split(self, losses: Losses) -> tuple[list[str], list[Optional[Tensor]], Optional[list[bool]]]:
+        """Names, losses in task order (None for a task absent from this step) and the present flags
+        (None when every task is present)."""
+        values: list[Any]
         if isinstance(losses, Mapping):
             names, values = [str(k) for k in losses.keys()], list(losses.values())
+            if self.tasks is not None and names != self.tasks and set(names) < set(self.tasks):
+                # A step that lacks some tasks (multi-dataset or partly labelled batches): absent, in task order.
+                given = dict(zip(names, values))
+                names, values = list(self.tasks), [given.get(task) for task in self.tasks]
         elif isinstance(losses, (list, tuple)):
             values = list(losses)
             names = self.tasks if self.tasks is not None and len(self.tasks) == len(values) else [f"task{i}" for i in range(len(values))]
@@ -503,7 +667,12 @@ class Session:
             raise TypeError(f"losses must be a dict name -> loss or a sequence of losses, got {type(losses).__name__}")
         if len(values) < 2:
             raise ValueError(f"GradNorm balances two or more task losses; got {len(values)} ({names})")
+        flags = [value is not None for value in values]
+        if not any(flags):
+            raise ValueError(f"step {self.step_index} hands no task's loss (all of {names} are None); skip the step instead")
         for name, value in zip(names, values):
+            if value is None:
+                continue
             if not isinstance(value, Tensor) or value.numel() != 1:
                 raise TypeError(
                     f"loss of task {name!r} must be a scalar tensor, got {type(value).__name__}{'' if not isinstance(value, Tensor) else tuple(value.shape)}"
@@ -514,8 +683,11 @@ class Session:
             missing = [t for t in self.tasks if t not in names]
             extra = [t for t in names if t not in self.tasks]
             detail = f"missing {missing}, unexpected {extra}" if (missing or extra) else f"order {names} vs {self.tasks}"
-            raise ValueError(f"task names changed at step {self.step_index}: {detail}; every step must hand the same tasks in the same order")
-        return names, values
+            raise ValueError(
+                f"task names changed at step {self.step_index}: {detail}; every step must hand the same tasks in the same order "
+                "(a step may leave tasks out, or give None for them; a task first seen after the first step needs attach(..., tasks=[...]))"
+            )
+        return names, values, (None if all(flags) else flags)
 
     def _current_step_weights(self, values: list[Tensor], stacked: Tensor, applied: Tensor) -> Tensor:
         """Weights of a method that reads this step's own losses or gradients (MGDA, PCGrad, 1/L, 1/||g||)."""
@@ -545,6 +717,7 @@ class Session:
         if self.runs_root is None:
             return
         names = self._known_tasks()
+        first_step = self.step_index if self._first_step is None else self._first_step
         meta: dict[str, Any] = {
             "tasks": names,
             "balancer": self.balancer.config(),
@@ -558,16 +731,23 @@ class Session:
             meta["grad_norm_route"] = f"{self.meter.choice.route}: {self.meter.choice.reason}"
         if isinstance(self.meter, DistributedNormMeter):
             meta["distributed_norms"] = self.meter.describe()
+        if self.taps is not None and self.taps.reason is not None:
+            meta["head_taps_route"] = self.taps.reason  # the taps' Gram route taken or not, and why
         if self._heads_search is not None:
             meta["heads_search"] = self._heads_search
         if self._applied is not None:
             meta["applied_weights"] = dict(zip(names, self._applied.tolist()))
-        self.run_path = distributed.create_or_join_run(self.runs_root, self.run_name, meta)
-        self.recorder = self._owned.recorder = Recorder(self.run_path, names, flush_every=self.flush_every, listeners=self.listeners)
+        if self._resume or (self._resume_asked and (self.runs_root / self.run_name / "run.json").exists()):
+            self.run_path, self.attempt = runs.resume_run(self.runs_root, self.run_name, first_step, meta)
+        else:
+            self.run_path = distributed.create_or_join_run(self.runs_root, self.run_name, meta)
+        self.recorder = self._owned.recorder = Recorder(self.run_path, names, flush_every=self.flush_every, listeners=self.listeners, attempt=self.attempt)
 
     def _grad_norm_path(self, auto_route: Optional[str]) -> str:
         if not self.measure:
             return "not measured"
+        if self.accumulate > 1:
+            return f"{AUTOGRAD_LOOP} (accumulate={self.accumulate}: each task's gradient at W summed over the micro-batches)"
         general = self.meter.route or AUTOGRAD_LOOP
         if self.taps is None:
             return general
@@ -710,14 +890,121 @@ class Session:
         self._step_norms = None
         self._finish(stacked.detach(), norms, applied, epoch, step)
 
-    def _finish(self, stacked: Tensor, norms: Optional[Tensor], applied: Tensor, epoch: Optional[int], step: Optional[int]) -> None:
+    def _finish(
+        self, stacked: Tensor, norms: Optional[Tensor], applied: Tensor, epoch: Optional[int], step: Optional[int], present: Optional[list[bool]] = None
+    ) -> None:
         # Under DDP every rank balances the global (rank-averaged) losses, so the weights agree.
         stacked = self.meter.global_losses(stacked) if isinstance(self.meter, DistributedNormMeter) else distributed.mean_across_ranks(stacked)
-        stats = self.balancer.update(stacked, norms, applied=applied)
+        if present is None and self._partial:
+            present = [True] * len(stacked)  # once a step lacked a task, every step is balanced over the present ones
+        stats = self.balancer.update(stacked, norms, applied=applied, present=present)
+        if self.update_every > 1:
+            stats.step_measured = torch.ones_like(stacked)
+        self._record(stats, epoch, step)
+
+    def _record(self, stats: StepStats, epoch: Optional[int], step: Optional[int]) -> None:
         if self.recorder is not None:
             matrix, defined = stats_matrix(stats, len(self._known_tasks()))
+            # A step between updates defines fewer fields; the recorder keeps one layout per flush, and the
+            # fields it lacks are null on its rows (step_measured False), so it takes the measured steps' layout.
+            if defined < self._defined:
+                defined = self._defined
+            self._defined = defined
             self.recorder.record(self.step_index if step is None else step, matrix, defined, epoch=epoch)
         self.step_index += 1
+
+    # -- update_every, tasks missing from a step, gradient accumulation --------------------------------
+    def _measures_now(self) -> bool:
+        """Whether this step measures the norms and updates the weights (every ``update_every``-th step)."""
+        return self.update_every == 1 or self.step_index % self.update_every == 0
+
+    def _hold(self, stacked: Tensor, applied: Tensor, present: Optional[list[bool]], epoch: Optional[int], step: Optional[int]) -> None:
+        """A step between updates: no taps armed, no norms, the weights as they are; its losses recorded."""
+        stacked = distributed.mean_across_ranks(stacked.detach())
+        if present is None and self._partial:
+            present = [True] * len(stacked)
+        stats = self.balancer.hold(stacked, applied=applied, present=present)
+        stats.step_measured = torch.zeros_like(stacked)
+        self._record(stats, epoch, step)
+
+    def _check_partial(self, present: list[bool], names: Sequence[str]) -> None:
+        """A step lacking some tasks: the balancer must balance the present ones among themselves."""
+        absent = [task for task, flag in zip(names, present) if not flag]
+        if not self.balancer.supports_missing_tasks:
+            raise ValueError(
+                f"step {self.step_index} lacks task(s) {absent}, but {self.balancer.name} balances all tasks at every step "
+                "(GradNorm and static weights accept missing tasks)"
+            )
+        if distributed.world_size() > 1:
+            raise NotImplementedError("steps that lack some tasks are not supported under torch.distributed yet (the ranks' tasks would differ)")
+        self._partial = True
+
+    def _observe_present(
+        self, values: list[Optional[Tensor]], stacked: Tensor, applied: Tensor, present: list[bool], epoch: Optional[int], step: Optional[int]
+    ) -> None:
+        """A step lacking some tasks: the present tasks' norms, one backward each (an absent task's head
+        gets no gradient, so the taps, armed for all heads, are not used for it)."""
+        self._check_first_step([v for v in values if v is not None])
+        norms = self._task_norms(self._task_gradients(values)) if self.measure else None
+        self._finish(stacked.detach(), norms, applied, epoch, step, present)
+
+    def _task_gradients(self, values: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+        """grad_W L_i of each present task (None where absent), the user's graph kept for their backward."""
+        parameter = self.layer.parameter
+        return [None if v is None else torch.autograd.grad(v, parameter, retain_graph=True)[0] for v in values]
+
+    def _task_norms(self, grads: Sequence[Optional[Tensor]]) -> Tensor:
+        """(T,) norms ||grad_W L_i|| (per output channel: (T, C)), NaN where absent, in the statistics' dtype."""
+        dtype = self._dtype or torch.float32
+        rows: list[Optional[Tensor]] = []
+        for grad in grads:
+            if grad is None:
+                rows.append(None)
+                continue
+            g = grad.to(dtype)
+            rows.append(g.reshape(g.shape[0], -1).norm(dim=1) if self._per_channel else torch.linalg.vector_norm(g))
+        known = next(r for r in rows if r is not None)
+        nan = torch.full(known.shape, float("nan"), dtype=dtype, device=known.device)
+        return torch.stack([nan if r is None else r for r in rows])
+
+    def _micro_batch(
+        self, values: list[Optional[Tensor]], stacked: Tensor, applied: Tensor, present: Optional[list[bool]], epoch: Optional[int], step: Optional[int]
+    ) -> None:
+        """One of ``accumulate`` micro-batches of an optimiser step: each task's loss and its gradient at W
+        are averaged over the micro-batches where it is present (as the network's gradient accumulates,
+        with the usual division by k), and the k-th one finishes the step: one update, one record."""
+        if self.step_index == 0 and self._micro == 0:
+            self._check_first_step([v for v in values if v is not None])
+        measured = self._measures_now() and self.measure
+        flags = present if present is not None else [True] * len(values)
+        if self._micro == 0 or self._acc_losses is None:
+            self._acc_losses = torch.zeros_like(stacked.detach())
+            self._acc_counts = [0] * len(values)
+            self._acc_grads = [None] * len(values)
+        self._acc_losses = self._acc_losses + stacked.detach()
+        self._acc_counts = [count + flag for count, flag in zip(self._acc_counts, flags)]
+        if measured:
+            for index, grad in enumerate(self._task_gradients(values)):
+                if grad is not None:
+                    held = self._acc_grads[index]
+                    self._acc_grads[index] = grad if held is None else held + grad
+        self._micro += 1
+        if self._micro < self.accumulate:
+            return
+        self._micro = 0
+        counts = self._acc_counts
+        divisor = torch.tensor([max(c, 1) for c in counts], dtype=stacked.dtype, device=stacked.device)
+        losses = self._acc_losses / divisor
+        seen = [c > 0 for c in counts]
+        partial = None if all(seen) else seen
+        if partial is not None:
+            self._check_partial(partial, self._known_tasks())
+        if not measured:
+            self._hold(losses, applied, partial, epoch, step)
+            return
+        grads = [None if g is None else distributed.mean_across_ranks(g / c) for g, c in zip(self._acc_grads, counts)]
+        self._acc_grads = [None] * len(values)
+        self._finish(losses, self._task_norms(grads), applied, epoch, step, partial)
 
 
 def attach(
@@ -737,6 +1024,9 @@ def attach(
     trackers: Union[None, TrackerSpec, Sequence[TrackerSpec]] = None,
     distributed_norms: str = "auto",
     sketch_size: int = DEFAULT_SKETCH_SIZE,
+    resume: bool = False,
+    update_every: int = 1,
+    accumulate: int = 1,
 ) -> Session:
     """Attach ``balancer`` (default: equal weights, monitor only) at the shared layer ``shared``
     (paper section 3: W, the last shared layer, where the per-task gradient norms G_W^(i) are taken).
@@ -748,7 +1038,10 @@ def attach(
     backward from the second step where the model allows (``run.json``'s ``heads_search`` says why where
     it does not); the task heads in task order tap them from the first step; ``None`` (or ``False``)
     measures them with separate backward passes, the general path. ``grad_scaler`` is accepted and
-    ignored: the loss scale is read from the backward itself.
+    ignored: the loss scale is read from the backward itself. ``resume=True`` records into the existing run
+    ``run_name`` as its next attempt (created if absent), for a job that restarts from a checkpoint:
+    load the checkpoint's :meth:`Session.state_dict` with :meth:`Session.load_state_dict` before the first
+    step (``docs/training-jobs.md``).
     Under ``torch.distributed`` every rank attaches with the same ``run_name``; see ``hooks/distributed.py``.
     ``distributed_norms`` says how the norms of the rank-averaged gradient are formed there: ``"auto"``
     chooses by the bytes each route sends, ``"exact"`` forces the cheaper exact route, ``"rows"``,
@@ -773,4 +1066,7 @@ def attach(
         trackers=trackers,
         distributed_norms=distributed_norms,
         sketch_size=sketch_size,
+        resume=resume,
+        update_every=update_every,
+        accumulate=accumulate,
     )

@@ -76,6 +76,10 @@ MIN_RESERVE_BYTES = 64 << 10
 #: A rank is compacted once it holds more part files than this: the analysis meets its targets at
 #: 1 M steps x 10 tasks with 200 files (benchmarks/results/analysis.md), and fewer are not worth rewriting.
 COMPACT_ABOVE_FILES = 200
+#: The columns that are null on an absent task's row (its weight stays: it is frozen, not unknown).
+ABSENT_NULL = frozenset(("loss", "loss_ratio", "inverse_rate", "grad_norm", "target_norm"))
+#: The columns that are null at a step whose norms were not measured (``update_every``).
+UNMEASURED_NULL = frozenset(("grad_norm", "target_norm", "step_grad_loss"))
 #: Rows of a compacted file; a file this large is never merged again.
 COMPACT_TARGET_ROWS = 1_000_000
 #: The background compaction merges this many adjacent files of the same size class at a time, so a row
@@ -167,6 +171,7 @@ class Recorder:
         compact_fanout: int = COMPACT_FANOUT,
         compact_grace: float = COMPACT_GRACE,
         listeners: Sequence[RecordListener] = (),
+        attempt: int = 1,
     ) -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
@@ -182,6 +187,10 @@ class Recorder:
                 f"compaction needs compact_above >= 1, compact_target_rows >= 1, compact_fanout >= 2 and a finite compact_grace >= 0, "
                 f"got {compact_above}, {compact_target_rows}, {compact_fanout}, {compact_grace!r}"
             )
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise ValueError(f"attempt must be an int >= 1 (the run's n-th process), got {attempt!r}")
+        #: Written on every row (schema ``attempt``): of two rows of one step, the later attempt's wins.
+        self.attempt = attempt
         self.run_path = Path(run_path)
         runs.check_writable(self.run_path)
         self.heartbeat_interval = float(heartbeat_interval)
@@ -352,6 +361,9 @@ class Recorder:
             if self.rank == 0:
                 meta = runs.read_run_json(self.run_path)
                 meta.update(final)
+                attempts = meta.get("attempts")
+                if isinstance(attempts, list) and attempts and isinstance(attempts[-1], dict) and attempts[-1].get("attempt") == self.attempt:
+                    attempts[-1].update(status=status, finished=final["finished"], rows_written=self.rows_written)
                 meta["updated"] = time.time()
                 runs.write_json_reserved(self._status_file, meta, self._reserve)
             else:
@@ -618,14 +630,27 @@ class Recorder:
                 "split": self._constant_columns(rows)[0],
                 "task": self._constant_columns(rows)[1],
             }
+            absent = unmeasured = None
+            if "present" in batch.defined:
+                flags = flat[:, schema.RECORDED_FIELDS.index("present")] < 0.5
+                absent = flags if flags.any() else None
+            if "step_measured" in batch.defined:
+                flags = flat[:, schema.RECORDED_FIELDS.index("step_measured")] < 0.5
+                unmeasured = flags if flags.any() else None
             for index, name in enumerate(schema.RECORDED_FIELDS):
                 kind = schema.METRICS_SCHEMA.field(name).type
                 if name not in batch.defined:
                     columns[name] = pa.nulls(rows, kind)
-                elif name == "step_update_skipped":
+                elif name == "step_update_skipped" or name in schema.FLAG_FIELDS:
                     columns[name] = pa.array(flat[:, index] > 0.5)
                 else:
-                    columns[name] = pa.array(np.ascontiguousarray(flat[:, index]), kind)
+                    values = np.ascontiguousarray(flat[:, index])
+                    # An absent task's values are null, not NaN: nothing was measured (schema ``present``).
+                    mask = absent if name in ABSENT_NULL else None
+                    if unmeasured is not None and name in UNMEASURED_NULL:
+                        mask = unmeasured if mask is None else mask | unmeasured
+                    columns[name] = pa.array(values, kind, mask=mask)
+            columns["attempt"] = pa.array(np.full(rows, self.attempt, dtype=np.int64))
             tables.append(pa.Table.from_arrays([columns[name] for name in schema.COLUMNS], schema=schema.METRICS_SCHEMA))
         if batch.validation:
             validation: dict[str, list] = {name: [] for name in schema.COLUMNS}
@@ -636,7 +661,7 @@ class Recorder:
                 validation["split"].append(schema.VALIDATION)
                 validation["task"].append(task)
                 for name in schema.COLUMNS[5:]:
-                    validation[name].append(loss if name == "loss" else None)
+                    validation[name].append(loss if name == "loss" else self.attempt if name == "attempt" else None)
             tables.append(pa.table(validation, schema=schema.METRICS_SCHEMA))
         if not tables:
             return schema.METRICS_SCHEMA.empty_table()

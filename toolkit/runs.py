@@ -187,6 +187,7 @@ def create_run(root: str | os.PathLike, run_id: str, meta: Mapping[str, Any]) ->
         created=now,
         updated=now,
         versions=library_versions(),
+        attempts=[{"attempt": 1, "started": now}],
     )
     try:
         (path / schema.METRICS_DIR).mkdir(exist_ok=reserved)
@@ -542,6 +543,45 @@ class WriterLock:
         if self._handle is not None:
             self._handle.close()  # closing the descriptor releases the flock
             self._handle = None
+
+
+def resume_run(root: str | os.PathLike, run_id: str, first_step: int, changes: Mapping[str, Any]) -> tuple[Path, int]:
+    """Open ``<root>/<run_id>`` for a process that resumes it from a checkpoint; returns (path, attempt).
+
+    The run keeps its records: ``run.json``'s ``attempts`` gains ``{"attempt": n, "started", "first_step",
+    "previous_status"}``, its status becomes ``running`` again and ``changes`` (this process's settings)
+    are merged in. Rows of earlier attempts at ``first_step`` or later were recorded again by this one
+    (the killed process had gone on past its checkpoint), so every reader leaves them out
+    (:func:`schema.superseded_bounds`). A run that another live process is writing, or that does not
+    exist, is a :class:`RunError` naming it.
+    """
+    validate_run_id(run_id)
+    path = Path(root) / run_id
+    if not (path / schema.RUN_FILE).exists():
+        raise RunError(
+            f"cannot resume run {run_id!r}: no run.json under {path} (attach with the runs_root of the interrupted run, "
+            "or load the state with same_run=False to record into a new run)"
+        )
+    meta = read_run_json(path)
+    # A live writer of rank 0 (the interrupted process is still running) refuses the resume before run.json changes.
+    directory = path / schema.METRICS_DIR / schema.rank_dir_name(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = WriterLock(directory)
+    probe.acquire()
+    probe.release()
+    attempts = meta.get("attempts")
+    history = [a for a in attempts if isinstance(a, dict)] if isinstance(attempts, list) else [{"attempt": 1, "started": meta.get("created")}]
+    numbers: list[int] = [n for a in history if isinstance(n := a.get("attempt"), int) and not isinstance(n, bool)]
+    attempt = max(numbers, default=1) + 1
+    now = time.time()
+    history.append({"attempt": attempt, "started": now, "first_step": int(first_step), "previous_status": meta.get("status")})
+    payload = dict(meta)
+    payload.update(changes)
+    payload.update(attempts=history, status=RUNNING, updated=now, schema_version=schema.SCHEMA_VERSION)
+    for key in ("finished", "closed_by"):
+        payload.pop(key, None)
+    write_json_atomic(path / schema.RUN_FILE, payload)
+    return path, attempt
 
 
 def check_writable(path: str | os.PathLike) -> dict[str, Any]:

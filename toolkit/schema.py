@@ -13,7 +13,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 #: Bumped whenever a column is added, removed or changes meaning. Readers tolerate older versions.
-SCHEMA_VERSION = 1
+#: 2: ``present``, ``step_measured`` and ``attempt`` (resumed runs, tasks missing from a step, update_every).
+SCHEMA_VERSION = 2
 
 TRAIN = "train"
 VALIDATION = "val"
@@ -36,6 +37,12 @@ STEP_METRICS: tuple[str, ...] = (
     "step_update_skipped",  # 1.0 when the weight update was skipped (non-finite input), else 0.0
 )
 
+#: Flags recorded with the metrics (booleans in the file; null in files of schema version 1 reads as True).
+FLAG_FIELDS: tuple[str, ...] = (
+    "present",  # the task's loss was handed in at this step; False: absent (its loss and norms are null, its weight frozen)
+    "step_measured",  # the gradient norms were measured at this step (False between updates with update_every=k)
+)
+
 #: Columns written by the recorder, in file order.
 METRICS_SCHEMA = pa.schema(
     [
@@ -49,6 +56,11 @@ METRICS_SCHEMA = pa.schema(
     + [
         pa.field("step_grad_loss", pa.float64()),
         pa.field("step_update_skipped", pa.bool_()),
+        pa.field("present", pa.bool_()),
+        pa.field("step_measured", pa.bool_()),
+        # The process that wrote the row: 1 for a run's first process, n for its n-th (run.json's
+        # ``attempts``); of two rows of the same step the later attempt's wins (see ``superseded_bounds``).
+        pa.field("attempt", pa.int64()),
     ]
 )
 
@@ -56,7 +68,7 @@ COLUMNS: tuple[str, ...] = tuple(METRICS_SCHEMA.names)
 
 #: Metrics a user may ask the analysis for (numeric columns).
 #: The per-task fields a balancer reports each step, in the order the recorder packs them.
-RECORDED_FIELDS: tuple[str, ...] = TASK_METRICS + STEP_METRICS
+RECORDED_FIELDS: tuple[str, ...] = TASK_METRICS + STEP_METRICS + FLAG_FIELDS
 
 NUMERIC_COLUMNS: tuple[str, ...] = TASK_METRICS + ("step_grad_loss",)
 
@@ -119,3 +131,38 @@ def live_part_files(names: list[str]) -> tuple[list[str], list[str]]:
         live.append(name)
         covered_to = last
     return live, overlapping
+
+
+def superseded_bounds(attempts: object) -> dict[int, int]:
+    """For a resumed run: attempt n -> the first step from which a later attempt recorded again.
+
+    ``attempts`` is ``run.json``'s list of attempts (``{"attempt": n, "first_step": s, ...}``, the first
+    attempt without ``first_step``). A row of attempt n at step >= its bound was recorded again by a
+    later process that resumed from a checkpoint (the killed process had gone on past the checkpoint),
+    so the latest attempt wins: readers leave such rows out. Attempts with no later resume have no bound.
+    Entries that are not of that form are ignored (a hostile or hand-edited run.json answers, unfiltered).
+    """
+    if not isinstance(attempts, list):
+        return {}
+    starts: list[tuple[int, int]] = []
+    found: set[int] = set()
+    for entry in attempts:
+        if not isinstance(entry, dict):
+            continue
+        number, first = entry.get("attempt"), entry.get("first_step")
+        if isinstance(number, int) and _count(number):
+            found.add(number)
+            if isinstance(first, int) and _count(first):
+                starts.append((number, first))
+    numbers = sorted(found)
+    bounds: dict[int, int] = {}
+    for number in numbers:
+        later = [first for other, first in starts if other > number]
+        if later:
+            bounds[number] = min(later)
+    return bounds
+
+
+def _count(value: object) -> bool:
+    """An int a reader can compare steps with exactly (|value| <= 2**53), not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53

@@ -317,7 +317,7 @@ if delay > 0:
     recorder_module.pq.write_table = slow_write
 names = [f"task{i}" for i in range(tasks)]
 rec = Recorder(run_path, names, flush_every=flush_every, compact_above=compact_above, compact_fanout=4, compact_grace=0.05)
-defined = frozenset(schema.RECORDED_FIELDS) - {"step_update_skipped"}
+defined = frozenset(schema.RECORDED_FIELDS) - {"step_update_skipped", *schema.FLAG_FIELDS}  # (flags: not free values)
 matrix = torch.rand(tasks, len(schema.RECORDED_FIELDS), dtype=torch.float64)
 matrix[:, schema.RECORDED_FIELDS.index("weight")] = torch.arange(tasks, dtype=torch.float64)
 loss = schema.RECORDED_FIELDS.index("loss")

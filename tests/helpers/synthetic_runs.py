@@ -48,7 +48,7 @@ def metrics_table(steps: Sequence[int], tasks: Sequence[str] = TASKS, validate_e
                 "step_update_skipped": step % 17 == 5,
             }
             for name in schema.COLUMNS:
-                columns[name].append(values[name])
+                columns[name].append(values.get(name))  # (columns added later, e.g. attempt: null)
         if validate_every and step % validate_every == validate_every - 1:
             for i, task in enumerate(tasks):
                 values = {name: None for name in schema.COLUMNS}

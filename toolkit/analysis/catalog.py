@@ -88,6 +88,8 @@ COLUMN_TYPES: dict[str, tuple[Callable[[pa.DataType], bool], str, str]] = {
     "task": (_text_type, "text", "VARCHAR"),
     **{name: (_number_type, "a number", "DOUBLE") for name in schema.TASK_METRICS + ("step_grad_loss",)},
     "step_update_skipped": (_flag_type, "a flag (boolean or number)", "BOOLEAN"),
+    **{name: (_flag_type, "a flag (boolean or number)", "BOOLEAN") for name in schema.FLAG_FIELDS},
+    "attempt": (_integer_type, "an integer", "BIGINT"),
 }
 REQUIRED_COLUMNS = ("step", "split", "task")
 #: The Arrow type DuckDB reads as each SQL type without a conversion.
@@ -655,6 +657,10 @@ def _listing_row(root: PathLike, run_id: str, now: float) -> dict[str, Any]:
         found.append(f"{run_id}: {lost} row(s) could not be written ({errors or 0} failed write(s)); its records are incomplete")
         if status == runs.FINISHED:
             status = FINISHED_ROWS_LOST
+    rows = sum(p.rows for p in run.parts)
+    last_step = max(last_steps) if last_steps else None
+    if run.parts and schema.superseded_bounds(meta.get("attempts")):
+        rows, last_step = _resumed_counts(run, rows, last_step, found)
     name, mode = balancer.get("name", ""), meta.get("mode", "")
     return {
         "run_id": run_id,
@@ -663,14 +669,30 @@ def _listing_row(root: PathLike, run_id: str, now: float) -> dict[str, Any]:
         "mode": mode if isinstance(mode, str) else "",
         "tasks": tasks,
         "num_tasks": len(tasks),
-        "last_step": max(last_steps) if last_steps else None,
-        "rows": sum(p.rows for p in run.parts),
+        "last_step": last_step,
+        "rows": rows,
         "rows_lost": lost,
         "write_errors": errors,
         "created": _timestamp(meta.get("created")),
         "updated": _timestamp(meta.get("heartbeat") or meta.get("updated")),
         "problems": found,
     }
+
+
+def _resumed_counts(run: RunFiles, rows: int, last_step: Optional[int], found: list[str]) -> tuple[int, Optional[int]]:
+    """Rows and last step of a resumed run, each step counted once (the latest attempt's rows); a query,
+    paid only by runs whose ``attempts`` say a process resumed them. On failure, the files' counts."""
+    from .source import AnalysisError, query  # (source builds on this module)
+
+    try:
+        frame = query([run], "SELECT count(*) AS n, max(step) AS last FROM metrics", columns=("n", "last"))
+    except AnalysisError as exc:
+        found.append(f"{run.run_id}: rows of its attempts not counted once ({exc})")
+        return rows, last_step
+    if frame.empty:
+        return rows, last_step
+    last = frame["last"].iloc[0]
+    return int(frame["n"].iloc[0]), (None if pd.isna(last) else int(last))
 
 
 def _losses(run: RunFiles, found: list[str]) -> tuple[Optional[int], Optional[int]]:

@@ -92,13 +92,38 @@ def metrics_cte(run_list: Sequence[RunFiles], params: dict[str, Any], constants:
         for name, values in (constants or {}).items():
             params[f"{name}{index}"] = values[index]
             extra += f", ${name}{index} AS {name}"
-        selects.append(
+        select = (
             f"SELECT $run{index}::VARCHAR AS run_id{extra}, * FROM ({' UNION ALL '.join(scans)}) "
             f"WHERE step BETWEEN {-MAX_ABS_STEP} AND {MAX_ABS_STEP} AND split IS NOT NULL AND task IS NOT NULL"
         )
+        latest = _latest_attempt(run, index, params)
+        if latest:
+            # Of the rows left, one (split, task, step) recorded by two attempts is the later attempt's.
+            select = f"SELECT * FROM ({select}{latest}) QUALIFY rank() OVER (PARTITION BY split, task, step ORDER BY COALESCE(attempt, 1) DESC) = 1"
+        selects.append(select)
     if not selects:
         return None
     return "metrics AS (" + " UNION ALL BY NAME ".join(selects) + ")"
+
+
+def _latest_attempt(run: RunFiles, index: int, params: dict[str, Any]) -> str:
+    """The condition that leaves out rows a later attempt recorded again (a resumed run), or ''.
+
+    Attempt n's training rows count up to the first step from which a later attempt recorded (its
+    checkpoint's step): from there on the later attempt's rows win. Its validation rows count up to and
+    including that step: a validation logged after the checkpoint's last training step carries the
+    checkpoint's step (``log_validation``'s default) and is not logged again by the resumed process. A row
+    without an attempt (schema version 1) is the first attempt's. Runs never resumed (nearly all) get no
+    condition and cost nothing more.
+    """
+    bounds = schema.superseded_bounds(run.meta.get("attempts"))
+    if not bounds:
+        return ""
+    cases = []
+    for number, (attempt, bound) in enumerate(sorted(bounds.items())):
+        params[f"attempt{index}_{number}"], params[f"bound{index}_{number}"] = attempt, bound
+        cases.append(f"WHEN $attempt{index}_{number} THEN step < $bound{index}_{number} OR (split = '{schema.VALIDATION}' AND step = $bound{index}_{number})")
+    return f" AND CASE COALESCE(attempt, 1) {' '.join(cases)} ELSE TRUE END"
 
 
 _database: Optional[duckdb.DuckDBPyConnection] = None

@@ -76,7 +76,11 @@ def resolve_window(run: RunFiles, window: Optional[Sequence[Optional[int]]], bur
 
 
 def weight_average(root: PathLike, run_id: str, *, window: Optional[Sequence[Optional[int]]] = None, burn_in: float = 0.1) -> WeightAverage:
-    """E_t[w_i] over ``window`` (inclusive steps; default: after the first ``burn_in`` of the run)."""
+    """E_t[w_i] over ``window`` (inclusive steps; default: after the first ``burn_in`` of the run).
+
+    A task absent from some steps (``present`` false: its loss was not handed in) is averaged over the
+    steps where it was present, the steps where its weight multiplied a loss (docs/design.md).
+    """
     (run,) = resolve_runs(root, [run_id])
     start, end = resolve_window(run, window, burn_in)
     params = {"split": schema.TRAIN, "start": start, "end": end, "batches": BATCHES}
@@ -85,6 +89,7 @@ def weight_average(root: PathLike, run_id: str, *, window: Optional[Sequence[Opt
         , rows AS (
             SELECT task, step, coalesce(balancer_weight, weight) AS w FROM metrics
             WHERE split = $split AND step BETWEEN $start AND $end AND coalesce(balancer_weight, weight) IS NOT NULL
+              AND coalesce(present, TRUE)
         )
         SELECT task, least(floor((step - $start) * $batches / ($end - $start + 1)), $batches - 1)::INTEGER AS batch,
                count(*) AS n, sum(w) AS s, sum(w * w) AS ss

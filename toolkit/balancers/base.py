@@ -47,6 +47,8 @@ class StepStats:
     balancer_weight: Optional[Tensor] = None
     step_grad_loss: Optional[Tensor] = None
     step_update_skipped: Optional[Tensor] = None
+    present: Optional[Tensor] = None  # (T,) 1 where the task's loss was handed in, 0 where absent
+    step_measured: Optional[Tensor] = None  # 1 where the norms were measured this step (update_every)
 
 
 def check_initial_losses(tasks: Sequence[str], values: Sequence[float], source: str) -> None:
@@ -86,6 +88,8 @@ class InitialLoss:
         self.spec = spec
         self._sum: Optional[Tensor] = None
         self._seen = 0
+        # Per task, once a step has lacked some task (see observe_present); None while every step had all.
+        self._seen_tasks: Optional[list[int]] = None
         self.value: Optional[Tensor] = None
 
     def config(self) -> Any:
@@ -122,6 +126,43 @@ class InitialLoss:
             self.value = self._sum / self._seen
         return self.current()
 
+    def observe_present(self, tasks: Sequence[str], losses: Tensor, present: Sequence[bool]) -> Tensor:
+        """Feed a step whose tasks are only partly present (``present``, host booleans in task order).
+
+        Each task's reference is taken from the steps where it is present: with ``"first"``, the first
+        loss observed for it, however late it first appears; with k, the mean of its first k observed
+        losses. A task not seen yet has NaN (its ratio is not used: it is absent). The first loss of a
+        task is checked as at the first step (one host read, at the step where the task first appears).
+        """
+        if not self._first_k:
+            return self.current()
+        count = len(tasks)
+        if self._seen_tasks is None:  # from now on, per task
+            self._seen_tasks = [self._seen] * count
+            if self._sum is None:
+                self._sum = torch.zeros_like(losses)
+        take = [bool(p) and seen < self._first_k for p, seen in zip(present, self._seen_tasks)]
+        if any(take):
+            detached = losses.detach()
+            new = [i for i, flag in enumerate(take) if flag and self._seen_tasks[i] == 0]
+            if new:
+                values = detached[new].tolist()
+                check_initial_losses([tasks[i] for i in new], values, "the first loss observed for it")
+            mask = torch.tensor(take, device=losses.device)
+            assert self._sum is not None
+            self._sum = torch.where(mask, self._sum + detached, self._sum)
+            self._seen_tasks = [seen + flag for seen, flag in zip(self._seen_tasks, take)]
+            counts = torch.tensor(self._seen_tasks, device=losses.device, dtype=losses.dtype)
+            self.value = torch.where(counts > 0, self._sum / counts, torch.full_like(counts, math.nan))
+        if self.value is None:
+            self.value = torch.full_like(losses, math.nan)
+        return self.value
+
+    @property
+    def per_task(self) -> bool:
+        """Whether the reference is kept per task (some step lacked a task)."""
+        return self._seen_tasks is not None
+
     def current(self) -> Tensor:
         """The reference known so far: an error before the first step (before bind() for explicit values)."""
         if self.value is None:
@@ -131,10 +172,19 @@ class InitialLoss:
     # -- checkpoint -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """L_i(0) so far, the running sum behind it and how many steps it averages (paper 3.1)."""
-        return {"value": saved(self.value), "sum": saved(self._sum), "seen": self._seen}
+        seen: Union[int, list[int]] = self._seen if self._seen_tasks is None else list(self._seen_tasks)
+        return {"value": saved(self.value), "sum": saved(self._sum), "seen": seen}
 
     def check_state(self, state: Any, num_tasks: int) -> Mapping[str, Any]:
         state = expect_mapping(state, "'initial_loss'", INITIAL_LOSS_STATE)
+        if isinstance(state["seen"], list):  # per task (a run where some step lacked a task)
+            if len(state["seen"]) != num_tasks:
+                raise ValueError(f"balancer state: 'initial_loss.seen' has {len(state['seen'])} counts for {num_tasks} tasks")
+            for count in state["seen"]:
+                expect_count(count, "'initial_loss.seen[i]'", 0, self._first_k)
+            expect_tensor(state["value"], "'initial_loss.value'", (num_tasks,), optional=True)
+            expect_tensor(state["sum"], "'initial_loss.sum'", (num_tasks,), optional=True)
+            return state
         seen = expect_count(state["seen"], "'initial_loss.seen'", 0, self._first_k)
         expect_tensor(state["value"], "'initial_loss.value'", (num_tasks,), optional=True)
         expect_tensor(state["sum"], "'initial_loss.sum'", (num_tasks,), optional=True)
@@ -149,7 +199,12 @@ class InitialLoss:
         """Restore a state that :meth:`check_state` accepted."""
         self.value = restored(state["value"], device, dtype)
         self._sum = restored(state["sum"], device, dtype)
-        self._seen = state["seen"]
+        if isinstance(state["seen"], list):
+            self._seen_tasks = list(state["seen"])
+            self._seen = min(self._seen_tasks, default=0)
+        else:
+            self._seen_tasks = None
+            self._seen = state["seen"]
 
 
 class Balancer(ABC):
@@ -187,6 +242,9 @@ class Balancer(ABC):
     #: True for gradient surgery (PCGrad): the loss is summed with unit weights and the step weights are
     #: applied to the gradient at the shared representation only, so the heads see their own gradients.
     weights_act_on_representation: bool = False
+    #: Whether a step may lack some tasks (:meth:`update`'s ``present``): the method is defined over the
+    #: present tasks only, and an absent task's state stays as it is.
+    supports_missing_tasks: bool = False
     #: :meth:`config` keys that do not change the weights; a state loads whatever they are.
     config_not_checked: tuple[str, ...] = ()
     #: :meth:`config` keys that describe the method rather than configure it, left out of ``repr``.
@@ -269,12 +327,18 @@ class Balancer(ABC):
         return self.weights()
 
     # -- per step ---------------------------------------------------------------------------------
-    def update(self, losses: Tensor, grad_norms: Optional[Tensor] = None, applied: Optional[Tensor] = None) -> StepStats:
+    def update(
+        self, losses: Tensor, grad_norms: Optional[Tensor] = None, applied: Optional[Tensor] = None, present: Optional[Sequence[bool]] = None
+    ) -> StepStats:
         """Take one step's detached losses (T,) and, if measured, the unweighted norms ||grad_W L_i||.
 
         ``applied`` is the weight vector training actually used (shadow mode: the user's own weights);
-        by default the balancer's own. Returns the step's record; the new weights are in effect after.
+        by default the balancer's own. ``present`` (host booleans in task order) marks the tasks whose
+        loss this step has; the values of absent ones are ignored (see :meth:`_update_present`). Returns
+        the step's record; the new weights are in effect after.
         """
+        if present is not None:
+            return self._update_masked(_detached(losses), grad_norms, applied, present)
         losses = _detached(losses)
         reference = self.initial_loss.observe(self.tasks, losses)
         loss_ratio = losses / reference
@@ -291,6 +355,60 @@ class Balancer(ABC):
         stats.balancer_weight = own
         self.step_count += 1
         return stats
+
+    def hold(self, losses: Tensor, applied: Optional[Tensor] = None, present: Optional[Sequence[bool]] = None) -> StepStats:
+        """A step between updates (``update_every``): its losses and ratios, the weights unchanged.
+
+        L_i(0) still sees the step (the reference is a function of the steps, not of the updates); no
+        update is taken and ``step_count`` does not move.
+        """
+        losses = _detached(losses)
+        mask = None
+        if present is not None or self.initial_loss.per_task:
+            flags = [True] * len(self.tasks) if present is None else list(present)
+            reference = self.initial_loss.observe_present(self.tasks, losses, flags)
+            mask = torch.tensor(flags, device=losses.device)
+            loss_ratio, inverse_rate = _present_ratios(losses, reference, mask)
+        else:
+            reference = self.initial_loss.observe(self.tasks, losses)
+            loss_ratio = losses / reference
+            inverse_rate = loss_ratio / loss_ratio.mean()
+        own = self._current_weights()
+        stats = StepStats(loss=losses, loss_ratio=loss_ratio, inverse_rate=inverse_rate, weight=own if applied is None else _detached(applied))
+        stats.balancer_weight = own
+        if mask is not None:
+            stats.present = mask.to(losses.dtype)
+        return stats
+
+    def _update_masked(self, losses: Tensor, grad_norms: Optional[Tensor], applied: Optional[Tensor], present: Sequence[bool]) -> StepStats:
+        """:meth:`update` of a step whose tasks are partly present: ratios and the update over the present ones."""
+        if not self.supports_missing_tasks:
+            absent = [task for task, flag in zip(self.tasks, present) if not flag]
+            raise ValueError(
+                f"{type(self).__name__} balances all tasks at every step; this step lacks {absent} (GradNorm and static weights accept missing tasks)"
+            )
+        flags = list(present)
+        reference = self.initial_loss.observe_present(self.tasks, losses, flags)
+        mask = torch.tensor(flags, device=losses.device)
+        loss_ratio, inverse_rate = _present_ratios(losses, reference, mask)
+        own = self._current_weights()
+        applied = own if applied is None else _detached(applied)
+        stats = self._update_present(losses, loss_ratio, inverse_rate, own, grad_norms, mask)
+        if grad_norms is not None:
+            whole = grad_norms.norm(dim=1) if grad_norms.dim() == 2 else grad_norms
+            stats.grad_norm = torch.where(mask, applied * whole, torch.full_like(whole, math.nan))
+        stats.weight = applied
+        stats.balancer_weight = own
+        stats.present = mask.to(losses.dtype)
+        self.step_count += 1
+        return stats
+
+    def _update_present(
+        self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor], present: Tensor
+    ) -> StepStats:
+        """The method's update over the present tasks (``present``: a (T,) bool tensor). By default the
+        method's own update, for methods whose weights do not depend on the losses (static weights)."""
+        return self._update(losses, loss_ratio, inverse_rate, weights, grad_norms)
 
     @abstractmethod
     def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:
@@ -395,6 +513,14 @@ class Balancer(ABC):
 
 
 RECORDED_FIELDS = schema.RECORDED_FIELDS
+
+
+def _present_ratios(losses: Tensor, reference: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+    """L~_i = L_i / L_i(0) and r_i = L~_i / mean_{j present} L~_j (paper eq. 1 over the present tasks); NaN where absent."""
+    nan = torch.full_like(losses, math.nan)
+    loss_ratio = torch.where(present, losses / reference, nan)
+    mean = torch.where(present, loss_ratio, torch.zeros_like(losses)).sum() / present.sum()
+    return loss_ratio, torch.where(present, loss_ratio / mean, nan)
 
 
 def _detached(tensor: Tensor) -> Tensor:

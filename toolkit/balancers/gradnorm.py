@@ -140,6 +140,65 @@ def gradnorm_update(
     return torch.where(applied, stepped, weights), keep_where(applied, proposed, state), terms, applied
 
 
+def gradnorm_update_present(
+    weights: Tensor,
+    grad_norms: Tensor,
+    inverse_rate: Tensor,
+    losses: Tensor,
+    state: OptimizerState,
+    alpha: float,
+    reduction: str,
+    min_weight: float,
+    optimizer: WeightOptimizer,
+    present: Tensor,
+) -> UpdateResult:
+    """:func:`gradnorm_update` over the present tasks of a step (``present``: (T,) bool).
+
+    The paper's equations over the T_p present tasks: G_i = w_i n_i, c_i = mean_{j present} G_j r_i^alpha
+    (the inverse rates are already over the present tasks), L_grad = (1/T_p) sum_{i present} |G_i - c_i|
+    (``reduction="sum"``: without 1/T_p), the closed-form gradient for the present weights only, one
+    optimiser step for them (an absent task's moments and step count stay), the floor, and the
+    renormalisation that keeps the present weights' sum (their share of T), so the absent weights stay as
+    they are and sum_i w_i = T still holds. A single present task has G_i = c_i: a zero gradient, and its
+    weight, renormalised to its own share, stays. Values at absent positions are NaN in the terms.
+    """
+    per_channel = grad_norms.dim() == 2
+    column = present[:, None] if per_channel else present
+    zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
+    count = present.sum().to(weights.dtype)
+    norms = torch.where(column, grad_norms, zero)
+    rate = torch.where(present, inverse_rate, torch.ones_like(inverse_rate)).pow(alpha)
+    w = weights[:, None] if per_channel else weights
+    grad_norm = w * norms
+    target_norm = grad_norm.sum(0) / count * (rate[:, None] if per_channel else rate)
+    gap = torch.where(column, grad_norm - target_norm, zero)
+    weight_grad = torch.sign(gap) * norms
+    grad_loss = gap.abs().sum()
+    if reduction == "mean":
+        weight_grad = weight_grad / count
+        grad_loss = grad_loss / count
+    if per_channel:
+        channels = grad_norms.shape[1]
+        grad_loss = grad_loss / channels
+        weight_grad = weight_grad.sum(1) / channels
+        grad_norm, target_norm = grad_norm.norm(dim=1), target_norm.norm(dim=1)
+    nan = torch.full_like(weights, math.nan)
+    terms = GradNormTerms(torch.where(present, grad_norm, nan), torch.where(present, target_norm, nan), grad_loss, weight_grad)
+    candidate, proposed = optimizer.propose_present(state, weights, weight_grad, present)
+    share = torch.where(present, weights, zero).sum()
+    floored = torch.where(present, candidate.clamp_min(min_weight), zero)
+    scaled = floored / floored.max()
+    stepped = torch.where(present, scaled / scaled.sum() * share, weights)
+    one = torch.ones_like(weights)
+    sound = update_is_sound(
+        torch.where(present, losses, one),
+        torch.where(column, grad_norms, zero + 1),
+        torch.where(present, inverse_rate, one),
+        torch.where(present, stepped, one),
+    )
+    return torch.where(sound, stepped, weights), keep_where(sound, proposed, state), terms, sound
+
+
 class GradNorm(Balancer):
     """Adaptive loss balancing by gradient normalisation (Chen et al., 2018).
 
@@ -172,6 +231,7 @@ class GradNorm(Balancer):
 
     name = "gradnorm"
     needs_grad_norms = True
+    supports_missing_tasks = True
     config_not_checked = ("compile_update",)
 
     def __init__(
@@ -229,6 +289,26 @@ class GradNorm(Balancer):
             constants = self._constants = UpdateConstants.make(weights, self.reduction, self.min_weight)
         args = (weights, grad_norms, inverse_rate, losses, state, self.alpha, self.reduction, self.min_weight, self.optimizer, constants)
         self._weights, new_state, terms, applied_update = self._run_update(*args)
+        self.optimizer.load(new_state)
+        return StepStats(
+            loss=losses,
+            loss_ratio=loss_ratio,
+            inverse_rate=inverse_rate,
+            weight=weights,
+            grad_norm=terms.grad_norm,
+            target_norm=terms.target_norm,
+            step_grad_loss=terms.grad_loss,
+            step_update_skipped=~applied_update,
+        )
+
+    def _update_present(
+        self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor], present: Tensor
+    ) -> StepStats:
+        if grad_norms is None:
+            raise RuntimeError("GradNorm needs the per-task gradient norms at the shared layer")
+        state = self.optimizer.state_for(weights)
+        args = (weights, grad_norms, inverse_rate, losses, state, self.alpha, self.reduction, self.min_weight, self.optimizer, present)
+        self._weights, new_state, terms, applied_update = gradnorm_update_present(*args)
         self.optimizer.load(new_state)
         return StepStats(
             loss=losses,

@@ -22,6 +22,7 @@ class StaticWeights(Balancer):
 
     name = "static"
     config_not_checked = ("source",)
+    supports_missing_tasks = True  # constant weights: an absent task changes nothing
 
     def __init__(self, weights: Union[Mapping[str, float], Sequence[float]], initial_loss: InitialLossSpec = "first") -> None:
         super().__init__(initial_loss=initial_loss)

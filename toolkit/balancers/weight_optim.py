@@ -83,7 +83,9 @@ class WeightOptimizer:
         absent = [key for key in OPTIMIZER_STATE if state[key] is None]
         if absent and len(absent) != len(OPTIMIZER_STATE):
             raise ValueError(f"balancer state: {where} lacks {absent} but holds the rest")
-        expect_tensor(state["steps"], f"{where}.steps", (), optional=True)
+        steps = state["steps"]
+        # () for the whole vector; (T,) per task, once a step lacked some task (see propose_present).
+        expect_tensor(steps, f"{where}.steps", (size,) if isinstance(steps, Tensor) and steps.dim() == 1 else (), optional=True)
         expect_tensor(state["exp_avg"], f"{where}.exp_avg", (size,), optional=True)
         expect_tensor(state["exp_avg_sq"], f"{where}.exp_avg_sq", (size,), optional=True)
         return state
@@ -130,7 +132,12 @@ class WeightOptimizer:
         neg_step_size = c.neg_lr / bias_correction1  # -(lr / bc1), exactly
         # pow with a tensor exponent is libm's pow, as Python's ``bias_correction2 ** 0.5`` in torch.optim.Adam
         # (sqrt differs from it in the last bit of a few float64 values).
-        denom = exp_avg_sq.sqrt() / bias_correction2.pow(c.half) + c.eps
+        root_bc2 = bias_correction2.pow(c.half)
+        if steps.dim():
+            # Per-task step counts: the (T,) float64 factors are rounded to the weights' dtype, which is what a
+            # 0-d float64 operand of a float32 operation is rounded to, so each task's step is unchanged.
+            neg_step_size, root_bc2 = neg_step_size.to(weights.dtype), root_bc2.to(weights.dtype)
+        denom = exp_avg_sq.sqrt() / root_bc2 + c.eps
         if self.lr / (1 - beta1) <= 1 + 1e-9:
             # step_size <= lr / (1 - beta1), about 1 at most, so step_size * exp_avg cannot overflow.
             updated = weights + (neg_step_size * exp_avg) / denom
@@ -139,6 +146,20 @@ class WeightOptimizer:
             # for huge gradient norms and turn the step into inf / inf = NaN.
             updated = weights + (exp_avg / denom) * neg_step_size
         return updated, (steps, exp_avg, exp_avg_sq)
+
+    def propose_present(self, state: OptimizerState, weights: Tensor, grad: Tensor, present: Tensor) -> tuple[Tensor, OptimizerState]:
+        """:meth:`propose` for the present tasks only (``present``: (T,) bool): an absent task's weight,
+        moments and step count stay as they are, so its Adam resumes where it left off when it returns
+        (the step counts become per task)."""
+        steps = state[0]
+        if not steps.dim():
+            steps = steps.expand(weights.shape).clone()
+        updated, (new_steps, exp_avg, exp_avg_sq) = self.propose((steps, state[1], state[2]), weights, grad)
+        return torch.where(present, updated, weights), (
+            torch.where(present, new_steps, steps),
+            torch.where(present, exp_avg, state[1]),
+            torch.where(present, exp_avg_sq, state[2]),
+        )
 
 
 @dataclass(frozen=True)
