@@ -375,3 +375,49 @@ def test_a_killed_rank_fails_the_others_clearly_within_the_timeout_with_every_co
     assert runs.read_run_json(run)["status"] == runs.FAILED
     listing = analysis.list_runs(tmp_path / "runs")
     assert listing["rows"].iloc[0] == 2 * KILL_AFTER * 3  # both ranks' KILL_AFTER steps, T = 3 rows each
+
+
+@pytest.mark.parametrize("route", ["rows", "sketch"])
+def test_the_routes_never_wait_for_the_device(route, tmp_path):
+    """As tests/hooks/test_no_host_sync.py: no operator that reads a tensor's value on the host, steps 2-5
+    (one process: the collective is replaced by a copy; under NCCL its wait is a stream dependency)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gradnorm import hooks
+    from gradnorm.experiments import toy
+    from gradnorm.toolkit.balancers import GradNorm
+
+    config = toy.ToyConfig(num_tasks=3, train_size=64, test_size=8)
+    data = toy.make_data(config)
+    model = toy.make_model(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    session = hooks.attach(model.shared_layer, GradNorm(alpha=0.12), runs_root=tmp_path, run_name="run", flush_every=1000, distributed_norms=route)
+
+    def step(index: int) -> None:
+        x, y = data.x_train[index * 8 : index * 8 + 8], data.y_train[index * 8 : index * 8 + 8]
+        loss = session.loss(toy.task_losses(model(x), y))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    class OperatorLog(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    syncing_ops = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique", "aten.unique", "aten.equal", "aten.is_nonzero")
+    step(0)
+    step(1)
+    log = OperatorLog()
+    with log:
+        for index in range(2, 6):
+            step(index)
+    session.close()
+    assert session.meter.route == f"distributed-{route}"
+    assert any("randn" in name for name in log.names) == (route == "sketch")
+    syncing = sorted({name for name in log.names if name.rsplit(".", 1)[0] in syncing_ops or name in syncing_ops})
+    assert syncing == [], f"operators that wait for the device inside the step: {syncing}"
