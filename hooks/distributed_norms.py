@@ -257,6 +257,10 @@ class DistributedNormMeter(GradNormMeter):
         self._calls = 0
         self.capture = gram_norms.capture(module)
         self.layer = self.capture.module
+        # A step the owner does not measure (update_every, no norms needed) never calls this meter: its
+        # calls are dropped when the next step's forward pass begins, so no older step's graph is held.
+        self._calls_step: Optional[int] = None
+        self._pre_hook = module.register_forward_pre_hook(self._new_step) if owner is not None else None
         self.exchange: Optional[Exchange] = None  # of the route chosen, at the first step's sizes
         self.options: dict[str, Exchange] = {}
         self._generator: Optional[torch.Generator] = None
@@ -319,8 +323,18 @@ class DistributedNormMeter(GradNormMeter):
         nodes = graph_nodes(loss)
         return any(getattr(call.output, "node", call.output.grad_fn if isinstance(call.output, Tensor) else None) in nodes for call in self.capture.calls)
 
+    def _new_step(self, module: nn.Module, args: tuple) -> None:
+        owner = self._owner() if self._owner is not None else None
+        step = getattr(owner, "step_index", None)
+        if step != self._calls_step:
+            self.capture.clear()
+            self._calls_step = step
+
     def remove(self) -> None:
         self.capture.remove()
+        if self._pre_hook is not None:
+            self._pre_hook.remove()
+            self._pre_hook = None
 
     def pause(self) -> None:
         """Kept capturing: no other path serves while this meter measures (the session's taps are off)."""

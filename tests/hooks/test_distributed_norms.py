@@ -421,3 +421,24 @@ def test_the_routes_never_wait_for_the_device(route, tmp_path):
     assert any("randn" in name for name in log.names) == (route == "sketch")
     syncing = sorted({name for name in log.names if name.rsplit(".", 1)[0] in syncing_ops or name in syncing_ops})
     assert syncing == [], f"operators that wait for the device inside the step: {syncing}"
+
+
+def test_steps_the_meter_does_not_measure_hold_no_forward_pass():
+    """A step whose norms are not measured never calls the meter: its captured calls go at the next forward."""
+    import gradnorm
+    from gradnorm.experiments import toy
+
+    config = toy.ToyConfig(num_tasks=3, train_size=64, test_size=8)
+    data = toy.make_data(config)
+    model = toy.make_model(config)
+    session = gradnorm.attach(model.shared_layer, gradnorm.GradNorm(alpha=0.12), distributed_norms="rows")
+    meter = session.meter
+    assert isinstance(meter, dn.DistributedNormMeter)
+    for index in range(5):
+        x, y = data.x_train[index * 8 : index * 8 + 8], data.y_train[index * 8 : index * 8 + 8]
+        losses = toy.task_losses(model(x), y)
+        session.step_index += 1  # as a step between updates does: counted, not measured
+        assert len(meter.capture.calls) == 1
+        del losses
+    session.close()
+    assert meter.capture.calls == [] and meter._pre_hook is None
