@@ -53,6 +53,8 @@ def test_markdown_tables_are_read_by_heading_and_column() -> None:
     assert paper.number(newest.cell("gradnorm", "T=10")) == 1234.5
     assert paper.numbers_in(newest.cell("equal", "T=2")) == [1.00, 2.10]
     assert newest.cell("pcgrad", "T=2") is None and newest.cell("gradnorm", "T=40") is None
+    assert paper.numbers_in("1.001x (0.983-1.052)") == [1.001, 0.983, 1.052]
+    assert paper.numbers_in("-0.04 and +0.06, 1.01e+08") == [-0.04, 0.06, 1.01e8]
 
 
 def test_absent_results_give_marked_fragments_not_failures(tmp_path: Path) -> None:
