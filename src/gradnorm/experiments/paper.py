@@ -1545,7 +1545,7 @@ def static_spec(spec: Any) -> Any:
         if isinstance(out.get("layer"), list):
             kept = [layer for layer in out["layer"] if not _hover_only(layer)]
             removed = [layer for layer in out["layer"] if _hover_only(layer)]
-            names = {p.get("name") for layer in removed for p in layer.get("params", []) if isinstance(p, dict)}
+            names = {str(p["name"]) for layer in removed for p in layer.get("params", []) if isinstance(p, dict) and "name" in p}
             if names and any(name in json.dumps(kept) for name in names):
                 kept = out["layer"]  # a kept layer reads the removed layer's selection: keep everything
             out["layer"] = kept
