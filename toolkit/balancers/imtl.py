@@ -8,6 +8,10 @@ sum_i w_i L_i. The s_i take gradient steps on the same objective, whose gradient
 
 so the fixed point is e^{s_i} L_i = 1: every scaled loss is brought to 1 (the paper's "scale-invariant"
 loss balance). The gradient half, IMTL-G, comes from TorchJD (``TorchJDWeighting("imtl-g")``).
+
+With s negated this is uncertainty weighting's objective e^(-s) L + s (Kendall et al. 2018, the ``"log"``
+form of :class:`UncertaintyWeighting`); Adam's step is sign-equivariant, so with the same optimiser settings
+the two balancers give the same weights at every step (a test checks this).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradnorm.toolkit.balancers import IMTLL, imtl_l_state_grad
+from gradnorm.toolkit.balancers import IMTLL, UncertaintyWeighting, imtl_l_state_grad
 from tests.toolkit.balancers.test_state_dict import bound, drive, round_trip
 
 CPU = torch.device("cpu")
@@ -40,3 +40,14 @@ def test_resume_and_bad_input():
     assert all(torch.equal(g, e) for g, e in zip(before + after, expected))
     with pytest.raises(ValueError, match="'c'"):
         bound(IMTLL).update(torch.tensor([1.0, 1.0, -3.0], dtype=torch.float64))
+
+
+def test_same_trajectory_as_uncertainty_weighting_with_the_state_negated():
+    """e^s L - s is Kendall et al.'s e^(-s) L + s with s -> -s; Adam is sign-equivariant, so the weights agree
+    step for step (docs/methods.md: their QM9 rows are identical for this reason)."""
+    imtl, uncertainty = bound(IMTLL), bound(UncertaintyWeighting)
+    for step in range(50):
+        losses = torch.tensor([2.0, 0.3, 5.0], dtype=torch.float64) * (1 + 0.1 * torch.sin(torch.tensor(float(step))))
+        imtl.update(losses)
+        uncertainty.update(losses)
+        torch.testing.assert_close(imtl.weights(), uncertainty.weights(), rtol=1e-12, atol=1e-14)
