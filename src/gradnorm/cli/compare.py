@@ -20,7 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="toy+penguins",
         help="toy+penguins (default): the paper's toy problem and the Palmer penguins; qm9: QM9's 11 targets (needs the qm9 extra)",
     )
-    parser.add_argument("--methods", nargs="+", default=None, help="methods to run (default: every method installed; qm9: see --help of the table)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="methods to run (default: every installed method; with --dataset qm9 the QM9 set: the baselines and the recent methods)",
+    )
     parser.add_argument("--tasks", type=int, nargs="*", default=[2, 10], help="toy task counts (default: 2 10; none: skip the toy)")
     parser.add_argument("--toy-steps", type=int, default=300, help="training steps per toy run (default: 300)")
     parser.add_argument("--toy-train-size", type=int, default=10_000, help="toy training points (default: 10000)")
