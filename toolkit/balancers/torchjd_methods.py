@@ -97,8 +97,8 @@ class TorchJDWeighting(Balancer):
             (e.g. ``c=0.5`` for CAGrad, ``alpha=2.0`` for FairGrad).
 
     The recorded ``weight`` is the effective weight: the coefficient of g_i in TorchJD's aggregated
-    gradient, applied to L_i. The weights are not normalised (UPGrad's sum to about T, CAGrad's to 1 + c
-    times a ratio of norms, RLW's to 1). ``state_dict()`` holds the random state; Nash-MTL and GradVac keep
+    gradient, applied to L_i. The weights keep TorchJD's scale (UPGrad's are 1/T each where no gradients
+    conflict, RLW's sum to 1). ``state_dict()`` holds the random state; Nash-MTL and GradVac keep
     internal state across steps that TorchJD does not expose, so their ``state_dict()`` is an error.
     """
 

@@ -65,7 +65,8 @@ def test_imtl_g_equal_projections_on_unit_gradients(seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cagrad_maximises_the_worst_improvement_in_the_ball(seed):
     """CAGrad (Liu et al. 2021, eq. 4): d maximises min_i g_i . d over ||d - g0|| <= c ||g0||; no point of the
-    ball we sample does better, and d lies on its boundary when the tasks conflict."""
+    ball we sample does better (per unit length: TorchJD's weights fix d's direction), and the worst task gains
+    more than under the mean gradient."""
     c = 0.4
     grads = conflicting(seed)
     g0 = grads.mean(axis=0)
