@@ -305,7 +305,13 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--time-rounds", type=int, default=12)
     parser.add_argument("--skip-time", action="store_true")
+    parser.add_argument("--only-time", action="store_true", help="the step-time section only")
     args = parser.parse_args()
+    if args.only_time:
+        work = Path("/tmp") / f"bench_distributed_{os.getpid()}"
+        work.mkdir(exist_ok=True)
+        publish(time_section(work, args.time_rounds), args.markdown)
+        return
     from gradnorm.hooks import distributed_norms as dn
     from gradnorm.hooks import gram_norms
 
