@@ -161,6 +161,18 @@ def _with_raw(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+#: What a line chart sends to the browser: the band and last-value columns are not drawn, and every byte
+#: of the page's data is decoded and laid out by the browser before the first chart shows.
+DRAWN = ["run_id", "task", "x", "value", "value_raw", "n", "kind", "start", "end", "average"]
+
+
+def _lean(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with only the drawn columns, names as categories (Arrow dictionaries: each name sent once)."""
+    frame = frame[[c for c in DRAWN if c in frame.columns]]
+    names = {c: frame[c].astype("category") for c in ("run_id", "task", "kind") if c in frame.columns and len(frame)}
+    return frame.assign(**names) if names else frame
+
+
 def _interactive(base: alt.Chart, encoding: dict, tooltip: list, name: str) -> list[alt.Chart]:
     """Zoom/pan on x and a hover rule with the value of every series at the nearest x. The hover marks are
     hidden by opacity rather than filtered out, so no layer is ever empty (Vega warns of an infinite
@@ -227,7 +239,7 @@ def metric_charts(
     domain = _finite_domain(series["value"], log, zero) if len(groups) > 1 and len(series) else None
     charts = []
     for index, group in enumerate(groups):
-        frame = series[series["run_id"].isin(group)] if len(series) else series
+        frame = _lean(series[series["run_id"].isin(group)] if len(series) else series)
         encoding = dict(x=_x(x, largest=_largest(series)), y=_y("value", y_title, log, zero, domain), color=_task_colour(colour), strokeDash=_run_dash(group))
         base = alt.Chart(frame)
         layers = _interactive(base, encoding, _tooltip(y_title, x), f"{name}{index}")
@@ -313,7 +325,7 @@ def grad_norm_charts(
     )
     charts = []
     for index, run_id in enumerate(runs):
-        frame = combined[combined["run_id"] == run_id]
+        frame = _lean(combined[combined["run_id"] == run_id])
         if frame.empty:
             continue
         encoding = dict(

@@ -7,6 +7,13 @@ page runs (background compaction); ``closed``, default settings, packed at close
 run of the page is cold (nothing cached), the second shows the cache keyed by the files on disk. Also
 reports the largest number of points any chart sends to the browser. Target: under 3 s, while a writer is
 still appending. Usage: ``python benchmarks/bench_app.py [--steps 1000000] [--raw] [--markdown FILE]``
+
+``--browser``: the time a person waits, in Chromium (playwright, /usr/bin/chromium): from navigation to the
+first chart's canvas drawn, on a ``streamlit run app`` server bound to 127.0.0.1. "cold" is the first page of
+a fresh server (nothing cached, the script's imports included), "warm" a new page on the same server; each
+is repeated ``--repeats`` times, interleaved between the layouts, on the bundled sample runs and on the
+1,000,000-step runs (closed, and live with a writer appending). Targets: < 2 s on the bundled runs, < 3 s
+on a 1 M-step run. The load average is printed with each figure: on a shared machine, read the spread.
 """
 
 from __future__ import annotations
@@ -51,13 +58,139 @@ def _rows(dataset) -> int:
     return len(dataframe_util.convert_arrow_bytes_to_pandas_df(dataset.data.data))
 
 
+CHROMIUM = "/usr/bin/chromium"
+CHART = "[data-testid='stVegaLiteChart'] canvas"
+
+
+def _serve(root: Path, port: int):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "GRADNORM_RUNS_ROOT": str(root),
+        "STREAMLIT_SERVER_HEADLESS": "true",
+        "STREAMLIT_SERVER_ADDRESS": "127.0.0.1",
+        "STREAMLIT_SERVER_PORT": str(port),
+        "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+    }
+    streamlit = Path(sys.executable).with_name("streamlit")
+    return subprocess.Popen(
+        [str(streamlit), "run", "app"], cwd=APP.parent.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+
+
+def _wait_healthy(port: int, timeout: float = 120.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"the app did not answer on port {port}")
+
+
+def _first_chart(browser, port: int) -> tuple[float, float]:
+    """(seconds to the page's title, seconds to the first chart drawn) after navigation."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        started = time.perf_counter()
+        page.goto(f"http://127.0.0.1:{port}", wait_until="commit")
+        page.wait_for_selector("h1", timeout=180_000)
+        title = time.perf_counter() - started
+        page.wait_for_selector(CHART, timeout=180_000)
+        return title, time.perf_counter() - started
+    finally:
+        page.close()
+
+
+def browser_first_views(roots: dict[str, Path], repeats: int) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
+    """Per layout: cold and warm (title s, first chart s, load average) over ``repeats`` interleaved rounds."""
+    import signal
+    import socket
+
+    from playwright.sync_api import sync_playwright
+
+    found: dict[str, dict[str, list[tuple[float, float, float]]]] = {label: {"cold": [], "warm": []} for label in roots}
+    with sync_playwright() as play:
+        browser = play.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            for _ in range(repeats):
+                for label, root in roots.items():
+                    with socket.socket() as probe:
+                        probe.bind(("127.0.0.1", 0))
+                        port = int(probe.getsockname()[1])
+                    server = _serve(root, port)
+                    try:
+                        _wait_healthy(port)
+                        for kind in ("cold", "warm"):
+                            title, chart = _first_chart(browser, port)
+                            found[label][kind].append((title, chart, os.getloadavg()[0]))
+                    finally:
+                        os.killpg(server.pid, signal.SIGTERM)
+                        server.wait(timeout=30)
+        finally:
+            browser.close()
+    return found
+
+
+def browser_main(args: argparse.Namespace) -> int:
+    from gradnorm.toolkit import analysis
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        roots: dict[str, Path] = {"bundled sample runs (6 runs, 2,000 steps)": analysis.bundled_runs_root()}
+        writer = None
+        if args.steps:
+            record_in_process(base / "closed", args.steps, args.tasks)
+            roots[f"{args.steps:,} steps x {args.tasks} tasks, closed"] = base / "closed"
+            (base / "live").mkdir()
+            writer = LiveWriter(base / "live", args.steps, args.tasks)
+            writer.wait_for("fast-done")
+            writer.wait_compacted(COMPACT_ABOVE_FILES)
+            roots[f"{args.steps:,} steps x {args.tasks} tasks, live (a writer appending)"] = base / "live"
+        try:
+            found = browser_first_views(roots, args.repeats)
+        finally:
+            if writer is not None:
+                writer.stop()
+    lines = [
+        f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: first chart in Chromium, {machine()}",
+        "",
+        f"Navigation to the first chart's canvas drawn (title: to the page's heading), 1400x900, {args.repeats} interleaved round(s); "
+        "cold = the first page of a fresh `streamlit run app` server, warm = a second page on it. Each cell: median (min-max) s; load = 1-min load average.",
+        "",
+        "| runs | cold: title | cold: first chart | warm: title | warm: first chart | load |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(values: list[float]) -> str:
+        ordered = sorted(values)
+        return f"{ordered[len(ordered) // 2]:.2f} ({ordered[0]:.2f}-{ordered[-1]:.2f})"
+
+    for label, kinds in found.items():
+        loads = [load for kind in kinds.values() for *_, load in kind]
+        lines.append(
+            f"| {label} | {cell([t for t, _, _ in kinds['cold']])} | **{cell([c for _, c, _ in kinds['cold']])}** | "
+            f"{cell([t for t, _, _ in kinds['warm']])} | **{cell([c for _, c, _ in kinds['warm']])}** | {min(loads):.1f}-{max(loads):.1f} |"
+        )
+    publish("\n".join(lines) + "\n", args.markdown)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1_000_000)
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--raw", action="store_true", help="also the layout without compaction (10,000 files at 1 M steps)")
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--browser", action="store_true", help="time the first chart in Chromium instead (bundled runs, then --steps runs; 0 skips them)")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.browser:
+        return browser_main(args)
     views: list[tuple[str, tuple[float, float, int, int], str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
