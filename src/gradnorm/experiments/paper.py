@@ -397,7 +397,7 @@ def render_table(
     """A booktabs table, scaled down to the text width only where it would not fit. ``grid``: the
     columns are named 'T=a, b=c' and get a two-row header, T above the batch sizes."""
     columns = list(range(len(table.header))) if columns is None else list(columns)
-    head = [tex(table.header[c]) for c in columns] if header is None else list(header)
+    head = [wrap_header(table.header[c]) for c in columns] if header is None else list(header)
     head_text = " & ".join(head)
     if grid:
         pairs = [re.match(r"T=(\d+), b=(\d+)", table.header[c]) for c in columns[1:]]
@@ -424,7 +424,10 @@ def render_table(
             body.append(r"\midrule")
         first = VARIANT_NAMES.get(strip_markup(cells[0]), tex(cells[0])) if cells else ""
         body.append(" & ".join([first] + [tex(cells[c]) if c < len(cells) else "" for c in columns[1:]]) + r" \\")
-    spec = align or ("l" + "r" * (len(columns) - 1))
+    # A long first column (a variant described in words) wraps instead of widening the table.
+    longest = max((len(strip_markup(cells[0])) for cells in table.rows if cells), default=0)
+    first_column = r">{\raggedright\arraybackslash}p{0.28\linewidth}" if longest > 34 and len(columns) > 3 else "l"
+    spec = align or (first_column + "r" * (len(columns) - 1))
     return (
         f"\\begin{{table}}[{placement}]\n\\centering{size}\n\\caption{{{caption}}}\\label{{{label}}}\n"
         "\\begin{adjustbox}{max width=\\linewidth}\n"
@@ -435,6 +438,20 @@ def render_table(
         + "\n\\bottomrule\n\\end{tabular}\n\\end{adjustbox}\n"
         + f"\\par\\smallskip{{\\footnotesize Source: {source}.}}\n\\end{{table}}\n"
     )
+
+
+def wrap_header(text: str, width: int = 16) -> str:
+    """A header cell on as many lines of about ``width`` characters as it needs (bottom-aligned), so
+    that long column names do not force a table to be scaled down."""
+    words, lines = text.split(), [""]
+    for word in words:
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
+            lines.append(word)
+        else:
+            lines[-1] = f"{lines[-1]} {word}".strip()
+    if len(lines) == 1:
+        return tex(text)
+    return "\\begin{tabular}[b]{@{}c@{}}" + " \\\\ ".join(tex(line) for line in lines) + "\\end{tabular}"
 
 
 #: The results files' variant names, shortened for the report's tables (LaTeX).
@@ -607,6 +624,11 @@ COMPARE_METHODS = {
     "upgrad": "UPGrad",
     "imtl": "IMTL",
     "scale-invariant": "scale-invariant",
+    "fairgrad": "FairGrad",
+    "imtl-l": "IMTL-L",
+    "imtl-g": "IMTL-G",
+    "aligned-mtl": "Aligned-MTL",
+    "gradvac": "GradVac",
 }
 
 
@@ -1215,7 +1237,7 @@ def distributed(report: Report, results: Results) -> None:
     file = "distributed.md"
     needed = ("model", "ranks", "route", "GradNorm sent", "DDP sent", "GradNorm / DDP")
     found = results.find(file, columns=needed)
-    keys = ("ranks", "routes", "toy.T10", "resnet18.T100", "resnet18.T100.route", "resnet18.T100.gradients", "max.share")
+    keys = ("ranks", "routes", "toy.T10", "resnet18.T100", "resnet18.T100.route", "resnet18.T100.gradients", "resnet18.T100.gradients.ranks", "max.share")
     if found is None:
         generic_section(report, results, file, "tab_distributed.tex", "Bytes communicated per step under DDP", "tab:distributed")
         for key in keys:
@@ -1243,10 +1265,27 @@ def distributed(report: Report, results: Results) -> None:
     toy = share("toy", "10", "auto")
     resnet = share("resnet18", "100", "auto")
     forced = share("resnet18", "100", "gradients")
+    computed = results.find(file, columns=("auto's route", "gradients", "rows", "sketch"))
+    computed_row = None
+    if forced is None and computed is not None:
+        ctable = computed[1]
+        for r in ctable.rows:
+            if strip_markup(r[0]) == "resnet18" and r[ctable.column("T") or 1] == "100":
+                computed_row = (r, ctable)
+                break
     report.put("ddp.toy.T10", tex(strip_markup(toy[col["GradNorm / DDP"] or 0])).replace("\\%", "\\,\\%") if toy else None)
     report.put("ddp.resnet18.T100", tex(strip_markup(resnet[col["GradNorm / DDP"] or 0])).replace("\\%", "\\,\\%") if resnet else None)
     report.put("ddp.resnet18.T100.route", tex(strip_markup(resnet[col["route"] or 0])) if resnet else None)
-    report.put("ddp.resnet18.T100.gradients", tex(strip_markup(forced[col["GradNorm / DDP"] or 0])).replace("\\%", "\\,\\%") if forced else None)
+    if forced is not None:
+        report.put("ddp.resnet18.T100.gradients", tex(strip_markup(forced[col["GradNorm / DDP"] or 0])).replace("\\%", "\\,\\%"))
+        report.put("ddp.resnet18.T100.gradients.ranks", fmt(world, 0))
+    elif computed_row is not None:
+        crow, ctable = computed_row
+        report.put("ddp.resnet18.T100.gradients", tex(strip_markup(crow[ctable.column("gradients") or 0])).replace("\\%", "\\,\\%"))
+        report.put("ddp.resnet18.T100.gradients.ranks", strip_markup(crow[ctable.column("ranks") or 0]))
+    else:
+        report.put("ddp.resnet18.T100.gradients", None)
+        report.put("ddp.resnet18.T100.gradients.ranks", None)
     shares = [number(r[col["GradNorm / DDP"] or 0]) for r in chosen if mode_col is None or strip_markup(r[mode_col]) == "auto"]
     shares_known = [v for v in shares if v is not None]
     report.put("ddp.max.share", fmt(max(shares_known), 2, r"\,\%") if shares_known else None)
@@ -1262,10 +1301,11 @@ def distributed(report: Report, results: Results) -> None:
             f"With {world:.0f} ranks and the default choice of route, GradNorm's own exchange sent at most {report.numbers['ddp.max.share']} of what DDP's gradient all-reduce sent, "
             f"in every configuration of Table~\\ref{{tab:distributed}} (routes taken: {report.numbers['ddp.routes']})."
         )
-    if resnet and forced:
+    if resnet and (forced is not None or computed_row is not None):
         sentences.append(
             f"On the ResNet-18 trunk with 100 heads the default ({report.numbers['ddp.resnet18.T100.route']}) sent {report.numbers['ddp.resnet18.T100']} of DDP's bytes, "
-            f"where all-reducing the per-task gradients at $W$ would send {report.numbers['ddp.resnet18.T100.gradients']}."
+            f"where all-reducing the per-task gradients at $W$ would send {report.numbers['ddp.resnet18.T100.gradients']} of them"
+            + (" (measured)." if forced is not None else f" (computed from the same formulas at {report.numbers['ddp.resnet18.T100.gradients.ranks']} ranks).")
         )
     paragraph = " ".join(sentences) + ("\n\n" if sentences else "")
     header = ["mode" if "distributed_norms" in h else h for h in table.header]
@@ -1303,7 +1343,7 @@ def generic_section(report: Report, results: Results, file: str, fragment: str, 
     parts = []
     for index, (section, table) in enumerate(tables[:max_tables]):
         caption = tex(what) + ": " + tex(section.title) + "."
-        parts.append(render_table(table, caption, f"{label}-{index}", source_note(file, section), placement="tbp", size=r"\footnotesize"))
+        parts.append(render_table(table, caption, f"{label}-{index}", source_note(file, section), placement="htbp", size=r"\footnotesize"))
     report.fragments[fragment] = "".join(parts)
 
 
@@ -1313,24 +1353,32 @@ def qm9(report: Report, results: Results, published_file: Path) -> None:
     Our Delta_m% is against the equal-weights run of the same seed (what ``gradnorm compare`` reports);
     the published ones are against single-task baselines, so the two columns sit side by side on their
     own scales, never as one ranking."""
-    keys = ("gradnorm", "static", "equal", "best", "bestname", "beaten", "methods", "steps", "seeds")
-    found = results.find("compare.md", heading="QM9", first_cell="gradnorm")
+    keys = ("gradnorm", "static", "equal", "best", "bestname", "beaten", "methods", "steps", "seeds", "alpha")
+    found = results.find("compare.md", heading="QM9", columns=("Δm",), first_cell="gradnorm")
     if found is None:
         report.fragments["tab_qm9.tex"] = not_measured("QM9 with $\\Delta_m\\%$ beside the published tables.", source_note("compare.md", None))
         for key in keys:
             report.put(f"qm9.{key}", None)
         return
     section, table = found
+    alpha = None
+    for candidate in results.sections("compare.md") or []:
+        if "QM9" in candidate.title:
+            match = re.search(r"GradNorm runs with α = ([\d.]+)", candidate.text)
+            alpha = match.group(1) if match else alpha
+    report.put("qm9.alpha", alpha)
     delta = table.column("Δm") if table.column("Δm") is not None else table.column("Delta")
     values = {strip_markup(r[0]): number(r[delta]) if delta is not None and delta < len(r) else None for r in table.rows}
     gn = values.get("gradnorm")
-    report.put("qm9.gradnorm", fmt(gn, 1, r"\,\%"))
-    report.put("qm9.static", fmt(values.get("static"), 1, r"\,\%"))
+    report.put("qm9.gradnorm", None if gn is None else f"{gn:+.1f}\\,\\%")
+    static_delta = values.get("static")
+    report.put("qm9.static", None if static_delta is None else f"{static_delta:+.1f}\\,\\%")
     report.put("qm9.equal", fmt(values.get("equal"), 1, r"\,\%"))
     ranked = sorted((v, m) for m, v in values.items() if v is not None and m != "equal")
     report.put("qm9.best", fmt(ranked[0][0], 1, r"\,\%") if ranked else None)
     report.put("qm9.bestname", COMPARE_METHODS.get(ranked[0][1], tex(ranked[0][1])) if ranked else None)
-    report.put("qm9.beaten", str(len([m for v, m in ranked if gn is not None and v < gn and m not in ("gradnorm", "static")])) if gn is not None else None)
+    others = [(v, m) for m, v in values.items() if v is not None and m not in ("gradnorm", "static")]
+    report.put("qm9.beaten", str(len([m for v, m in others if gn is not None and v < gn])) if gn is not None else None)
     report.put("qm9.methods", str(len([m for m in values if m not in ("gradnorm", "static")])))
     steps = re.search(r"([\d,]+) steps", section.title)
     report.put("qm9.steps", steps.group(1).replace(",", "{,}") if steps else None)
@@ -1359,7 +1407,7 @@ def qm9(report: Report, results: Results, published_file: Path) -> None:
     )
     paragraph = (
         f"On a fixed subset of QM9 ({tex(section.title)}; {report.numbers['qm9.seeds']} seeds), GradNorm's $\\Delta_m\\%$ against equal weights is {report.numbers['qm9.gradnorm']} "
-        f"and retraining with its $E_t[w_i]$ {report.numbers['qm9.static']}; {report.numbers['qm9.beaten']} of the {report.numbers['qm9.methods']} other methods do better, "
+        f"and retraining with its $E_t[w_i]$ {report.numbers['qm9.static']}; {report.numbers['qm9.beaten']} of the {report.numbers['qm9.methods']} other methods (equal weights included) do better, "
         f"the best {report.numbers['qm9.bestname']} at {report.numbers['qm9.best']} (Table~\\ref{{tab:qm9}}).\n\n"
     )
     report.fragments["tab_qm9.tex"] = paragraph + (
