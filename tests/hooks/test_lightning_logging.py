@@ -75,9 +75,10 @@ def test_csv_logger_gets_the_per_task_weights_of_the_records(tmp_path: Path) -> 
     weights = records(tmp_path, "csv-run", "weight")
     grad_norms = records(tmp_path, "csv-run", "grad_norm")
     ours = [row for row in rows if row.get("gradnorm/weight/task0")]
-    assert len(ours) >= 6, "rows reach the logger a flush late, one per logging step"
+    # rows reach the logger a flush late, one per logging step, in order and none left out (how many
+    # depends on how far the writer thread lags on a loaded machine)
     recorded_steps = [int(float(row["gradnorm/step"])) for row in ours]
-    assert recorded_steps == sorted(set(recorded_steps)) and all(step % EVERY == 0 for step in recorded_steps)
+    assert len(ours) >= 3 and recorded_steps == list(range(0, EVERY * len(ours), EVERY))
     for row in ours:
         assert (int(row["step"]) + 1) % EVERY == 0  # logged at the Trainer's logging steps only
         step = int(float(row["gradnorm/step"]))
@@ -110,7 +111,8 @@ def test_tensorboard_logger_gets_the_per_task_weights(tmp_path: Path) -> None:
     recorded_step = {e.step: int(e.value) for e in events.Scalars("gradnorm/step")}
     for task in TASKS:
         logged = events.Scalars(f"gradnorm/weight/{task}")
-        assert len(logged) >= STEPS // EVERY - 2  # all but the rows of the last interval or two
+        assert len(logged) >= STEPS // EVERY // 2  # the writer is a logging step or two behind; under load, more
+        assert [recorded_step[e.step] for e in logged] == list(range(0, EVERY * len(logged), EVERY))
         for event in logged:
             assert event.value == float(np.float32(weights[task][recorded_step[event.step]]))
     assert all(not math.isnan(e.value) and e.value == 0.0 for e in events.Scalars("gradnorm/skipped"))
