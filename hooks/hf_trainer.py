@@ -16,11 +16,12 @@ Accelerate's ``backward``); a multitask model has T losses. Two pieces, for two 
   the session registered, at ``on_train_end``. A Trainer subclass of your own calls
   ``callback.session.loss(losses)`` in its ``compute_loss``.
 
-What the Trainer does around the loss needs nothing special: its division by the accumulation steps,
-Accelerate's loss scale and gradient clipping (after the backward, where the norms are already taken)
-are divided out or come later. Gradient accumulation (``gradient_accumulation_steps > 1``) is refused for
-now: GradNorm would update its weights at every micro-batch, from a micro-batch's losses and norms, not
-once per optimiser step from the accumulated ones.
+What the Trainer does around the loss needs nothing special: Accelerate's loss scale is divided out of
+the tapped norms, and gradient clipping comes after the backward, where the norms are already taken.
+Gradient accumulation (``gradient_accumulation_steps=k``) is the session's ``accumulate=k``: each task's
+loss and gradient at W are averaged over the k micro-batches, as the network's gradient is, and GradNorm
+updates once per optimiser step; an epoch whose batches are not a multiple of k is refused (the
+Trainer's last step of the epoch would take fewer).
 
 Evaluation (``Trainer.evaluate`` or evaluation during training) runs the same ``compute_loss`` without
 gradients: it returns the unweighted sum of the task losses (comparable across runs and methods, whatever
@@ -52,15 +53,21 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 TaskLosses = Callable[[Any, Mapping[str, Any]], Losses]
 
 
-def check_accumulation(args: TrainingArguments) -> None:
-    """Refuse gradient accumulation, naming the setting and what to do instead."""
+def accumulation_steps(args: TrainingArguments, batches_per_epoch: Optional[int] = None) -> int:
+    """The Trainer's ``gradient_accumulation_steps``, which the session takes as ``accumulate=``.
+
+    The Trainer's last optimiser step of an epoch takes the remaining micro-batches, fewer than k where the
+    epoch's batches are not a multiple of k; GradNorm's accumulation counts k micro-batches per step, so
+    such an epoch is refused, naming both numbers.
+    """
     steps = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
-    if steps > 1:
+    if steps > 1 and batches_per_epoch is not None and batches_per_epoch % steps:
         raise ValueError(
-            f"gradnorm: TrainingArguments(gradient_accumulation_steps={steps}) is not supported: GradNorm would update its "
-            "weights at each micro-batch from that micro-batch's losses and norms, not once per optimiser step; use "
-            "gradient_accumulation_steps=1 (a larger per_device_train_batch_size, or more processes)"
+            f"gradnorm: an epoch has {batches_per_epoch} batches, not a multiple of TrainingArguments(gradient_accumulation_steps={steps}): "
+            f"the Trainer's last optimiser step of each epoch would take {batches_per_epoch % steps} micro-batches where GradNorm "
+            f"accumulates {steps}; choose a batch size or a data set size that divides evenly"
         )
+    return steps
 
 
 def outputs_losses(outputs: Any, inputs: Mapping[str, Any]) -> Losses:
@@ -109,12 +116,24 @@ class GradNormCallback(TrainerCallback):
         self._attached = False  # the balancer is bound to its first run's tasks; a second train() starts over from its state
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Optional[nn.Module] = None, **kwargs: Any) -> None:
-        check_accumulation(args)
+        loader = kwargs.get("train_dataloader")
+        try:
+            batches = len(loader) if loader is not None else None
+        except TypeError:  # an iterable data set: its length is unknown
+            batches = None
+        accumulate = accumulation_steps(args, batches)
         if model is None:
             raise RuntimeError("gradnorm: the Trainer passed no model to on_train_begin")
         if self.session is not None and not self.session.closed:
             self.session.close(runs.INTERRUPTED)
         options = dict(self.options)
+        # The Trainer backpropagates each micro-batch's loss divided by k and steps the optimiser every k-th:
+        # the session accumulates the per-task losses and gradients at W over the same k (one update, one row).
+        given = options.setdefault("accumulate", accumulate)
+        if given != accumulate:
+            raise ValueError(
+                f"gradnorm: accumulate={given} was given, but the Trainer accumulates gradient_accumulation_steps={accumulate}; leave accumulate= out"
+            )
         options["heads"] = self.heads if self.heads is None or isinstance(self.heads, (str, bool)) else list(self.heads(model))
         balancer = self.balancer
         if self._attached and balancer is not None:
@@ -171,7 +190,7 @@ class GradNormTrainer(Trainer):
         if model_inputs is not None:
             # The Trainer would drop the batch's keys that forward() does not take: the targets task_losses reads.
             self.args.remove_unused_columns = False
-        check_accumulation(self.args)  # at construction, before any work, as well as at on_train_begin
+        accumulation_steps(self.args)
         self.gradnorm = gradnorm
         self.task_losses: TaskLosses = task_losses if task_losses is not None else outputs_losses
         self.model_inputs = None if model_inputs is None else list(model_inputs)

@@ -1,5 +1,6 @@
 """The Transformers Trainer integration: the same weights as a plain PyTorch loop on the same batches, the
-run read back through the analysis, every hook removed at the end of training, accumulation refused.
+run read back through the analysis, every hook removed at the end of training, and gradient accumulation
+as the session's ``accumulate=`` (the plain loop's accumulate=2, bit for bit).
 
 The model is a one-layer BERT built from a config (nothing is downloaded) with two task heads on its
 pooled output: a 2-class label and a regression target. W is the pooler's dense layer, the last layer
@@ -232,16 +233,44 @@ def test_evaluation_records_validation_losses_and_leaves_the_weights(base, tmp_p
         assert validation.loc[validation["task"] == task, "value"].item() == pytest.approx(expected[task], rel=1e-5)
 
 
-def test_gradient_accumulation_is_refused_with_the_setting_named(base, tmp_path):
+def test_gradient_accumulation_is_the_sessions_accumulate(base, tmp_path):
+    """gradient_accumulation_steps=2: the plain loop with accumulate=2, each micro-batch's loss halved, one update per optimiser step."""
+    model, callback, weights, batches, left = train_with_trainer(base, tmp_path, gradient_accumulation_steps=2)
+    assert len(batches) == STEPS and weights.shape == (STEPS // 2, 2) and left == []
+    assert (weights[-1] - 1).abs().max() > 1e-3
+    plain = copy.deepcopy(base)
+    optimizer = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    session = hooks.attach(plain.encoder.pooler.dense, GradNorm(alpha=1.5), accumulate=2)
+    expected = []
+    plain.train()
+    for first in range(0, STEPS, 2):
+        for inputs in batches[first : first + 2]:
+            (session.loss(task_losses(plain(**inputs), inputs)) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        expected.append(session.balancer.weights().clone())
+    session.close()
+    torch.testing.assert_close(weights, torch.stack(expected), rtol=0, atol=0)
+    for trained, reference in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(trained, reference, rtol=0, atol=0)
+    assert callback.session.accumulate == 2
+    meta = runs.read_run_json(tmp_path / "runs" / "trainer")
+    assert "accumulate=2" in meta["grad_norm_path"], meta["grad_norm_path"]
+    assert analysis.list_runs(tmp_path / "runs").set_index("run_id").loc["trainer", "rows"] == STEPS // 2 * 2  # one row per task and optimiser step
+
+
+def test_an_epoch_that_does_not_divide_into_the_accumulation_is_refused(base, tmp_path):
     callback = GradNormCallback(lambda m: m.encoder.pooler.dense, GradNorm(alpha=1.5))
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=4"):
-        GradNormTrainer(
-            model=copy.deepcopy(base),
-            args=arguments(tmp_path, gradient_accumulation_steps=4),
-            train_dataset=Sentences(SAMPLES),
-            gradnorm=callback,
-            task_losses=task_losses,
-        )
+    trainer = GradNormTrainer(
+        model=copy.deepcopy(base),
+        args=arguments(tmp_path, gradient_accumulation_steps=4),
+        train_dataset=Sentences(SAMPLES),
+        gradnorm=callback,
+        task_losses=task_losses,
+    )
+    with pytest.raises(ValueError, match=r"6 batches, not a multiple of .*gradient_accumulation_steps=4"):
+        trainer.train()
 
 
 def test_a_failing_training_closes_the_run_as_failed_and_removes_the_hooks(base, tmp_path):
