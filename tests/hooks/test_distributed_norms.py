@@ -442,3 +442,63 @@ def test_steps_the_meter_does_not_measure_hold_no_forward_pass():
         del losses
     session.close()
     assert meter.capture.calls == [] and meter._pre_hook is None
+
+
+def _toy_steps(session, model, optimizer, data, steps):
+    from gradnorm.experiments import toy
+
+    for index in steps:
+        x, y = data.x_train[index * 8 : index * 8 + 8], data.y_train[index * 8 : index * 8 + 8]
+        loss = session.loss(toy.task_losses(model(x), y))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_update_every_exchanges_on_measured_steps_only():
+    import gradnorm
+    from gradnorm.experiments import toy
+
+    config = toy.ToyConfig(num_tasks=3, train_size=128, test_size=8)
+    data = toy.make_data(config)
+    model = toy.make_model(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    session = gradnorm.attach(model.shared_layer, gradnorm.GradNorm(alpha=0.12), distributed_norms="sketch", update_every=3)
+    _toy_steps(session, model, optimizer, data, range(9))
+    assert session.meter._calls == 3  # steps 0, 3, 6: the exchange, and its bytes, divided by 3
+    session.close()
+
+
+def test_the_sketch_resumes_exactly_from_a_checkpoint():
+    """The pairs are seeded by the step index, which the session's state restores: a resumed run draws what an
+    uninterrupted one would, and its weights follow bit for bit."""
+    import gradnorm
+    from gradnorm.experiments import toy
+
+    config = toy.ToyConfig(num_tasks=3, train_size=128, test_size=8)
+    data = toy.make_data(config)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = toy.make_model(config)
+        return model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+    model, optimizer = fresh()
+    whole = gradnorm.attach(model.shared_layer, gradnorm.GradNorm(alpha=0.12), distributed_norms="sketch", heads=None)
+    _toy_steps(whole, model, optimizer, data, range(10))
+    uninterrupted = whole.balancer.weights().clone()
+    whole.close()
+
+    model, optimizer = fresh()
+    first = gradnorm.attach(model.shared_layer, gradnorm.GradNorm(alpha=0.12), distributed_norms="sketch", heads=None)
+    _toy_steps(first, model, optimizer, data, range(5))
+    state, model_state, optimizer_state = first.state_dict(), model.state_dict(), optimizer.state_dict()
+    first.close()
+    model, optimizer = fresh()
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(optimizer_state)
+    second = gradnorm.attach(model.shared_layer, gradnorm.GradNorm(alpha=0.12), distributed_norms="sketch", heads=None)
+    second.load_state_dict(state)
+    _toy_steps(second, model, optimizer, data, range(5, 10))
+    torch.testing.assert_close(second.balancer.weights(), uninterrupted, rtol=0, atol=0)
+    second.close()
