@@ -57,6 +57,8 @@ ROUTES = (GRAM, DIRECT)
 DEFAULT_GRAM_BYTES = 256 << 20
 #: Working-memory budget per chunk of tasks: the chunk's gradients at W's output, or its weight gradients.
 DEFAULT_CHUNK_BYTES = 64 << 20
+#: Calls of the layer a capture keeps between measurements (each holds its forward pass's graph).
+DEFAULT_MAX_CALLS = 16
 
 Layer = Union[nn.Linear, nn.Conv2d]
 Output = Union[Tensor, "GradientEdge"]
@@ -99,6 +101,26 @@ class Geometry:
     @property
     def weight_numel(self) -> int:
         return self.groups * self.fan_in * self.fan_out
+
+
+def output_shape(layer: Layer, x_shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of ``layer``'s output for an input of shape ``x_shape`` (no call needed)."""
+    _check_layer(layer)
+    if isinstance(layer, nn.Linear):
+        return (*x_shape[:-1], layer.out_features)
+    if isinstance(layer.padding, str):
+        padding = (0, 0) if layer.padding == "valid" else None
+    else:
+        padding = (int(layer.padding[0]), int(layer.padding[1]))
+    spatial = []
+    for axis in range(2):
+        extent = int(x_shape[-2 + axis])
+        if padding is None:  # 'same' (stride 1 only): the input's extent
+            spatial.append(extent)
+            continue
+        span = layer.dilation[axis] * (layer.kernel_size[axis] - 1) + 1
+        spatial.append((extent + 2 * padding[axis] - span) // layer.stride[axis] + 1)
+    return (*x_shape[:-3], layer.out_channels, *spatial)
 
 
 def geometry(layer: Layer, x_shape: Sequence[int], y_shape: Sequence[int]) -> Geometry:
@@ -467,7 +489,7 @@ def _is_edge(value: object) -> bool:
     return edge_type is not None and isinstance(value, edge_type)
 
 
-def _gradient_edge(tensor: Tensor) -> Output:
+def gradient_edge(tensor: Tensor) -> Output:
     get_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
     return get_edge(tensor) if get_edge is not None else tensor
 
@@ -481,10 +503,15 @@ class LayerCapture:
     step twice) and ``remove()`` when done; calls under ``torch.no_grad()`` are not kept.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, max_calls: int = DEFAULT_MAX_CALLS) -> None:
         _check_layer(module)
+        if max_calls < 1:
+            raise ValueError(f"max_calls must be at least 1, got {max_calls}")
         self.module: Layer = module  # type: ignore[assignment]
         self.calls: list[LayerCall] = []
+        self.max_calls = max_calls
+        self.dropped = 0  # calls not kept since the last clear(): over max_calls, or while paused
+        self.paused = False
         self.batched = True
         self.route: Optional[str] = None  # of the last measurement
         self.reason: Optional[str] = None
@@ -495,8 +522,13 @@ class LayerCapture:
             return
         if not args or not isinstance(args[0], Tensor):
             return
+        # Each kept call holds its output's node, and with it that forward pass's graph: forward passes
+        # never measured (paused while another route serves, or more calls than a step makes) are not kept.
+        if self.paused or len(self.calls) >= self.max_calls:
+            self.dropped += 1
+            return
         x = args[0]
-        self.calls.append(LayerCall(x, x._version, _gradient_edge(output), output.shape, output.dtype))
+        self.calls.append(LayerCall(x, x._version, gradient_edge(output), output.shape, output.dtype))
 
     def remove(self) -> None:
         self._handle.remove()
@@ -504,6 +536,14 @@ class LayerCapture:
 
     def clear(self) -> None:
         self.calls = []
+        self.dropped = 0
+
+    def pause(self) -> None:
+        """Keep no further calls until ``resume()`` (the calls kept so far stay until ``clear()``)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
 
     def __enter__(self) -> LayerCapture:
         return self
@@ -513,6 +553,8 @@ class LayerCapture:
 
     def problem(self) -> Optional[str]:
         """Why the captured calls cannot be measured (None when they can)."""
+        if self.dropped:
+            return f"{self.dropped} call(s) of the shared layer since the last measurement were not kept (paused, or over max_calls={self.max_calls})"
         if not self.calls:
             return "no call of the shared layer with gradients enabled was captured in this forward pass"
         for index, call in enumerate(self.calls):

@@ -17,6 +17,14 @@ The segment H -> W is crossed one of three ways, chosen per step and stated by `
 - ``conv-product``: the same for an ``nn.Conv2d`` weight (zero padding, one group): the T tasks' masked
   gradients, laid side by side as T * C output channels, go through one weight-gradient convolution
   with X, whose T * C filters are the T tasks' grad_W.
+- ``gram-vjp``: W is a stock ``nn.Linear`` or ``nn.Conv2d`` (any stride, padding, dilation, groups) and
+  something else stands between its output Y and H (batch norm, a residual add, LayerNorm, pooling,
+  dropout, attention): the T pieces cross H -> Y in T-batched vector-Jacobian products
+  (``is_grads_batched``, chunked over tasks), which never reach W's weight gradient, and the norms come
+  by the Gram identity ||grad_W L_i||^2 = <D_i D_i^T, X X^T> from D_i = grad_Y L_i and W's input X
+  (``hooks/gram_norms.py``): no per-task weight gradient is formed. Taken where its cost model
+  (``gram_norms.choose_route``: g P^2 (d_in + T d_out) against T P d_in d_out multiply-adds) says it is
+  cheaper than forming the T weight gradients; ``reason`` says which and why.
 - ``batched-vjp``: anything else; one T-batched vector-Jacobian product (``is_grads_batched``) from H to W.
 
 The products are formed in float32 (float64 for a float64 W) whatever the gradients' dtype, so that
@@ -39,8 +47,9 @@ head feeds (:meth:`HeadTaps.check_pairing`).
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -49,15 +58,19 @@ from torch.nn.grad import conv2d_weight
 from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
+from . import gram_norms
 from .grad_norms import norms_of, statistics_dtype
 from .shared_layer import graph_nodes
 
 LINEAR_PRODUCT = "linear-product"
 CONV_PRODUCT = "conv-product"
+GRAM_VJP = "gram-vjp"
 BATCHED_VJP = "batched-vjp"
 # The task axis of the stacked pieces: just before the channel axis (last for a Linear, 1 for a
 # convolution), so that the product routes read the T pieces as T * C channels without a copy.
-_TASK_AXIS = {LINEAR_PRODUCT: -2, CONV_PRODUCT: 1, BATCHED_VJP: 0}
+_TASK_AXIS = {LINEAR_PRODUCT: -2, CONV_PRODUCT: 1, GRAM_VJP: 0, BATCHED_VJP: 0}
+#: Bytes of the tasks' gradients at W's output per batched product of the Gram route (chunks of tasks).
+GRAM_CHUNK_BYTES = 16 << 20
 # Elementwise nodes between W's output and H whose Jacobian is a 0/1 mask read from what they saved: for
 # a ReLU, sign(relu(y)), which is that mask already in a floating dtype (a boolean mask would cost a
 # conversion in every product it multiplies).
@@ -81,13 +94,22 @@ class _Forward:
     the autograd graph's C++ side that no garbage collection can free, and keep every step's graph alive.
     """
 
-    __slots__ = ("shared", "layer_input", "layer_node", "layer_calls", "served", "pieces", "arrived", "mask", "mode", "rows", "work")
+    __slots__ = ("shared", "layer_input", "layer_node", "layer_calls", "calls", "served", "pieces", "arrived", "mask", "mode", "rows", "work")
 
-    def __init__(self, shared: Tensor, layer_input: Optional[tuple[Tensor, int]], layer_node: Optional[Node], layer_calls: int) -> None:
+    def __init__(
+        self,
+        shared: Tensor,
+        layer_input: Optional[tuple[Tensor, int]],
+        layer_node: Optional[Node],
+        layer_calls: int,
+        calls: Sequence[gram_norms.LayerCall] = (),
+    ) -> None:
         self.shared = shared
         self.layer_input = layer_input
         self.layer_node = layer_node
         self.layer_calls = layer_calls
+        # The Gram route: every call of W's module in this forward pass (input, its version, output edge).
+        self.calls = list(calls)
         self.served: set[int] = set()
         self.pieces: list[Optional[Tensor]] = []
         self.arrived = 0
@@ -160,11 +182,16 @@ class HeadTaps:
         # The streaming taps' hooks on the tensors of a forward pass whose graph may still be alive.
         self._tensor_handles: list[RemovableHandle] = []
         self._layer = module if _has_product_route(module, parameter) else None
+        # The Gram route needs the norms of each rank's own gradients: not under a reduce over ranks.
+        self._gram_layer: Optional[gram_norms.Layer] = module if reduce is None and _has_gram_route(module, parameter) else None  # type: ignore[assignment]
         self._layer_input: Optional[tuple[Tensor, int]] = None  # (X, its version when captured)
         self._layer_node: Optional[Node] = None  # grad_fn of the layer's output, taken before any in-place op on it
         self._layer_calls = 0  # calls of the layer since the heads last read H
-        if self._layer is not None:
-            self._handles.append(self._layer.register_forward_hook(self._capture_layer))
+        self._calls: list[gram_norms.LayerCall] = []  # those calls, for the Gram route (at most MAX_CALLS)
+        self._gram_parts: list[tuple[Tensor, Tensor]] = []  # this backward's (X rows, D rows) per forward pass
+        self._gram_choices: dict[tuple, tuple[str, str]] = {}  # (shapes, T) -> (route, reason)
+        if module is not None and (self._layer is not None or self._gram_layer is not None):
+            self._handles.append(module.register_forward_hook(self._capture_layer))
         # heads= given by the user: the first forward's head outputs, to check which loss each feeds.
         self._outputs: Optional[list[list]] = None
         self._output_handles: list[RemovableHandle] = []
@@ -174,6 +201,7 @@ class HeadTaps:
         # Heads the user gave were meant for a product route: a warning says when none applies.
         self._warned_fallback = not warn_fallback
         self.path: Optional[str] = None  # the route of the last measured step
+        self.reason: Optional[str] = None  # why the Gram route was or was not taken, where it was considered
         self.mode: Optional[str] = None  # "fan-out" or "stream", of the last forward pass
 
     def arm(self) -> None:
@@ -193,17 +221,28 @@ class HeadTaps:
             handle.remove()
         self._handles, self._tensor_handles, self._output_handles, self._outputs = [], [], [], None
         self._forward, self._aliases, self._streams, self._result, self._problem = None, (), [], None, None
-        self._layer_input, self._layer_node = None, None
+        self._layer_input, self._layer_node, self._calls, self._gram_parts = None, None, [], []
 
     def describe_path(self) -> str:
         """The route the next measurement will take (for ``run.json``), decided from this step's graph."""
         if self._forward is None:
             return BATCHED_VJP
-        return self._route(self._segment_mask(self._forward))
+        return self._route(self._segment_mask(self._forward), self._forward)
 
     def describe_path_of(self, shared: Tensor, layer_input: Optional[tuple[Tensor, int]], layer_node, layer_calls: int) -> str:
-        """The route for a forward pass seen from outside (``heads="auto"``'s first step)."""
-        return self._route(self._segment_mask(_Forward(shared, layer_input, layer_node, layer_calls)))
+        """The route for a forward pass seen from outside (``heads="auto"``'s first step).
+
+        For the Gram route's cost model, each of the ``layer_calls`` calls is taken to have the shapes of
+        the last one (``layer_input``).
+        """
+        calls: list[gram_norms.LayerCall] = []
+        if self._gram_layer is not None and layer_input is not None:
+            x, version = layer_input
+            y_shape = torch.Size(gram_norms.output_shape(self._gram_layer, x.shape))
+            calls = [gram_norms.LayerCall(x, version, x, y_shape, x.dtype)] * layer_calls
+        return self._route(
+            self._segment_mask(_Forward(shared, layer_input, layer_node, layer_calls)), _Forward(shared, layer_input, layer_node, layer_calls, calls)
+        )
 
     def check_pairing(self, losses: Sequence[Tensor], tasks: Sequence[str]) -> None:
         """Raise ValueError unless head i's output reaches task i's loss and no other (the first step only).
@@ -240,10 +279,38 @@ class HeadTaps:
 
         return keep
 
-    def _route(self, mask: Mask) -> str:
-        if mask is None:
-            return BATCHED_VJP
-        return LINEAR_PRODUCT if isinstance(self._layer, nn.Linear) else CONV_PRODUCT
+    def _route(self, mask: Mask, forward: Optional[_Forward] = None) -> str:
+        if mask is not None:
+            return LINEAR_PRODUCT if isinstance(self._layer, nn.Linear) else CONV_PRODUCT
+        if forward is not None and self._gram_route(forward) == gram_norms.GRAM:
+            return GRAM_VJP
+        return BATCHED_VJP
+
+    def _gram_route(self, forward: _Forward) -> Optional[str]:
+        """``gram`` or ``direct`` by the cost model for ``forward``'s calls of W (None: it cannot apply).
+
+        Decided by shapes alone (the calls' input and output shapes and T), once per shape.
+        """
+        layer, calls = self._gram_layer, forward.calls
+        if layer is None:
+            return None
+        if not calls or len(calls) != forward.layer_calls:
+            self.reason = f"batched-vjp: the Gram route needs every call of W in the forward pass kept ({len(calls)} of {forward.layer_calls})"
+            return None
+        if any(call.input._version != call.input_version for call in calls):
+            self.reason = "batched-vjp: W's input was changed in place after the call, so the Gram identity cannot use it"
+            return None
+        key = (tuple((tuple(c.input.shape), tuple(c.output_shape)) for c in calls), len(self.heads), forward.shared.dtype)
+        choice = self._gram_choices.get(key)
+        if choice is None:
+            first = calls[0]
+            positions = sum(gram_norms.geometry(layer, c.input.shape, c.output_shape).positions for c in calls)
+            size = torch.finfo(self.dtype).bits // 8
+            route, reason = gram_norms.choose_route(layer, first.input.shape, first.output_shape, len(self.heads), element_size=size, positions=positions)
+            name = GRAM_VJP if route == gram_norms.GRAM else BATCHED_VJP
+            choice = self._gram_choices[key] = (route, f"{name}: {reason}")
+        self.reason = choice[1]
+        return choice[0]
 
     # -- forward ---------------------------------------------------------------------------------
     def _make_pre_hook(self, index: int):
@@ -254,18 +321,15 @@ class HeadTaps:
             forward = self._forward
             # A head called again, whatever the order of the heads' calls, means a new forward pass.
             if forward is None or index in forward.served:
-                forward = self._forward = _Forward(shared, self._layer_input, self._layer_node, self._layer_calls)
-                self._layer_calls = 0
+                forward = self._forward = _Forward(shared, self._layer_input, self._layer_node, self._layer_calls, self._calls)
+                self._layer_calls, self._calls = 0, []
                 if self._should_stream(forward):
                     self._aliases = self._stream(forward)
                 else:
                     self._aliases = _FanOut.apply(self, forward, shared)
                 self.mode = forward.mode
             elif shared is not forward.shared:
-                raise ValueError(
-                    f"task head {index} received a different input tensor than the heads before it; heads= needs every head to read "
-                    "the same shared representation (the output of the trunk that contains the shared layer)"
-                )
+                raise ValueError(_different_inputs(self.heads, forward, index, shared))
             forward.served.add(index)
             return (self._aliases[index],) + tuple(args[1:])
 
@@ -277,6 +341,10 @@ class HeadTaps:
         self._layer_calls += 1
         self._layer_input = (args[0], args[0]._version) if args and isinstance(args[0], Tensor) else None
         self._layer_node = output.grad_fn
+        # Reset at each forward pass through the heads; bounded, for calls of W that never reach them.
+        if self._gram_layer is not None and self._layer_input is not None and output.requires_grad and len(self._calls) < gram_norms.DEFAULT_MAX_CALLS:
+            x = self._layer_input[0]
+            self._calls.append(gram_norms.LayerCall(x, x._version, gram_norms.gradient_edge(output), output.shape, output.dtype))
 
     def _should_stream(self, forward: _Forward) -> bool:
         """Stream when holding the T pieces at once would cost more than ``STREAM_ABOVE_BYTES``."""
@@ -335,8 +403,58 @@ class HeadTaps:
                 self._unscale = "output"
         return self._unscale
 
+    def _add_gram(self, forward: _Forward, stacked: Tensor) -> None:
+        """The Gram route for one forward pass: D_i at W's output for the (T, *H.shape) pieces, kept with X.
+
+        D carries the factors still; ``_finish_backward`` divides them out and takes the norms, over every
+        forward pass of the backward at once (the norm of a sum of gradients has cross terms).
+        """
+        layer = self._gram_layer
+        if layer is None:
+            raise TapsError("heads=: the Gram route without a Linear or Conv2d shared layer")
+        self.path = GRAM_VJP
+        calls = forward.calls
+        rows = torch.cat([gram_norms.input_rows(layer, call.input, self.dtype) for call in calls], 0)
+        num_tasks = stacked.shape[0]
+        numbers = sum(math.prod(call.output_shape) for call in calls)
+        chunk = gram_norms.default_chunk(numbers, num_tasks, torch.finfo(self.dtype).bits // 8, GRAM_CHUNK_BYTES)
+        outputs: Any = [call.output for call in calls]  # tensors or gradient edges
+        parts = []
+        for start in range(0, num_tasks, chunk):
+            piece = stacked[start : start + chunk]
+            grads = torch.autograd.grad(forward.shared, outputs, grad_outputs=piece, is_grads_batched=True, retain_graph=True, allow_unused=True)
+            parts.append(
+                torch.cat(
+                    [
+                        gram_norms.output_rows(layer, g if g is not None else piece.new_zeros((piece.shape[0], *call.output_shape)), self.dtype)
+                        for call, g in zip(calls, grads)
+                    ],
+                    1,
+                )
+            )
+        self._gram_parts.append((rows, parts[0] if len(parts) == 1 else torch.cat(parts, 0)))
+        if self._result is not None:  # an earlier forward pass of this backward formed its gradients at W
+            self._gram_to_result()
+
+    def _gram_to_result(self) -> None:
+        """Where forward passes of one backward took different routes: the Gram parts as weight gradients."""
+        parts, self._gram_parts = self._gram_parts, []
+        for rows, d in parts:
+            grads = torch.einsum("tpgo,pgi->tgoi", d, rows).reshape(d.shape[0], *self.parameter.shape)
+            self._add(grads, False)
+
+    def _gram_norms(self, parts: list[tuple[Tensor, Tensor]], factor: Optional[Tensor]) -> Tensor:
+        """(T,) or (T, C) norms by the Gram identity over every forward pass's positions, factors divided out."""
+        rows = parts[0][0] if len(parts) == 1 else torch.cat([x for x, _ in parts], 0)
+        d = parts[0][1] if len(parts) == 1 else torch.cat([g for _, g in parts], 1)
+        if factor is not None:
+            d = d / factor.to(d.dtype).view(-1, 1, 1, 1)
+        return gram_norms.GramOfInput(rows).sq_norms(d, self.per_channel).sqrt()
+
     def _add(self, per_task: Tensor, scaled_input: bool) -> None:
         """Add one forward pass's gradients at W (products of the scaled input, or to be divided here)."""
+        if self._gram_parts:
+            self._gram_to_result()
         if not scaled_input:
             mode = self._unscaling(per_task.numel(), 0)
             if mode == "input" and self._largest is not None:  # an earlier forward pass scaled its input: the same units
@@ -354,12 +472,21 @@ class HeadTaps:
             self._fail(_missing([i for i, piece in enumerate(forward.pieces) if piece is None]))
             forward.pieces, forward.arrived, forward.mask, forward.rows, forward.work = [None] * len(self.heads), 0, None, None, None
         self._streams = []
-        result, problem, scale = self._result, self._problem, self._norm_scale
-        self._result, self._problem, self._norm_scale, self._step_factor = None, None, None, None
+        result, problem, scale, gram_parts = self._result, self._problem, self._norm_scale, self._gram_parts
+        factor = self._step_factor if gram_parts else None
+        if gram_parts and factor is None and self.factor is not None:
+            try:
+                factor = self._factors()
+            except TapsError as exc:
+                problem = problem or exc
+        self._result, self._problem, self._norm_scale, self._step_factor, self._gram_parts = None, None, None, None, []
         self._unscale, self._largest = None, None
         try:
             if problem is not None:
                 raise problem
+            if gram_parts:
+                self.on_norms(self._gram_norms(gram_parts, factor))
+                return
             if result is None:
                 raise TapsError("the measured backward reached the heads but no forward pass's pieces were complete")
             norms = norms_of(result if self.reduce is None else self.reduce(result), self.per_channel)
@@ -434,10 +561,16 @@ class HeadTaps:
             self._fail(_missing([i for i, g in enumerate(grads) if g is None]))
             return torch.stack(present).sum(0) if present else None
         mask = self._segment_mask(forward)
-        route = self._route(mask)
+        route = self._route(mask, forward)
         axis = _TASK_AXIS[route]
         stacked = torch.stack(present, dim=axis)
         total = stacked.sum(axis)
+        if route == GRAM_VJP:
+            try:
+                self._add_gram(forward, stacked)
+            except TapsError as exc:
+                self._fail(exc)
+            return total
         try:
             # The products in float32 at least (a copy, where the pieces are bfloat16 or float16).
             work = stacked if route == BATCHED_VJP or stacked.dtype == self.dtype else stacked.to(self.dtype)
@@ -526,6 +659,29 @@ def _present(pieces: Sequence[Optional[Tensor]]) -> list[Tensor]:
 
 def _missing(heads: list[int]) -> TapsError:
     return TapsError(f"task heads {heads} sent no gradient to the shared representation this step; every task's loss must come from its head's output")
+
+
+def _has_gram_route(module: Optional[nn.Module], parameter: Tensor) -> bool:
+    """A stock Linear or Conv2d whose weight is W: the Gram identity applies (``hooks/gram_norms.py``)."""
+    return module is not None and getattr(module, "weight", None) is parameter and gram_norms.unsupported(module) is None
+
+
+def _describe_tensor(tensor: Tensor) -> str:
+    node = type(tensor.grad_fn).__name__ if tensor.grad_fn is not None else "a leaf"
+    return f"a {tuple(tensor.shape)} {str(tensor.dtype).replace('torch.', '')} tensor from {node}"
+
+
+def _different_inputs(heads: Sequence[nn.Module], forward: _Forward, index: int, shared: Tensor) -> str:
+    """The error for heads given that read different tensors: which head reads which, and what to do."""
+    first = min(forward.served) if forward.served else 0
+    readers = ", ".join(f"head {i} ({type(heads[i]).__name__})" for i in sorted(forward.served))
+    return (
+        f"heads= needs every head to read one tensor, the shared representation H, but {readers} read "
+        f"{_describe_tensor(forward.shared)} and head {index} ({type(heads[index]).__name__}) reads {_describe_tensor(shared)}"
+        f"{' (the same shape: a different tensor, e.g. another layer' + chr(39) + 's output)' if shared.shape == forward.shared.shape else ''}; "
+        f'pass the modules that all read one tensor (head {first}\'s input), or leave heads= out (heads="auto") to let the '
+        "session find such heads, or use the general path (heads=None), which accepts heads reading different tensors"
+    )
 
 
 def _has_product_route(module: Optional[nn.Module], parameter: Tensor) -> bool:
