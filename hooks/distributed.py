@@ -3,9 +3,11 @@
 DDP averages the gradient over ranks, so the gradient that reaches the shared layer W is the mean of the
 ranks' gradients and the loss is the mean of the ranks' losses (equal shards). GradNorm must see those
 global quantities (paper eq. 2 is about the gradient the network is trained with): the per-task losses
-and the per-task gradients at W are averaged across ranks before the norms are taken, so every rank runs
-the same update on the same numbers and the weights stay identical without being broadcast. Rank 0
-creates the run and owns ``run.json``; each rank writes its own ``metrics/rank=<r>/`` part files.
+are averaged across ranks, and the norms are those of the rank-averaged gradients at W, so every rank runs
+the same update on the same numbers and the weights stay identical without being broadcast. How those
+norms are formed with little communication (W's rows, a sketch, or the gradients averaged here) is
+``hooks/distributed_norms.py``. Rank 0 creates the run and owns ``run.json``; each rank writes its own
+``metrics/rank=<r>/`` part files.
 """
 
 from __future__ import annotations
@@ -28,12 +30,23 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+class CollectiveError(RuntimeError):
+    """A collective of GradNorm's failed: another rank stopped, or the ranks handed different shapes."""
+
+
 def mean_across_ranks(tensor: Tensor) -> Tensor:
     """The mean over ranks (a collective every rank must call); SUM then divide, as gloo has no AVG."""
     if world_size() == 1:
         return tensor
     reduced = tensor.detach().clone()
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    try:
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    except RuntimeError as exc:  # gloo: a peer's closed connection or the group's timeout
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        raise CollectiveError(
+            f"gradnorm: rank {rank()} of {world_size()}: averaging {tuple(tensor.shape)} across ranks failed ({type(exc).__name__}: {detail}); "
+            "another rank has probably stopped (crashed, killed or stuck), or the ranks handed different shapes"
+        ) from exc
     return reduced / world_size()
 
 

@@ -69,7 +69,7 @@ SKETCH_GAIN = 8
 PATH_PREFIX = "distributed-"
 
 
-class DistributedNormsError(RuntimeError):
+class DistributedNormsError(distributed.CollectiveError):
     """A step's exchange failed: another rank stopped, or the ranks disagree on the shapes."""
 
 
