@@ -739,8 +739,6 @@ class Session:
         }
         if self.meter.choice is not None:
             meta["grad_norm_route"] = f"{self.meter.choice.route}: {self.meter.choice.reason}"
-        if self.taps is not None and self.taps.reason is not None:
-            meta["head_taps_route"] = self.taps.reason  # the taps' Gram route taken or not, and why
         if isinstance(self.meter, DistributedNormMeter):
             meta["distributed_norms"] = self.meter.describe()
         if self.taps is not None and self.taps.reason is not None:
