@@ -683,11 +683,65 @@ def compare_tables(report: Report, results: Results) -> None:
             f"tab:compare-{short}",
             source_note(file, section),
             header=header,
+            placement="htbp",
         )
         # Method names are LaTeX already: undo the escaping render_table applied to them.
         for name in COMPARE_METHODS.values():
             body = body.replace(tex(name), name)
         report.fragments[f"tab_compare_{short}.tex"] = body
+
+
+def compare_summary(report: Report, results: Results) -> None:
+    """One table of the comparison's headline columns: the task-normalised test loss on the toy at T=2
+    and T=10 and on the penguins, and the penguins' regression error."""
+    file = "compare.md"
+    picks = [
+        (r"^Toy problem.*T=2\b", "Σ_i", "toy, $T=2$"),
+        (r"^Toy problem.*T=10\b", "Σ_i", "toy, $T=10$"),
+        (r"^Palmer penguins", "Σ_i", "penguins"),
+        (r"^Palmer penguins", "RMSE", "body mass RMSE (g)"),
+    ]
+    columns: list[tuple[str, dict[str, str]]] = []
+    sections = []
+    for heading, column, title in picks:
+        found = results.find(file, heading=heading, columns=(column,), first_cell="gradnorm", last=False)
+        if found is None:
+            continue
+        section, table = found
+        index = table.column(column)
+        assert index is not None
+        columns.append((title, {strip_markup(r[0]): r[index] for r in table.rows}))
+        if section not in sections:
+            sections.append(section)
+    if not columns:
+        report.fragments["tab_compare_summary.tex"] = not_measured("The methods compared.", source_note(file, None))
+        return
+    methods = list(columns[0][1])
+    body = []
+    for method in methods:
+        cells = [COMPARE_METHODS.get(method, tex(method))] + [tex(values.get(method, "-")) for _, values in columns]
+        body.append(" & ".join(cells) + r" \\")
+    header = ["method"] + [title for title, _ in columns]
+    seeds = re.search(r"Seeds: \[([^\]]*)\]", sections[0].text)
+    toy_steps = next((m.group(1) for sec in sections if sec.title.startswith("Toy") for m in [re.search(r"(\d+) steps", sec.title)] if m), "?")
+    penguin_steps = next((m.group(1) for sec in sections if "penguins" in sec.title for m in [re.search(r"(\d+) steps", sec.title)] if m), "?")
+    steps = f"the toy runs {toy_steps} steps and the penguin runs {penguin_steps}"
+    report.fragments["tab_compare_summary.tex"] = (
+        "\\begin{table}[t]\n\\centering\\footnotesize\n\\caption{Loss-balancing methods compared: the task-normalised test loss $\\sum_i L_i/L_i(0)$ on the toy problem at $T=2$ and $T=10$ and on the Palmer penguins, "
+        f"and the penguins' body-mass error; mean $\\pm$ standard deviation over {len(seeds.group(1).split(',')) if seeds else '?'} seeds ({steps}); lower is better. "
+        "Every method starts from the same network and sees the same batches; ``static'' retrains with the same seed's GradNorm $E_t[w_i]$. "
+        "Appendix~\\ref{app:compare} has every column.}\\label{tab:compare}\n"
+        "\\begin{adjustbox}{max width=\\linewidth}\n\\begin{tabular}{l"
+        + "r" * len(columns)
+        + "}\n\\toprule\n"
+        + " & ".join(header)
+        + " \\\\\n\\midrule\n"
+        + "\n".join(body)
+        + "\n\\bottomrule\n\\end{tabular}\n\\end{adjustbox}\n"
+        + "\\par\\smallskip{\\footnotesize Source: "
+        + "; ".join(source_note(file, sec) for sec in sections)
+        + ".}\n\\end{table}\n"
+    )
 
 
 def step_time(report: Report, results: Results) -> None:
@@ -1353,7 +1407,7 @@ def qm9(report: Report, results: Results, published_file: Path) -> None:
     Our Delta_m% is against the equal-weights run of the same seed (what ``gradnorm compare`` reports);
     the published ones are against single-task baselines, so the two columns sit side by side on their
     own scales, never as one ranking."""
-    keys = ("gradnorm", "static", "equal", "best", "bestname", "beaten", "methods", "steps", "seeds", "alpha")
+    keys = ("gradnorm", "static", "equal", "best", "bestname", "beaten", "methods", "steps", "seeds", "alpha", "cost.gradnorm")
     found = results.find("compare.md", heading="QM9", columns=("Δm",), first_cell="gradnorm")
     if found is None:
         report.fragments["tab_qm9.tex"] = not_measured("QM9 with $\\Delta_m\\%$ beside the published tables.", source_note("compare.md", None))
@@ -1384,11 +1438,14 @@ def qm9(report: Report, results: Results, published_file: Path) -> None:
     report.put("qm9.steps", steps.group(1).replace(",", "{,}") if steps else None)
     seeds = re.search(r"Seeds: \[([^\]]*)\]", section.text)
     report.put("qm9.seeds", str(len(seeds.group(1).split(","))) if seeds else None)
+    cost = table.column("step cost")
     ours = []
     for row in table.rows:
         name = strip_markup(row[0])
         cell = row[delta] if delta is not None and delta < len(row) else "-"
-        ours.append(f"{COMPARE_METHODS.get(name, tex(name))} & {tex(cell)} \\\\")
+        extra = f" & {tex(row[cost])}" if cost is not None and cost < len(row) else ""
+        ours.append(f"{COMPARE_METHODS.get(name, tex(name))} & {tex(cell)}{extra} \\\\")
+    report.put("qm9.cost.gradnorm", fmt(number(table.cell("gradnorm", "step cost")), 2, RATIO) if cost is not None else None)
     published_rows = []
     if published_file.is_file():
         for pub_section in parse_markdown(published_file.read_text(encoding="utf-8")):
@@ -1408,21 +1465,61 @@ def qm9(report: Report, results: Results, published_file: Path) -> None:
     paragraph = (
         f"On a fixed subset of QM9 ({tex(section.title)}; {report.numbers['qm9.seeds']} seeds), GradNorm's $\\Delta_m\\%$ against equal weights is {report.numbers['qm9.gradnorm']} "
         f"and retraining with its $E_t[w_i]$ {report.numbers['qm9.static']}; {report.numbers['qm9.beaten']} of the {report.numbers['qm9.methods']} other methods (equal weights included) do better, "
-        f"the best {report.numbers['qm9.bestname']} at {report.numbers['qm9.best']} (Table~\\ref{{tab:qm9}}).\n\n"
+        f"the best {report.numbers['qm9.bestname']} at {report.numbers['qm9.best']} (Table~\\ref{{tab:qm9}})"
+        + (f"; its step cost {report.numbers['qm9.cost.gradnorm']} the equal-weights step's." if cost is not None else ".")
+        + "\n\n"
     )
     report.fragments["tab_qm9.tex"] = paragraph + (
         "\\begin{table}[t]\n\\centering\\footnotesize\n"
-        "\\caption{QM9, 11 regression targets. Left: this toolkit's runs ("
+        "\\caption{QM9. Left: this toolkit's runs ("
         + tex(section.title)
-        + "), $\\Delta_m\\%$ against the equal-weights run of the same seed, lower is better. "
+        + "), $\\Delta_m\\%$ against the equal-weights run of the same seed, lower is better"
+        + (", and the step's CPU time against equal weights (runs one after another under load, as the results file says)" if cost is not None else "")
+        + ". "
         "Right: published $\\Delta_m\\%$ against single-task baselines, as compiled by NTKMTL \\citep{ntkmtl2025} (as originally reported, and re-run by its authors), with a different model and scale of training: "
         "the two columns are on their own scales and are not one ranking; GradNorm has no published row.}\\label{tab:qm9}\n"
-        "\\begin{adjustbox}{max width=\\linewidth}\n\\begin{tabular}[t]{lr}\n\\toprule\nmethod & $\\Delta_m\\%$ vs equal \\\\\n\\midrule\n"
+        "\\begin{adjustbox}{max width=\\linewidth}\n\\begin{tabular}[t]{lr"
+        + ("r" if cost is not None else "")
+        + "}\n\\toprule\nmethod & $\\Delta_m\\%$ vs equal"
+        + (" & step cost" if cost is not None else "")
+        + " \\\\\n\\midrule\n"
         + "\n".join(ours)
         + "\n\\bottomrule\n\\end{tabular}\\qquad\n"
         + published
         + "\n\\end{adjustbox}\n"
         + f"\\par\\smallskip{{\\footnotesize Source: {source_note('compare.md', section)}; \\texttt{{docs/report/published-delta-m.md}}.}}\n\\end{{table}}\n"
+    )
+
+
+def many_tasks(report: Report, results: Results) -> None:
+    """``many_tasks.md``: the default attach against equal weights as T grows, on the toy and a dense model."""
+    file = "many_tasks.md"
+    found = results.find(file, columns=("model", "T", "time ratio", "total ratio"))
+    keys = [f"many.{m}.T{t}{k}" for m in ("toy", "dense") for t in (2, 10, 40, 100) for k in ("", ".mem")]
+    if found is None:
+        report.fragments["tab_many_tasks.tex"] = not_measured("The default attach at many tasks.", source_note(file, None))
+        for key in keys:
+            report.put(key, None)
+        return
+    section, table = found
+    model, t_col = table.column("model"), table.column("T")
+    for key in keys:
+        parts = key.split(".")
+        name, tasks, memory_key = parts[1], parts[2][1:], len(parts) > 3
+        row = next((r for r in table.rows if model is not None and t_col is not None and strip_markup(r[model]) == name and r[t_col] == tasks), None)
+        column = table.column("total ratio" if memory_key else "time ratio")
+        report.put(key, fmt(number(row[column]), 2, RATIO) if row is not None and column is not None else None)
+    wanted = [table.column(c) for c in ("model", "T", "equal ms", "README default ms", "time ratio", "extra ms per task", "total ratio", "load")]
+    columns = [c for c in wanted if c is not None]
+    header = [{"README default ms": "default ms"}.get(table.header[c], table.header[c]) for c in columns]
+    report.fragments["tab_many_tasks.tex"] = render_table(
+        Table([header[columns.index(c)] if c in columns else h for c, h in enumerate(table.header)], table.rows),
+        "The default attach against equal weights as the number of tasks grows, on the toy problem and on a many-head dense model (median CPU time of the training thread; "
+        "peak memory in its own process). " + tex(machine(section.title)) + ".",
+        "tab:many-tasks",
+        source_note(file, section),
+        columns=columns,
+        size=r"\footnotesize",
     )
 
 
@@ -1451,6 +1548,7 @@ def build(results_dir: Path, runs_dir: Path) -> tuple[Report, list[ToyRun]]:
     runs = load_toy_runs(runs_dir) if Path(runs_dir).is_dir() else []
     toy_reproduction(report, runs)
     compare_tables(report, results)
+    compare_summary(report, results)
     sweep(report, results)
     step_time(report, results)
     memory(report, results)
@@ -1462,8 +1560,8 @@ def build(results_dir: Path, runs_dir: Path) -> tuple[Report, list[ToyRun]]:
     distributed(report, results)
     qm9(report, results, repo_root() / "docs" / "report" / "published-delta-m.md")
     targets(report, results)
+    many_tasks(report, results)
     for file, label, what in (
-        ("many_tasks.md", "tab:many-tasks", "Many tasks"),
         ("update_every.md", "tab:update-every", "Updating the weights every k steps"),
         ("forwarding.md", "tab:forwarding", "Forwarding the recorded quantities to TensorBoard"),
     ):
