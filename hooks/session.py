@@ -287,16 +287,7 @@ class Session:
         self._applied: Optional[Tensor] = None
         self.measure = measure_grad_norms or self.balancer.needs_grad_norms
         per_channel = bool(getattr(self.balancer, "per_channel", False))
-        # Under DDP a reduce over ranks forces a route that forms the gradients (no Gram route); the Gram
-        # route's hook on W's module only where norms are measured (hooks/grad_norms.py).
-        self.meter = self._owned.own(
-            GradNormMeter(
-                self.layer.parameter,
-                reduce=distributed.mean_across_ranks if distributed.world_size() > 1 else None,
-                per_channel=per_channel,
-                module=self.layer.module if self.measure else None,
-            )
-        )
+        self.meter = GradNormMeter(self.layer.parameter, reduce=distributed.mean_across_ranks, per_channel=per_channel)
         # Under torch.distributed: one small exchange of W's rows or of a sketch per step (hooks/distributed_norms.py).
         dist_meter = meter_for(self.layer.parameter, self.layer.module, distributed_norms, sketch_size=sketch_size, per_channel=per_channel, owner=self)
         if dist_meter is not None:
@@ -505,7 +496,6 @@ class Session:
             check_pairing=check_pairing,
             warn_fallback=not self._auto,
         )
-        self.meter.pause()  # the taps serve: the general path's Gram hook keeps no forward pass's graph
         return self._owned.own(taps)
 
     # -- checkpoint and resume ---------------------------------------------------------------------
@@ -905,7 +895,7 @@ class Session:
     ) -> None:
         # Under DDP every rank balances the global (rank-averaged) losses, so the weights agree.
         stacked = self.meter.global_losses(stacked) if isinstance(self.meter, DistributedNormMeter) else distributed.mean_across_ranks(stacked)
-        if present is None and self._partial:
+        if present is None and (self._partial or self.balancer.initial_loss.per_task):
             present = [True] * len(stacked)  # once a step lacked a task, every step is balanced over the present ones
         stats = self.balancer.update(stacked, norms, applied=applied, present=present)
         if self.update_every > 1:
@@ -931,7 +921,7 @@ class Session:
     def _hold(self, stacked: Tensor, applied: Tensor, present: Optional[list[bool]], epoch: Optional[int], step: Optional[int]) -> None:
         """A step between updates: no taps armed, no norms, the weights as they are; its losses recorded."""
         stacked = distributed.mean_across_ranks(stacked.detach())
-        if present is None and self._partial:
+        if present is None and (self._partial or self.balancer.initial_loss.per_task):
             present = [True] * len(stacked)
         stats = self.balancer.hold(stacked, applied=applied, present=present)
         stats.step_measured = torch.zeros_like(stacked)

@@ -199,6 +199,11 @@ def test_missing_task_state_round_trip_and_refusals(tmp_path: Path) -> None:
     a.backward()
     b.backward()
     assert session.weights() == other.weights()
+    # ... and a step with every task after loading follows the same rule as in the uninterrupted session
+    a, b = session.loss(losses()), other.loss(losses())
+    a.backward()
+    b.backward()
+    assert session.weights() == other.weights()
     session.close()
     other.close()
 

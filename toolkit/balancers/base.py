@@ -337,6 +337,8 @@ class Balancer(ABC):
         loss this step has; the values of absent ones are ignored (see :meth:`_update_present`). Returns
         the step's record; the new weights are in effect after.
         """
+        if present is None and self.initial_loss.per_task:
+            present = [True] * len(self.tasks)  # a run that had a step lacking a task keeps one rule (see docs/design.md)
         if present is not None:
             return self._update_masked(_detached(losses), grad_norms, applied, present)
         losses = _detached(losses)
