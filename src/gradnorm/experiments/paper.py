@@ -569,6 +569,22 @@ def toy_reproduction(report: Report, runs: Sequence[ToyRun]) -> None:
         else:
             report.put(f"toy.T{tasks}.wmin", None)
             report.put(f"toy.T{tasks}.wmax", None)
+    verdicts = []
+    for tasks in (2, 10):
+        grad, static = by.get((tasks, "gradnorm")), by.get((tasks, "static-converged"))
+        if grad and static and grad.test_loss is not None and static.test_loss is not None:
+            verdicts.append(static.test_loss <= grad.test_loss)
+    if len(verdicts) == 2:
+        report.put(
+            "toy.staticverdict",
+            "does at least as well as GradNorm itself at both $T$"
+            if all(verdicts)
+            else "does worse than GradNorm itself at $T=" + ("2" if not verdicts[0] else "10") + "$"
+            if any(verdicts)
+            else "does worse than GradNorm itself at both $T$",
+        )
+    else:
+        report.put("toy.staticverdict", None)
     if rows and rows[-1] == r"\midrule":
         rows.pop()
     two = by.get((2, "gradnorm"))
@@ -689,6 +705,24 @@ def compare_tables(report: Report, results: Results) -> None:
         for name in COMPARE_METHODS.values():
             body = body.replace(tex(name), name)
         report.fragments[f"tab_compare_{short}.tex"] = body
+
+
+def penguin_weights(report: Report, results: Results) -> None:
+    """GradNorm's E_t[w_i] on the penguins, from the committed seed-0 run of ``gradnorm compare``."""
+    from gradnorm.toolkit import analysis
+
+    root = results.directory / "compare_runs"
+    run = "penguins-gradnorm-s0"
+    if not (root / run / "run.json").is_file():
+        report.put("compare.penguins.w.bodymass", None)
+        report.put("compare.penguins.w.steps", None)
+        return
+    average = analysis.weight_average(root, run)
+    weights = dict(zip(average.table["task"], average.table["mean"]))
+    report.put("compare.penguins.w.bodymass", fmt(weights.get("body_mass"), 3))
+    meta = json.loads((root / run / "run.json").read_text(encoding="utf-8"))
+    steps = meta.get("config", {}).get("steps")
+    report.put("compare.penguins.w.steps", str(steps) if steps else None)
 
 
 def compare_summary(report: Report, results: Results) -> None:
@@ -1549,6 +1583,7 @@ def build(results_dir: Path, runs_dir: Path) -> tuple[Report, list[ToyRun]]:
     toy_reproduction(report, runs)
     compare_tables(report, results)
     compare_summary(report, results)
+    penguin_weights(report, results)
     sweep(report, results)
     step_time(report, results)
     memory(report, results)
