@@ -578,6 +578,8 @@ def render(root: str, listing: pd.DataFrame, selected: list[str], controls: Cont
         sections[chosen]()
     except USER_ERRORS as exc:
         st.warning(str(exc))
+    except Exception as exc:  # a page, never a traceback; the tests fail on any st.error they did not expect
+        st.error(f"The {chosen} view could not be drawn: {type(exc).__name__}: {_text(str(exc))}")
 
 
 def current_view(opened: url.UrlState) -> str:
