@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install 'gradnorm-toolkit[huggingface]')")
 
 from gradnorm import hooks  # noqa: E402  (after importorskip)
+from gradnorm.hooks.head_finder import COMPILED_REASON  # noqa: E402
 from gradnorm.hooks.hf_trainer import GradNormCallback, GradNormTrainer  # noqa: E402
 from gradnorm.toolkit import analysis, runs, schema  # noqa: E402
 from gradnorm.toolkit.balancers import GradNorm  # noqa: E402
@@ -298,3 +299,19 @@ def test_outputs_without_losses_are_refused_clearly(base, tmp_path):
     trainer = GradNormTrainer(model=copy.deepcopy(base), args=arguments(tmp_path), train_dataset=Sentences(SAMPLES), gradnorm=callback)
     with pytest.raises(ValueError, match="no 'losses' mapping"):
         trainer.train()
+
+
+@pytest.mark.slow  # compiling the BERT encoder takes 15-30 s on 2 shared cores
+def test_the_trainers_torch_compile_gets_the_general_path_and_the_eager_weights(base, tmp_path):
+    """TrainingArguments(torch_compile=True): the head search sees the compiled model, warns and leaves the taps unused."""
+    torch._dynamo.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="torch.compile"):
+            _, callback, weights, batches, left = train_with_trainer(base, tmp_path, torch_compile=True, torch_compile_backend="aot_eager")
+    finally:
+        torch._dynamo.reset()
+    assert callback.session.taps is None and left == []
+    meta = runs.read_run_json(tmp_path / "runs" / "trainer")
+    assert meta["heads_search"] == COMPILED_REASON and meta["skipped_updates"] == 0
+    _, expected = plain_loop(base, batches, tmp_path)
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
