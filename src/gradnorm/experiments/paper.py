@@ -1557,6 +1557,36 @@ def many_tasks(report: Report, results: Results) -> None:
     )
 
 
+def update_every(report: Report, results: Results) -> None:
+    """``update_every.md``: measuring the norms and updating the weights every k-th step only."""
+    file = "update_every.md"
+    found = results.find(file, columns=("variant", "b=100", "b=1024"), first_cell="default, k=")
+    keys = [f"upd.{v}.k{k}.b{b}" for v in ("default", "general") for k in (1, 16) for b in (100, 1024)]
+    if found is None:
+        report.fragments["tab_update_every.tex"] = not_measured("Updating the weights every k-th step.", source_note(file, None))
+        for key in keys:
+            report.put(key, None)
+        return
+    section, table = found
+    for key in keys:
+        _, variant, k, batch = key.split(".")
+        label = {"default": "default", "general": "general path"}[variant] + f", k={k[1:]}"
+        column = table.column(f"b={batch[1:]}:") or table.column(f"b={batch[1:]}")
+        cell = table.cell(label, table.header[column]) if column is not None else None
+        report.put(key, fmt(number(cell), 2, RATIO))
+    header = ["variant"] + [tex(h.split(":")[0]) + r" \\ " + tex(h.split(":")[1].strip()) if ":" in h else tex(h) for h in table.header[1:]]
+    header = ["variant"] + ["\\begin{tabular}[b]{@{}c@{}}" + h + "\\end{tabular}" for h in header[1:]]
+    report.fragments["tab_update_every.tex"] = render_table(
+        table,
+        "Measuring the norms and updating the weights every $k$-th step (\\texttt{update\\_every=k}) on the toy problem: per cell the mean step over the run, "
+        "the median of the measured steps and the median of the steps between, as ratios to a plain loop's step. " + tex(machine(section.title)) + ".",
+        "tab:update-every",
+        source_note(file, section),
+        header=header,
+        size=r"\footnotesize",
+    )
+
+
 def forwarding(report: Report, results: Results) -> None:
     """One generated sentence on forwarding to a tracker (``forwarding.md``), where it was measured."""
     found = results.find("forwarding.md", columns=("variant", "paired ratio"), first_cell="default")
@@ -1596,10 +1626,8 @@ def build(results_dir: Path, runs_dir: Path) -> tuple[Report, list[ToyRun]]:
     qm9(report, results, repo_root() / "docs" / "report" / "published-delta-m.md")
     targets(report, results)
     many_tasks(report, results)
-    for file, label, what in (
-        ("update_every.md", "tab:update-every", "Updating the weights every k steps"),
-        ("forwarding.md", "tab:forwarding", "Forwarding the recorded quantities to TensorBoard"),
-    ):
+    update_every(report, results)
+    for file, label, what in (("forwarding.md", "tab:forwarding", "Forwarding the recorded quantities to TensorBoard"),):
         generic_section(report, results, file, "tab_" + file.replace(".md", ".tex"), what, label)
     forwarding(report, results)
     report.fragments["numbers.tex"] = report.numbers_tex()
