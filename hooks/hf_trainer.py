@@ -94,8 +94,10 @@ class GradNormCallback(TrainerCallback):
             or None for the general path (see ``heads=`` of :func:`hooks.attach`).
         runs_root, options: the other keyword arguments of :func:`hooks.attach` (``run_name``, ``flush_every``, ...).
 
-    ``session`` is None before ``on_train_begin`` and stays, closed, after ``on_train_end``; a second
-    ``train()`` attaches a new session (a new run).
+    ``session`` is None before ``on_train_begin`` and stays, closed, after ``on_train_end``. A second
+    ``train()`` with the same callback and balancer is refused (that balancer's weights and L_i(0) belong
+    to the first run): give each ``train()`` a new callback. The Trainer's ``gradient_accumulation_steps``
+    is passed on as ``accumulate=``.
     """
 
     def __init__(

@@ -232,6 +232,10 @@ def test_evaluation_records_validation_losses_and_leaves_the_weights(base, tmp_p
     assert set(validation["x"]) == {steps}
     for task in TASKS:
         assert validation.loc[validation["task"] == task, "value"].item() == pytest.approx(expected[task], rel=1e-5)
+    # the balancer belongs to this run: a second train() with the same callback is refused, the run stays finished
+    with pytest.raises(RuntimeError, match="already trained once"):
+        trainer.train()
+    assert runs.read_run_json(tmp_path / "runs" / "eval")["status"] == "finished"
 
 
 def test_gradient_accumulation_is_the_sessions_accumulate(base, tmp_path):
