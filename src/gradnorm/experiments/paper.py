@@ -961,6 +961,7 @@ def real_models(report: Report, results: Results) -> None:
         report.fragments["tab_real_models.tex"] = not_measured("Step time and memory on real architectures.", source_note(file, None))
         report.fragments["real_models_scaling.csv"] = ""
         report.put("real.smoke", None)
+        report.put("real.scope", "")
         for key in (
             "T100.default",
             "T100.gram",
@@ -980,6 +981,12 @@ def real_models(report: Report, results: Results) -> None:
     head = group[0]
     smoke = "smoke" in head.title.lower()
     report.put("real.smoke", "yes" if smoke else "no")
+    report.put(
+        "real.scope",
+        "The real-architecture tables come from a run its results file marks as a smoke run (few steps, timings disturbed by other jobs); their peak-memory figures do not depend on the load. "
+        if smoke
+        else "The real-architecture tables come from one interleaved run on the shared machine (its heading gives the load). ",
+    )
     counts = [int(m) for s in group for m in re.findall(r"(\d+) binary heads", s.title)]
     report.put("real.heads", ", ".join(map(str, counts[:-1])) + " and " + str(counts[-1]) if len(counts) > 1 else None)
     report.put("real.machine", tex(machine(head.title)))
