@@ -962,6 +962,7 @@ def real_models(report: Report, results: Results) -> None:
         report.fragments["real_models_scaling.csv"] = ""
         report.put("real.smoke", None)
         report.put("real.scope", "")
+        report.put("real.T100.defaultroute", "")
         for key in (
             "T100.default",
             "T100.gram",
@@ -1021,6 +1022,12 @@ def real_models(report: Report, results: Results) -> None:
         return fmt(number(table.cell(variant, column, exact=False)), digits, RATIO) if table else None
 
     report.put("real.T100.default", ratio("100", "attach default"))
+    default_route = None
+    for section, _, _ in blocks:
+        if re.search(r"\b100 binary heads", section.title):
+            found_route = re.search(r"^default route: (\S+?):?\s", section.text, re.MULTILINE)
+            default_route = found_route.group(1) if found_route else None
+    report.put("real.T100.defaultroute", f" (\\texttt{{{tex(default_route)}}})" if default_route else "")
     report.put("real.T3.default", ratio("3", "attach default"))
     report.put("real.T100.gram", ratio("100", "gradnorm: gram"))
     report.put("real.T40.gram", ratio("40", "gradnorm: gram"))
