@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, TypeVar
@@ -647,7 +648,9 @@ def live(root: str, listing: pd.DataFrame, usable: list[str], controls: Controls
 
     @st.fragment(run_every=LIVE_REFRESH_SECONDS)
     def refresh() -> None:
-        fresh = data.list_runs(root, data.listing_signature(root))
+        # Listed again each tick, not only when files change: a writer that died stops beating and its run
+        # turns "interrupted" with no file changed (the heartbeat's age is time, not files).
+        fresh = data.list_runs(root, data.listing_signature(root) + (int(time.time() // LIVE_REFRESH_SECONDS),))
         still = bool((fresh[fresh["run_id"].isin(usable)]["status"] == analysis.RUNNING).any())
         if not still or data.root_entries(root) != known:
             st.rerun(scope="app")
