@@ -122,6 +122,11 @@ def watch_root(folder: str, known: tuple[str, ...]) -> None:
     watcher()
 
 
+def live_tick() -> int:
+    """The live refresh's period number: a listing with a running run is taken again once per period."""
+    return int(time.time() // LIVE_REFRESH_SECONDS)
+
+
 def run_table(root: analysis.RunsRoot) -> Optional[pd.DataFrame]:
     folder = str(root.path)
     if not root.path.is_dir():
@@ -134,6 +139,8 @@ def run_table(root: analysis.RunsRoot) -> Optional[pd.DataFrame]:
         return None
     try:
         listing = data.list_runs(folder, data.listing_signature(folder))
+        if bool((listing["status"] == analysis.RUNNING).any()):  # as the live refresh does (see live())
+            listing = data.list_runs(folder, data.listing_signature(folder) + (live_tick(),))
     except USER_ERRORS as exc:
         st.error(f"Cannot list the runs under {_code(folder)}: {_text(str(exc))}")
         return None
@@ -650,7 +657,7 @@ def live(root: str, listing: pd.DataFrame, usable: list[str], controls: Controls
     def refresh() -> None:
         # Listed again each tick, not only when files change: a writer that died stops beating and its run
         # turns "interrupted" with no file changed (the heartbeat's age is time, not files).
-        fresh = data.list_runs(root, data.listing_signature(root) + (int(time.time() // LIVE_REFRESH_SECONDS),))
+        fresh = data.list_runs(root, data.listing_signature(root) + (live_tick(),))
         still = bool((fresh[fresh["run_id"].isin(usable)]["status"] == analysis.RUNNING).any())
         if not still or data.root_entries(root) != known:
             st.rerun(scope="app")

