@@ -74,7 +74,7 @@ def test_the_readme_example_unchanged_runs_the_taps(tmp_path, monkeypatch):
     (run,) = list((tmp_path / "runs").iterdir())
     meta = json.loads((run / "run.json").read_text())
     assert meta["status"] == "finished"
-    assert meta["grad_norm_path"] == "head-taps/linear-product (step 0: autograd-loop)"
+    assert meta["grad_norm_path"] == "head-taps/linear-product (step 0: gram-loop)"
     assert meta["heads_search"] == "found 3 heads reading one tensor: Linear, Linear, Linear"
     assert namespace["session"].taps.heads == [namespace["model"].depth, namespace["model"].normals, namespace["model"].seg]
 
@@ -86,10 +86,10 @@ def test_on_the_toy_the_default_taps_give_the_general_paths_numbers(tmp_path):
     assert session.taps is not None and session.taps.path == "linear-product" and general_session.taps is None
     torch.testing.assert_close(default, general, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(recorded(tmp_path, "default"), recorded(tmp_path, "general"), rtol=1e-10, atol=1e-12)
-    assert run_json(tmp_path, "default")["grad_norm_path"] == "head-taps/linear-product (step 0: autograd-loop)"
+    assert run_json(tmp_path, "default")["grad_norm_path"] == "head-taps/linear-product (step 0: gram-loop)"
     meta = run_json(tmp_path, "general")
-    assert meta["grad_norm_path"] == "autograd-loop" and meta["heads_search"] == "not searched: heads=None asks for the general path"
-    assert meta["grad_norm_route"].startswith("autograd-loop: one backward per task")
+    assert meta["grad_norm_path"] == "gram-loop" and meta["heads_search"] == "not searched: heads=None asks for the general path"
+    assert meta["grad_norm_route"].startswith("gram-loop: one backward per task to W's output")
     assert "autograd-batched not taken" in meta["grad_norm_route"] and "non-finite loss" in meta["grad_norm_route"]
     # The search's global forward hook went with the first step.
     assert not nn.modules.module._global_forward_hooks
@@ -98,7 +98,7 @@ def test_on_the_toy_the_default_taps_give_the_general_paths_numbers(tmp_path):
 def test_heads_false_also_forces_the_general_path(tmp_path):
     model, x, y = toy_setup(2)
     _, session = train_toy(model, x, y, tmp_path, "off", heads=False, steps=2)
-    assert session.taps is None and run_json(tmp_path, "off")["grad_norm_path"] == "autograd-loop"
+    assert session.taps is None and run_json(tmp_path, "off")["grad_norm_path"] == "gram-loop"
 
 
 def test_the_dense_encoder_decoder_takes_the_conv_product_by_default(tmp_path):
@@ -154,7 +154,7 @@ def test_a_lightning_module_runs_the_taps_by_default(tmp_path):
     )
     trainer.fit(Module(), loader)
     meta = run_json(tmp_path, "lit")
-    assert meta["status"] == "finished" and meta["grad_norm_path"] == "head-taps/linear-product (step 0: autograd-loop)"
+    assert meta["status"] == "finished" and meta["grad_norm_path"] == "head-taps/linear-product (step 0: gram-loop)"
     assert torch.isfinite(recorded(tmp_path, "lit")).all()
 
 
@@ -259,7 +259,7 @@ def test_a_loss_never_backpropagated_is_measured_the_general_way_and_the_general
     # Step 1 waited for its backward until step 2's loss(), which measured it; from there nothing waits.
     torch.testing.assert_close(recorded(tmp_path, "forgotten"), recorded(tmp_path, "general"), rtol=1e-10, atol=1e-12)
     meta = run_json(tmp_path, "forgotten")
-    assert meta["grad_norm_path"] == "head-taps/linear-product (step 0: autograd-loop); autograd-loop from step 2: the loss of step 1 was never backpropagated"
+    assert meta["grad_norm_path"] == "head-taps/linear-product (step 0: gram-loop); gram-loop from step 2: the loss of step 1 was never backpropagated"
 
 
 def test_a_backward_the_taps_cannot_measure_is_recorded_as_unknown_and_the_general_path_takes_over(tmp_path):
@@ -280,7 +280,7 @@ def test_a_backward_the_taps_cannot_measure_is_recorded_as_unknown_and_the_gener
     assert torch.isnan(norms[2]).all() and torch.isfinite(norms[[0, 1, 3, 4]]).all()
     skipped = recorded(tmp_path, "partial", "step_update_skipped").view(5, 3)[:, 0]
     assert skipped.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
-    assert "autograd-loop from step 3: task heads [1, 2] sent no gradient" in run_json(tmp_path, "partial")["grad_norm_path"]
+    assert "gram-loop from step 3: task heads [1, 2] sent no gradient" in run_json(tmp_path, "partial")["grad_norm_path"]
 
 
 def test_a_backward_that_bypasses_the_returned_loss_is_recorded_as_unknown_when_balancing(tmp_path):

@@ -78,8 +78,12 @@ def test_heads_that_do_not_share_one_input_are_refused():
     heads = nn.ModuleList([nn.Linear(4, 1), nn.Linear(4, 1)])
     session = hooks.attach(trunk, GradNorm(), heads=list(heads))
     x = torch.randn(3, 4)
-    with pytest.raises(ValueError, match="different input tensor"):
+    with pytest.raises(ValueError, match="needs every head to read one tensor") as caught:
         session.loss([heads[0](trunk(x)).sum(), heads[1](trunk(x)).sum()])
+    # Which head reads which tensor, and what to do instead.
+    message = str(caught.value)
+    assert "head 0 (Linear) read a (3, 4) float32 tensor from AddmmBackward0" in message and "head 1 (Linear) reads a (3, 4)" in message
+    assert "the same shape: a different tensor" in message and 'heads="auto"' in message and "heads=None" in message
 
 
 def test_heads_count_must_match_tasks():
@@ -98,9 +102,9 @@ class NormLog(EqualWeights):
         super().__init__()
         self.norms: list[torch.Tensor] = []
 
-    def update(self, losses, grad_norms=None, applied=None):
+    def update(self, losses, grad_norms=None, applied=None, **options):
         self.norms.append(grad_norms.clone())
-        return super().update(losses, grad_norms, applied)
+        return super().update(losses, grad_norms, applied, **options)
 
 
 class TwoHeadNet(nn.Module):
@@ -156,10 +160,10 @@ def taps_mode(request, monkeypatch):
     [
         ("relu", (5, 6), "linear-product"),
         ("identity", (5, 6), "linear-product"),
-        ("relu-relu", (5, 6), "batched-vjp"),  # the subtraction between the ReLUs is not a mask
+        ("relu-relu", (5, 6), "gram-vjp"),  # the subtraction between the ReLUs is not a mask; 15 positions: the Gram identity
         ("inplace-relu", (5, 6), "linear-product"),
         ("relu", (4, 7, 6), "linear-product"),  # a sequence: W sees (batch, time, features)
-        ("gelu", (5, 6), "batched-vjp"),
+        ("gelu", (5, 6), "gram-vjp"),
         ("tied", (5, 6), "batched-vjp"),
     ],
 )
@@ -174,7 +178,7 @@ def test_each_route_through_the_segment_matches_the_separate_autograd_measuremen
         tapped, session = measured_norms(tapped_model, tapped_model.shared, list(tapped_model.heads), x, runs_root=tmp_path, run_name="tapped")
     assert session.taps.path == expected_path
     # Streaming needs a product route; without one the pieces are all held anyway.
-    assert session.taps.mode == (taps_mode if expected_path != "batched-vjp" else "fan-out")
+    assert session.taps.mode == (taps_mode if expected_path not in ("batched-vjp", "gram-vjp") else "fan-out")
     torch.testing.assert_close(tapped, reference, rtol=1e-10, atol=1e-12)
     session.close()
     assert json.loads((tmp_path / "tapped" / "run.json").read_text())["grad_norm_path"] == f"head-taps/{expected_path}"
@@ -306,9 +310,9 @@ def test_a_shared_convolution_gets_the_same_norms_on_every_route(segment, conv, 
         recorded = []
         original = balancer.update
 
-        def keep(losses, grad_norms=None, applied=None):
+        def keep(losses, grad_norms=None, applied=None, **options):
             recorded.append(grad_norms.clone())
-            return original(losses, grad_norms, applied)
+            return original(losses, grad_norms, applied, **options)
 
         balancer.update = keep
         session = hooks.attach(model.shared, balancer, heads=heads)
@@ -326,7 +330,7 @@ def test_a_shared_convolution_gets_the_same_norms_on_every_route(segment, conv, 
         warnings.simplefilter("ignore")
         tapped, session = norms(tapped_model, list(tapped_model.heads))
     assert session.taps.path == expected_path
-    assert session.taps.mode == (taps_mode if expected_path != "batched-vjp" else "fan-out")
+    assert session.taps.mode == (taps_mode if expected_path not in ("batched-vjp", "gram-vjp") else "fan-out")
     assert reference.shape == ((3, 2, 5) if per_channel else (3, 2))
     torch.testing.assert_close(tapped, reference, rtol=1e-10, atol=1e-12)
     for a, b in zip(tapped_model.parameters(), reference_model.parameters()):
