@@ -146,7 +146,7 @@ def time_variants(model_name: str, num_tasks: int, names: list[str], args: argpa
     with tempfile.TemporaryDirectory() as tmp:
         variants, closers, run_names = make_variants(model_name, num_tasks, Path(tmp), names, backend)
         clock = time.thread_time
-        # The warm-up covers the head search (step 0), the first tapped step and, compiled, both compilations.
+        # The warm-up covers the head search (step 0), the first tapped step and, compiled, the compilation.
         for step in variants.values():
             for i in range(args.warmup):
                 step(i)
@@ -243,7 +243,7 @@ def markdown(entries: list[dict], args: argparse.Namespace) -> str:
         lines += [
             "",
             f"torch.compile on the toy, T={entry['tasks']}, batch {TOY_BATCH}: `torch.compile(model, backend={entry['backend']!r})` against the eager model, "
-            "all four interleaved as above (the warm-up past both compilations: the head search's first step and the next); ratio to eager `equal`; "
+            "all four interleaved as above (the compilation happens in the warm-up steps); ratio to eager `equal`; "
             f"load {entry['load']}.",
             "",
             "| variant | median ms | ratio | path (run.json) |",
