@@ -109,3 +109,16 @@ def test_module_compile_in_place_is_noticed_as_well(setup, tmp_path):
     assert session.taps is None and any("torch.compile" in message for message in caught)
     assert runs.read_run_json(tmp_path / "run")["heads_search"] == COMPILED_REASON
     torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_heads_given_with_a_compiled_model_are_an_error_at_the_second_step(setup):
+    """heads= given: the taps armed for the first step never see its compiled backward (docs/many-tasks.md says so)."""
+    base, data = setup
+    model = copy.deepcopy(base)
+    net = torch.compile(model, backend="aot_eager")
+    session = hooks.attach(model.shared_layer, GradNorm(alpha=0.12), heads=list(model.heads))
+    x, y = data.x_train[:BATCH], data.y_train[:BATCH]
+    session.loss(toy.task_losses(net(x), y)).backward()
+    with pytest.raises(RuntimeError, match="never backpropagated"):
+        session.loss(toy.task_losses(net(x), y))
+    session.close()
