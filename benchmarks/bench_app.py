@@ -59,7 +59,7 @@ def _rows(dataset) -> int:
 
 
 CHROMIUM = "/usr/bin/chromium"
-CHART = "[data-testid='stVegaLiteChart'] canvas"
+CHART = "[data-testid='stVegaLiteChart'] canvas, [data-testid='stVegaLiteChart'] svg"  # (SVG for small data)
 
 
 def _serve(root: Path, port: int):

@@ -156,6 +156,8 @@ SIZES = [(1400, 900), (1000, 800)]
 #: Screenshots to look at (and keep as CI artifacts); git-ignored.
 RESULTS = Path(__file__).resolve().parent / "results" / "screenshots"
 CHART = "[data-testid='stVegaLiteChart']"
+#: A chart drawn: Streamlit has Vega draw small datasets as SVG, larger ones on a canvas.
+DRAWN = f"{CHART} canvas, {CHART} svg"
 
 
 def _chart_specs(payload) -> list[dict]:
@@ -221,7 +223,7 @@ def test_every_view_fits_the_window_has_legends_and_draws_without_vega_warnings(
                 page.on("console", lambda message: console.append((message.type, message.text)))
                 page.on("websocket", lambda socket: socket.on("framereceived", lambda payload: specs.extend(_chart_specs(payload))))
                 page.goto(repo_app.server.url, wait_until="domcontentloaded")
-                page.wait_for_selector(f"{CHART} canvas", timeout=60_000)
+                page.wait_for_selector(DRAWN, timeout=60_000)
                 for view in VIEWS:
                     page.locator("[data-testid='stMainBlockContainer'] label").filter(has_text=view).first.click()
                     _settled(page)
@@ -248,14 +250,14 @@ def test_a_reload_with_the_url_restores_the_view(repo_app: Served) -> None:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(f"{repo_app.server.url}/?run=toy-T2-equal&run=toy-T2-gradnorm&view=Balance&log=1", wait_until="domcontentloaded")
-            page.wait_for_selector(f"{CHART} canvas", timeout=60_000)
+            page.wait_for_selector(DRAWN, timeout=60_000)
             _settled(page)
             page.locator("[data-testid='stMainBlockContainer'] label").filter(has_text="Compare runs").first.click()
             _settled(page)
             assert "view=Compare+runs" in page.url or "view=Compare%20runs" in page.url, page.url
             shown = page.url
             page.reload(wait_until="domcontentloaded")
-            page.wait_for_selector(f"{CHART} canvas", timeout=60_000)
+            page.wait_for_selector(DRAWN, timeout=60_000)
             _settled(page)
             checked = page.evaluate(
                 "() => [...document.querySelectorAll('[data-testid=stMainBlockContainer] [role=radiogroup] input:checked')]"
