@@ -22,14 +22,15 @@ timed in interleaved rounds (``interleaved.py``), Adam:
 - ``floor: equal + Gram norms``: equal weights plus the Gram-identity norms from the captured X and
   stand-in D of the true shapes (the arithmetic any exact n_i by this identity needs, without D's cost);
 - ``floor: equal + T weight gradients``: the same with the T weight gradients formed (the direct route);
-- ``gradnorm: attach default``: ``gradnorm.attach(W, gradnorm.GradNorm())`` as the README shows;
-- ``gradnorm: general path``: the T-batched backward from the losses to W (``GradNormMeter``,
-  ``autograd-batched``) driving the same balancer, whatever the session's default becomes;
-- ``gradnorm: heads="auto"``;
-- ``gradnorm: gram sketch``: D_i for all tasks in chunked T-batched products from the losses to W's
-  output, the norms by the route ``choose_route`` picks, the balancer's update, then the ordinary backward;
-- TorchJD, LibMTL's GradNorm and gradnorm-pytorch are listed as not run when they are not installed
-  (no adapter for them is written yet).
+- ``gradnorm: attach default``: ``gradnorm.attach(W, gradnorm.GradNorm())`` as the README shows (the
+  heads found at the first step, the norms tapped from the user's backward by the route ``run.json``
+  names: ``gram-vjp`` on these models where the cost model says so);
+- ``gradnorm: general path``: ``attach(..., heads=None)``, the separate measurement (``gram-loop`` where
+  the cost model says so);
+- ``gradnorm: heads="auto"``: the same as the default, spelled out;
+- ``gradnorm-pytorch`` (``GradNormLossWeighter``, its own double backward) and ``TorchJD mtl_backward +
+  UPGrad`` (a Jacobian of every shared parameter), where installed, at ``--external-tasks`` task counts
+  only (TorchJD took 337 s for one step at T = 40 in the issue's run); LibMTL's GradNorm is not adapted.
 
 Peak memory: each variant in a fresh process (glibc told to serve every block of 16 KiB or more by mmap,
 as ``bench_memory.py`` does), VmHWM over its steps less VmRSS right after the model and the batches were
@@ -68,7 +69,6 @@ from machine_info import describe, publish  # noqa: E402
 
 import gradnorm  # noqa: E402
 from gradnorm.hooks import gram_norms  # noqa: E402
-from gradnorm.hooks.grad_norms import GradNormMeter  # noqa: E402
 
 EQUAL = "equal"
 FLOOR_GRAM = "floor: equal + Gram norms"
@@ -76,9 +76,10 @@ FLOOR_DIRECT = "floor: equal + T weight gradients"
 ATTACH = "gradnorm: attach default"
 GENERAL = "gradnorm: general path"
 AUTO = 'gradnorm: heads="auto"'
-SKETCH = "gradnorm: gram sketch"
-VARIANTS = (EQUAL, FLOOR_GRAM, FLOOR_DIRECT, ATTACH, GENERAL, AUTO, SKETCH)
-EXTERNAL = {"torchjd": "TorchJD", "LibMTL": "LibMTL GradNorm", "gradnorm_pytorch": "gradnorm-pytorch"}
+GRADNORM_PYTORCH = "gradnorm-pytorch"
+TORCHJD = "TorchJD mtl_backward + UPGrad"
+VARIANTS = (EQUAL, FLOOR_GRAM, FLOOR_DIRECT, ATTACH, GENERAL, AUTO, GRADNORM_PYTORCH, TORCHJD)
+EXTERNAL = {"torchjd": TORCHJD, "LibMTL": "LibMTL GradNorm", "gradnorm_pytorch": GRADNORM_PYTORCH}
 NUM_BATCHES = 4
 
 
@@ -86,8 +87,9 @@ NUM_BATCHES = 4
 class Setup:
     model: nn.Module
     shared: nn.Module  # W's module, in ``model``
-    losses_of: Callable[[nn.Module, int], list[torch.Tensor]]  # (a copy of the model, batch index) -> T losses
+    losses_of: Callable[..., list[torch.Tensor]]  # (a copy of the model, batch index[, its features]) -> T losses
     description: str
+    features_of: Callable[[nn.Module, int], tuple[torch.Tensor, ...]]  # the tensors the heads read
 
 
 class ResNetTasks(nn.Module):
@@ -99,12 +101,21 @@ class ResNetTasks(nn.Module):
         self.trunk = ResNetModel(config)
         self.heads = nn.ModuleList(nn.Linear(config.hidden_sizes[-1], 1) for _ in range(num_tasks))
 
-    def shared(self) -> nn.Module:
-        return self.trunk.encoder.stages[-1].layers[-1].layer[-1].convolution
+    def shared(self, layer: str = "conv") -> nn.Module:
+        last = self.trunk.encoder.stages[-1].layers[-1].layer[-1]
+        return last.convolution if layer == "conv" else last.normalization  # (its affine weight)
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.trunk(pixel_values=images).pooler_output.flatten(1),)
+
+    def outputs(self, features: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        return [head(features[0]).squeeze(1) for head in self.heads]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.trunk.parameters())
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        pooled = self.trunk(pixel_values=images).pooler_output.flatten(1)
-        return [head(pooled).squeeze(1) for head in self.heads]
+        return self.outputs(self.features(images))
 
 
 class BertTasks(nn.Module):
@@ -115,7 +126,11 @@ class BertTasks(nn.Module):
         from transformers import BertConfig, BertModel
 
         config = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
-        self.trunk = BertModel(config)
+        from transformers.models.bert.modeling_bert import BertPooler
+
+        # The pooler as its own module, so that the sequence task's head (pooler + classifier) runs once a step.
+        self.trunk = BertModel(config, add_pooling_layer=False)
+        self.pooler = BertPooler(config)
         self.sequence_head = nn.Linear(256, 2)
         self.token_head = nn.Linear(256, self.TOKEN_CLASSES)
         self.heads = nn.ModuleList([self.sequence_head, self.token_head])
@@ -123,9 +138,18 @@ class BertTasks(nn.Module):
     def shared(self) -> nn.Module:
         return self.trunk.encoder.layer[-1].output.dense
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.trunk(input_ids=ids)
-        return self.sequence_head(out.pooler_output), self.token_head(out.last_hidden_state)
+    def features(self, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.trunk(input_ids=ids).last_hidden_state,)
+
+    def outputs(self, features: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        # The pooler reads the sequence output, as BertModel's own forward does (it is the sequence task's).
+        return [self.sequence_head(self.pooler(features[0])), self.token_head(features[0])]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.trunk.parameters())
+
+    def forward(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        return self.outputs(self.features(ids))
 
 
 def build(model_name: str, num_tasks: int, args: argparse.Namespace) -> Setup:
@@ -136,23 +160,25 @@ def build(model_name: str, num_tasks: int, args: argparse.Namespace) -> Setup:
         images = [torch.randn(args.batch, 3, args.size, args.size, generator=generator) for _ in range(NUM_BATCHES)]
         labels = [torch.randint(0, 2, (args.batch, num_tasks), generator=generator).float() for _ in range(NUM_BATCHES)]
 
-        def resnet_losses(net: nn.Module, i: int) -> list[torch.Tensor]:
-            logits = net(images[i % NUM_BATCHES])
+        def resnet_losses(net: nn.Module, i: int, features=None) -> list[torch.Tensor]:
+            logits = net(images[i % NUM_BATCHES]) if features is None else net.outputs(features)
             target = labels[i % NUM_BATCHES]
             return [F.binary_cross_entropy_with_logits(logit, target[:, t]) for t, logit in enumerate(logits)]
 
         description = (
             f"ResNet-18 trunk (transformers ResNetModel), batch {args.batch} of {args.size}x{args.size}, {num_tasks} binary heads on the pooled output"
         )
-        return Setup(model, model.shared(), resnet_losses, description)
+        if args.resnet_layer != "conv":
+            description += "; W: the last batch norm's affine weight"
+        return Setup(model, model.shared(args.resnet_layer), resnet_losses, description, lambda net, i: net.features(images[i % NUM_BATCHES]))
     model = BertTasks()
     vocab = model.trunk.config.vocab_size
     ids = [torch.randint(0, vocab, (args.bert_batch, args.bert_seq), generator=generator) for _ in range(NUM_BATCHES)]
     sequence_labels = [torch.randint(0, 2, (args.bert_batch,), generator=generator) for _ in range(NUM_BATCHES)]
     token_labels = [torch.randint(0, BertTasks.TOKEN_CLASSES, (args.bert_batch, args.bert_seq), generator=generator) for _ in range(NUM_BATCHES)]
 
-    def bert_losses(net: nn.Module, i: int) -> list[torch.Tensor]:
-        sequence_logits, token_logits = net(ids[i % NUM_BATCHES])
+    def bert_losses(net: nn.Module, i: int, features=None) -> list[torch.Tensor]:
+        sequence_logits, token_logits = net(ids[i % NUM_BATCHES]) if features is None else net.outputs(features)
         return [
             F.cross_entropy(sequence_logits, sequence_labels[i % NUM_BATCHES]),
             F.cross_entropy(token_logits.flatten(0, 1), token_labels[i % NUM_BATCHES].flatten()),
@@ -162,7 +188,7 @@ def build(model_name: str, num_tasks: int, args: argparse.Namespace) -> Setup:
         f"BERT-style encoder (transformers BertModel, 4 layers, hidden 256), batch {args.bert_batch} x {args.bert_seq} tokens, "
         "a sequence head on the pooler and a token head on the sequence"
     )
-    return Setup(model, model.shared(), bert_losses, description)
+    return Setup(model, model.shared(), bert_losses, description, lambda net, i: net.features(ids[i % NUM_BATCHES]))
 
 
 def _module_path(root: nn.Module, module: nn.Module) -> str:
@@ -207,42 +233,54 @@ def make_step(variant: str, setup: Setup, notes: dict[str, str], closers: list[C
 
         return floor_step
 
-    if variant in (ATTACH, AUTO):
-        session = gradnorm.attach(shared, gradnorm.GradNorm(), heads="auto" if variant == AUTO else None)
+    if variant in (ATTACH, GENERAL, AUTO):
+        options = {GENERAL: {"heads": None}, AUTO: {"heads": "auto"}}.get(variant, {})
+        session = gradnorm.attach(shared, gradnorm.GradNorm(), **options)
         closers.append(session.close)
 
         def session_step(i: int) -> None:
             finish(session.loss(setup.losses_of(model, i)))
-            if variant == AUTO:  # the route of the latest step (the first is measured the general way)
-                notes["heads"] = (
-                    f"heads='auto': {getattr(session, '_heads_search', None)}; route {getattr(session.taps, 'path', None) if session.taps else 'general'}"
-                )
+            # The route of the latest step (the first is measured the general way), as run.json words it.
+            if variant == ATTACH and session.taps is not None:
+                notes["default route"] = f"head-taps/{session.taps.path}: {session.taps.reason or ''}; heads: {session._heads_search}"
+            elif variant == GENERAL and session.meter.choice is not None:
+                notes["general route"] = f"{session.meter.choice.route}: {session.meter.choice.reason}"
 
         return session_step
 
-    balancer = gradnorm.GradNorm()
-    meter = GradNormMeter(shared.weight) if variant == GENERAL else None
-    capture = gram_norms.capture(shared) if variant == SKETCH else None
-    if capture is not None:
-        closers.append(capture.remove)
+    if variant == GRADNORM_PYTORCH:
+        from gradnorm_pytorch import GradNormLossWeighter
 
-    def balanced_step(i: int) -> None:
-        losses = setup.losses_of(model, i)
-        stacked = torch.stack(losses)
-        if not balancer.bound:
-            balancer.bind([f"task{t}" for t in range(len(losses))], stacked.device, stacked.dtype)
-        total = (balancer.weights() * stacked).sum()
-        if meter is not None:
-            norms = meter(losses)
-        else:
-            assert capture is not None
-            norms = capture.sq_norms(losses).sqrt()
-            notes.setdefault("route", capture.reason or "")
-            capture.clear()
-        balancer.update(stacked.detach(), norms)
-        finish(total)
+        weighter: Optional[nn.Module] = None
 
-    return balanced_step
+        def gradnorm_pytorch_step(i: int) -> None:
+            nonlocal weighter
+            losses = setup.losses_of(model, i)
+            if weighter is None:
+                weighter = GradNormLossWeighter(num_losses=len(losses), learning_rate=1e-4, restoring_force_alpha=1.5, grad_norm_parameters=shared.weight)
+            optimizer.zero_grad(set_to_none=True)
+            weighter(losses)  # its own backward, the weights' double backward included
+            optimizer.step()
+
+        return gradnorm_pytorch_step
+
+    if variant == TORCHJD:
+        from torchjd.aggregation import UPGrad
+        from torchjd.autojac import jac_to_grad, mtl_backward
+
+        aggregator = UPGrad()
+        trunk = model.shared_parameters()  # type: ignore[operator]
+
+        def torchjd_step(i: int) -> None:
+            features = setup.features_of(model, i)
+            losses = setup.losses_of(model, i, features)
+            optimizer.zero_grad(set_to_none=True)
+            mtl_backward(losses, features=list(features))
+            jac_to_grad(trunk, aggregator)
+            optimizer.step()
+
+        return torchjd_step
+    raise ValueError(f"unknown variant {variant!r}")
 
 
 # -- peak memory, one process per variant ---------------------------------------------------------------
@@ -281,6 +319,7 @@ def _shared_args(args: argparse.Namespace) -> list[str]:
     return [
         "--threads", str(args.threads), "--seed", str(args.seed), "--batch", str(args.batch), "--size", str(args.size),
         "--bert-batch", str(args.bert_batch), "--bert-seq", str(args.bert_seq), "--memory-steps", str(args.memory_steps),
+        "--external-tasks", *[str(t) for t in args.external_tasks], "--resnet-layer", args.resnet_layer,
     ]  # fmt: skip
 
 
@@ -289,17 +328,30 @@ def run_config(model_name: str, num_tasks: int, args: argparse.Namespace) -> dic
     setup = build(model_name, num_tasks, args)
     notes: dict[str, str] = {}
     closers: list[Callable[[], None]] = []
-    variants = {name: make_step(name, setup, notes, closers) for name in args.variants}
-    summary = summarize(time_interleaved(variants, torch.device("cpu"), args.rounds, args.block, args.warmup, args.seed), baseline=EQUAL)
+    names = [name for name in args.variants if _runs(name, model_name, num_tasks, args)]
+    variants = {name: make_step(name, setup, notes, closers) for name in names}
+    # The training thread's CPU time: what other jobs on a shared machine take is not counted.
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    summary = summarize(time_interleaved(variants, torch.device("cpu"), args.rounds, args.block, args.warmup, args.seed, clock=clock), baseline=EQUAL)
     for close in closers:
         close()
     if args.memory_steps > 0:
-        memory = {name: memory_in_subprocess(name, model_name, num_tasks, args) for name in args.variants}
+        memory = {name: memory_in_subprocess(name, model_name, num_tasks, args) for name in names}
         equal = memory.get(EQUAL)
         for name, peak in memory.items():
             summary[name]["peak_mb"] = None if peak is None else peak / 1e6
             summary[name]["peak_ratio"] = None if peak is None or not equal else peak / equal
     return {"model": model_name, "tasks": num_tasks, "description": setup.description, "summary": summary, "notes": notes}
+
+
+def _runs(variant: str, model_name: str, num_tasks: int, args: argparse.Namespace) -> bool:
+    """Whether ``variant`` runs at this configuration (the other libraries: installed, and at the task counts asked)."""
+    module = {GRADNORM_PYTORCH: "gradnorm_pytorch", TORCHJD: "torchjd"}.get(variant)
+    if module is None:
+        return True
+    if importlib.util.find_spec(module) is None:
+        return False
+    return model_name == "bert" or num_tasks in args.external_tasks
 
 
 def _cell(value: Optional[float], pattern: str) -> str:
@@ -313,7 +365,7 @@ def to_markdown(results: list[dict], args: argparse.Namespace) -> str:
         f"### {time.strftime('%Y-%m-%d')}, cpu: {machine}" + (f" ({args.label})" if args.label else ""),
         "",
         f"{args.rounds} rounds x {args.block} steps per variant, interleaved, after {args.warmup} warm-up steps; median step time, "
-        f"ratio to `equal` from the same run. Peak: VmHWM over {args.memory_steps} steps less VmRSS after building the model, one "
+        f"ratio to `equal` from the same run ({'the training thread' + chr(39) + 's CPU time' if args.clock == 'thread' else 'wall time'}). Peak: VmHWM over {args.memory_steps} steps less VmRSS after building the model, one "
         f"process per variant. Load average at the end: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} on {os.cpu_count()} cores.",
     ]
     if args.label:
@@ -327,16 +379,17 @@ def to_markdown(results: list[dict], args: argparse.Namespace) -> str:
             lines.append(
                 f"| {name} | {entry['median_ms']:.1f} | {entry['ratio']:.2f}x | {_cell(entry.get('peak_mb'), '{:.0f}')} | {_cell(entry.get('peak_ratio'), '{:.2f}x')} |"
             )
-        for key in ("route", "heads"):
+        for key in ("default route", "general route"):
             if key in result["notes"]:
                 lines += ["", f"{key}: {_shorten(result['notes'][key])}"]
     resnet = [r for r in results if r["model"] == "resnet"]
     if len(resnet) > 1:
         lines += ["", "#### How the cost grows with T (ResNet-18, time ratio to `equal`)", ""]
-        names = list(resnet[0]["summary"])
+        names = [n for n in VARIANTS if any(n in r["summary"] for r in resnet)]
         lines += ["| T | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for result in resnet:
-            lines.append(f"| {result['tasks']} | " + " | ".join(f"{result['summary'][n]['ratio']:.2f}x" for n in names) + " |")
+            cells = [f"{result['summary'][n]['ratio']:.2f}x" if n in result["summary"] else "not run" for n in names]
+            lines.append(f"| {result['tasks']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -366,6 +419,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--memory-steps", type=int, default=5, help="steps per memory process (0: no memory figures)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--resnet-layer", choices=["conv", "norm"], default="conv", help="W: the last convolution, or the batch norm after it")
+    parser.add_argument("--clock", choices=["thread", "wall"], default="thread", help="the training thread's CPU time (default) or wall time")
+    parser.add_argument("--external-tasks", type=int, nargs="*", default=[3], help="ResNet-18 head counts at which the other libraries run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="a label for the results section, e.g. 'smoke run'")
     parser.add_argument("--note", default="", help="a sentence shown under the label")
