@@ -565,8 +565,6 @@ class Session:
                     f"session state records into run {run_id!r}, but this session was attached with run_name={self.run_name!r}; "
                     "leave run_name out (or give the same) to continue that run, or pass same_run=False to record into the new one"
                 )
-            if distributed.world_size() > 1:
-                raise NotImplementedError("resuming into the same run under torch.distributed is not supported yet; pass same_run=False")
             assert self.runs_root is not None
             if not (self.runs_root / run_id / "run.json").exists():
                 raise runs.RunError(
@@ -737,11 +735,45 @@ class Session:
             meta["heads_search"] = self._heads_search
         if self._applied is not None:
             meta["applied_weights"] = dict(zip(names, self._applied.tolist()))
-        if self._resume or (self._resume_asked and (self.runs_root / self.run_name / "run.json").exists()):
-            self.run_path, self.attempt = runs.resume_run(self.runs_root, self.run_name, first_step, meta)
+        if self._resume or (self._resume_asked and self._run_exists()):
+            self.run_path, self.attempt = self._resume_run(first_step, meta)
         else:
             self.run_path = distributed.create_or_join_run(self.runs_root, self.run_name, meta)
         self.recorder = self._owned.recorder = Recorder(self.run_path, names, flush_every=self.flush_every, listeners=self.listeners, attempt=self.attempt)
+
+    def _run_exists(self) -> bool:
+        """Whether run_name exists under runs_root: rank 0's answer on every rank (before rank 0 creates it)."""
+        assert self.runs_root is not None
+        exists = (self.runs_root / self.run_name / "run.json").exists()
+        if distributed.world_size() == 1:
+            return exists
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(exists)])
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def _resume_run(self, first_step: int, meta: Mapping[str, Any]) -> tuple[Path, int]:
+        """The run continues as its next attempt: rank 0 opens it (``runs.resume_run``), every other rank
+        learns the attempt number from it and writes its own partition under it."""
+        assert self.runs_root is not None
+        if distributed.world_size() == 1:
+            return runs.resume_run(self.runs_root, self.run_name, first_step, meta)
+        import torch.distributed as dist
+
+        attempt = torch.zeros(1, dtype=torch.int64)
+        error: Optional[Exception] = None
+        if distributed.rank() == 0:
+            try:
+                attempt[0] = runs.resume_run(self.runs_root, self.run_name, first_step, meta)[1]
+            except Exception as exc:  # every rank must reach the broadcast, then all fail alike
+                error = exc
+        dist.broadcast(attempt, src=0)
+        if error is not None:
+            raise error
+        if int(attempt[0]) < 1:
+            raise runs.RunError(f"rank 0 could not resume run {self.run_name!r} under {self.runs_root}")
+        return self.runs_root / self.run_name, int(attempt[0])
 
     def _grad_norm_path(self, auto_route: Optional[str]) -> str:
         if not self.measure:

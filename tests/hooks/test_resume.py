@@ -297,3 +297,96 @@ def test_lightning_checkpoint_carries_the_session(tmp_path: Path) -> None:
     meta = runs.read_run_json(tmp_path / "runs" / "job")
     assert [a["attempt"] for a in meta["attempts"]] == [1, 2] and meta["attempts"][1]["first_step"] == 10
     assert analysis.list_runs(tmp_path / "runs").set_index("run_id").loc["job", "rows"] == 20 * 2
+
+
+def _ddp_worker(rank: int, world: int, port: int, root: str, mode: str, ckpt: str, out: str) -> None:
+    """Two ranks train the toy with GradNorm under DDP; "first" checkpoints after step 6 and stops at 9
+    without closing its run, "resume" continues from the checkpoint to 12, "full" runs 12 steps."""
+    import datetime
+    import traceback
+
+    try:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        from gradnorm.experiments import toy
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+        config = toy.ToyConfig(num_tasks=3, train_size=128, test_size=8)
+        data = toy.make_data(config)
+        model, x, y = toy.make_model(config).double(), data.x_train.double(), data.y_train.double()
+        ddp = DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        session = gradnorm.attach(
+            model.shared_layer, gradnorm.GradNorm(alpha=0.12), runs_root=root, run_name=mode if mode == "full" else "ddp", flush_every=2, resume=mode != "full"
+        )
+        start, stop = 0, 12
+        if mode == "resume":
+            state = torch.load(ckpt, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["opt"])
+            session.load_state_dict(state["gradnorm"])
+            start = state["gradnorm"]["step"]
+        if mode == "first":
+            stop = 9
+        generator = torch.Generator().manual_seed(11)
+        order = [torch.randint(0, 128, (16,), generator=generator) for _ in range(12)]
+        trajectory = {}
+        for step in range(start, stop):
+            shard = order[step][rank::world]
+            loss = session.loss(toy.task_losses(ddp(x[shard]), y[shard]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            trajectory[step + 1] = session.balancer.weights().tolist()
+            if mode == "first" and step + 1 == 6:
+                state = {"model": model.state_dict(), "opt": optimizer.state_dict(), "gradnorm": session.state_dict()}
+                if rank == 0:
+                    torch.save(state, ckpt)
+        if mode == "first":
+            session.recorder.wait()  # the rows of steps 6-8 are on disk; the run is left 'running', as a killed job's
+        else:
+            session.close()
+        torch.save(trajectory, out)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        Path(out + ".error").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.slow
+def test_ddp_ranks_resume_their_partitions_in_the_same_run(tmp_path: Path) -> None:
+    import multiprocessing
+    import socket
+
+    def launch(mode: str) -> list[dict[int, list[float]]]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        outs = [str(tmp_path / f"{mode}-{r}.pt") for r in range(2)]
+        context = multiprocessing.get_context("spawn")
+        processes = [context.Process(target=_ddp_worker, args=(r, 2, port, str(tmp_path / "runs"), mode, str(tmp_path / "ddp.pt"), outs[r])) for r in range(2)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=120)
+            if process.is_alive():
+                process.kill()
+        errors = [Path(o + ".error").read_text() for o in outs if Path(o + ".error").exists()]
+        assert not errors, errors
+        return [torch.load(o) for o in outs]
+
+    full = launch("full")
+    launch("first")
+    resumed = launch("resume")
+    for rank in range(2):
+        assert sorted(resumed[rank]) == list(range(7, 13))
+        for step in range(7, 13):
+            assert resumed[rank][step] == full[0][step]
+    meta = runs.read_run_json(tmp_path / "runs" / "ddp")
+    assert [a["attempt"] for a in meta["attempts"]] == [1, 2] and meta["attempts"][1]["first_step"] == 6
+    assert {p.name for p in (tmp_path / "runs" / "ddp" / "metrics").iterdir()} == {"rank=0", "rank=1"}
+    # Each rank wrote steps 6-8 twice; every step is read once per rank.
+    assert analysis.list_runs(tmp_path / "runs").set_index("run_id").loc["ddp", "rows"] == 2 * 12 * 3
+    assert analysis.metric_series(tmp_path / "runs", "ddp", "weight", max_points=100)["n"].sum() == 2 * 12 * 3
