@@ -287,7 +287,16 @@ class Session:
         self._applied: Optional[Tensor] = None
         self.measure = measure_grad_norms or self.balancer.needs_grad_norms
         per_channel = bool(getattr(self.balancer, "per_channel", False))
-        self.meter = GradNormMeter(self.layer.parameter, reduce=distributed.mean_across_ranks, per_channel=per_channel)
+        # Under DDP a reduce over ranks forces a route that forms the gradients (no Gram route); the Gram
+        # route's hook on W's module only where norms are measured (hooks/grad_norms.py).
+        self.meter = self._owned.own(
+            GradNormMeter(
+                self.layer.parameter,
+                reduce=distributed.mean_across_ranks if distributed.world_size() > 1 else None,
+                per_channel=per_channel,
+                module=self.layer.module if self.measure else None,
+            )
+        )
         # Under torch.distributed: one small exchange of W's rows or of a sketch per step (hooks/distributed_norms.py).
         dist_meter = meter_for(self.layer.parameter, self.layer.module, distributed_norms, sketch_size=sketch_size, per_channel=per_channel, owner=self)
         if dist_meter is not None:
@@ -496,6 +505,7 @@ class Session:
             check_pairing=check_pairing,
             warn_fallback=not self._auto,
         )
+        self.meter.pause()  # the taps serve: the general path's Gram hook keeps no forward pass's graph
         return self._owned.own(taps)
 
     # -- checkpoint and resume ---------------------------------------------------------------------
