@@ -223,3 +223,39 @@ def test_output_shape_matches_the_layers_output():
     for layer in cases:
         x = torch.randn(2, 4, 9, 11) if isinstance(layer, nn.Conv2d) else torch.randn(2, 5, 4)
         assert gram_norms.output_shape(layer, x.shape) == tuple(layer(x).shape), layer
+
+
+@pytest.mark.parametrize("order", ["small-first", "large-first"])
+def test_forward_passes_of_one_loss_on_different_routes_sum_their_gradients(order):
+    """A loss from a 3-position forward pass (the Gram route) and a 192-position one (the batched product):
+    the Gram part is turned into weight gradients and added, so the norm is that of the summed gradient."""
+    g = torch.Generator().manual_seed(5)
+    small, large = torch.randn(1, 3, 6, generator=g, dtype=torch.float64), torch.randn(64, 3, 6, generator=g, dtype=torch.float64)
+    parts = [small, large] if order == "small-first" else [large, small]
+
+    def norms(heads):
+        model = make("tokens")
+        model.drop.p = 0.0
+        session = gradnorm.attach(model.shared, GradNorm(alpha=1.5), heads=heads)
+        if heads is None:
+            session.meter.remove()
+            session.meter = GradNormMeter(model.shared.weight, batched=False)
+        recorded = []
+        original = session.balancer.update
+
+        def keep(losses, grad_norms=None, applied=None, **options):
+            recorded.append(grad_norms.detach().clone())
+            return original(losses, grad_norms, applied, **options)
+
+        session.balancer.update = keep
+        with session:
+            for _ in range(3):
+                outputs = [model(part) for part in parts]
+                losses = [sum((out[t] * (t + 1)).sin().square().mean() for out in outputs) for t in range(2)]
+                session.loss(losses).backward()
+        return torch.stack(recorded), session
+
+    expected, _ = norms(None)
+    tapped, session = norms("auto")
+    assert session.taps._gram_choices and {route for route, _ in session.taps._gram_choices.values()} == {"gram", "direct"}
+    torch.testing.assert_close(tapped, expected, rtol=1e-10, atol=0)
