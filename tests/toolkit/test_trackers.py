@@ -164,6 +164,7 @@ def wandb_rows(run_dir: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 @pytest.fixture
 def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     wandb = pytest.importorskip("wandb", reason="wandb is not installed (pip install 'gradnorm-toolkit[wandb]')")
+    wandb.teardown()  # settings an earlier wandb.init in this process left behind (a docs example) would outlive the env below
     monkeypatch.setenv("WANDB_MODE", "offline")  # nothing leaves the machine
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
