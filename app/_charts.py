@@ -176,19 +176,22 @@ def _lean(frame: pd.DataFrame) -> pd.DataFrame:
 def _interactive(base: alt.Chart, encoding: dict, tooltip: list, name: str) -> list[alt.Chart]:
     """Zoom/pan on x and a hover rule with the value of every series at the nearest x. The hover marks are
     hidden by opacity rather than filtered out, so no layer is ever empty (Vega warns of an infinite
-    extent for an empty layer on a shared scale)."""
+    extent for an empty layer on a shared scale).
+
+    The nearest-x selection lives on the rule layer, one mark per distinct x, not on the points: Vega finds
+    the nearest mark through a Voronoi diagram of the layer's marks, and over every point of every series
+    (runs x tasks x steps) that diagram was most of the time to the first drawn chart."""
     zoom = alt.selection_interval(bind="scales", encodings=["x"], name=f"{name}_zoom")
     hover = alt.selection_point(name=f"{name}_hover", fields=["x"], nearest=True, on="pointerover", clear="pointerout", empty=False)
     lines = base.mark_line(strokeWidth=1.6, clip=True).encode(**encoding).add_params(zoom)
-    points = (
-        base.mark_point(filled=True, size=36, clip=True)
-        .encode(x=encoding["x"], y=encoding["y"], color=encoding["color"], opacity=alt.condition(hover, alt.value(1.0), alt.value(0.0)), tooltip=tooltip)
-        .add_params(hover)
+    points = base.mark_point(filled=True, size=36, clip=True).encode(
+        x=encoding["x"], y=encoding["y"], color=encoding["color"], opacity=alt.condition(hover, alt.value(1.0), alt.value(0.0)), tooltip=tooltip
     )
     rule = (
         base.transform_aggregate(groupby=["x"])
         .mark_rule(color="gray", strokeWidth=1)
         .encode(x=encoding["x"], opacity=alt.condition(hover, alt.value(0.7), alt.value(0.0)))
+        .add_params(hover)
     )
     return [lines, points, rule]
 
