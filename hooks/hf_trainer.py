@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from gradnorm.toolkit import runs
 from gradnorm.toolkit.balancers import Balancer
+from gradnorm.toolkit.forwarding import DEFAULT_QUANTITIES, LoggerRows, resolve_trackers
 
 from .session import Losses, Session, attach
 from .shared_layer import SharedLayer
@@ -93,6 +94,11 @@ class GradNormCallback(TrainerCallback):
             from the Trainer's backward), a function of the model returning the task heads in task order,
             or None for the general path (see ``heads=`` of :func:`hooks.attach`).
         runs_root, options: the other keyword arguments of :func:`hooks.attach` (``run_name``, ``flush_every``, ...).
+        log: with :class:`GradNormTrainer`, add the recorded per-task quantities (``gradnorm/weight/<task>``,
+            ``gradnorm/grad_norm/<task>``, ...) to the Trainer's logs at its logging steps, so whatever
+            ``report_to`` names (TensorBoard, W&B, MLflow) shows them beside the loss; each row carries its
+            own ``gradnorm/step`` (it reaches the logs a flush late). Needs ``runs_root``: the values come from the records.
+        log_quantities: which quantities (default: weight, grad_norm, target_norm, loss_ratio, inverse_rate, skipped).
 
     ``session`` is None before ``on_train_begin`` and stays, closed, after ``on_train_end``. A second
     ``train()`` with the same callback and balancer is refused (that balancer's weights and L_i(0) belong
@@ -107,12 +113,18 @@ class GradNormCallback(TrainerCallback):
         *,
         heads: Union[None, bool, str, Callable[[nn.Module], Sequence[nn.Module]]] = "auto",
         runs_root: Optional[Union[str, Path]] = None,
+        log: bool = True,
+        log_quantities: Optional[Sequence[str]] = None,
         **options: Any,
     ) -> None:
         self.shared_layer = shared_layer
         self.balancer = balancer
         self.heads = heads
         self.runs_root = runs_root
+        self.log = log
+        self.log_quantities = tuple(DEFAULT_QUANTITIES if log_quantities is None else log_quantities)
+        LoggerRows(name="trainer", quantities=self.log_quantities)  # bad names are refused here, not when training starts
+        self.logged_rows: Optional[LoggerRows] = None
         self.options = options
         self.session: Optional[Session] = None
         self._attached = False  # the balancer is bound to its first run's tasks; a second train() starts over from its state
@@ -141,6 +153,13 @@ class GradNormCallback(TrainerCallback):
         if self._attached and balancer is not None:
             # The same balancer object would carry the last run's weights and L_i(0) into a new run as if it were its first step.
             raise RuntimeError("gradnorm: this GradNormCallback already trained once; give each train() a new callback (and a new balancer)")
+        self.logged_rows = None
+        every = _logging_every(args)
+        if self.log and self.runs_root is not None and every is not None:
+            self.logged_rows = LoggerRows(name="trainer", every=every, quantities=self.log_quantities)
+            options["trackers"] = resolve_trackers(options.get("trackers")) + [self.logged_rows]
+            # Rows reach the logs after their flush: flushing once per logging interval keeps that a step or two of it.
+            options.setdefault("flush_every", every)
         self.session = attach(self.shared_layer(model), balancer, runs_root=self.runs_root, **options)
         self._attached = True
 
@@ -155,6 +174,15 @@ class GradNormCallback(TrainerCallback):
     def log_validation(self, losses: Mapping[str, float], state: TrainerState) -> None:
         if self.session is not None and not self.session.closed:
             self.session.log_validation(losses, step=state.global_step, epoch=_epoch(state))
+
+
+def _logging_every(args: TrainingArguments) -> Optional[int]:
+    """The Trainer's logging interval in optimiser steps, or None where it does not log by steps."""
+    strategy = str(getattr(args.logging_strategy, "value", args.logging_strategy))
+    steps = args.logging_steps
+    if strategy != "steps" or not steps or steps < 1:  # a fraction of the run, or epochs: no fixed interval known here
+        return None
+    return int(steps)
 
 
 def _epoch(state: TrainerState) -> int:
@@ -239,6 +267,16 @@ class GradNormTrainer(Trainer):
             self.gradnorm.log_validation({task: total / count for task, (total, count) in self._validation.items()}, self.state)
         self._validation = {}
         return metrics
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's logs, with the oldest recorded row not logged yet (``GradNormCallback(log=True)``)
+        added to a training step's logs: every ``report_to`` integration receives them from here."""
+        rows = self.gradnorm.logged_rows
+        if rows is not None and "loss" in logs:  # a training step's logs, not an evaluation's
+            row = rows.take()
+            if row is not None:
+                logs = {**logs, **row}
+        super().log(logs, *args, **kwargs)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -25,8 +25,6 @@ closes, after the last logging step: they are in the records, not in the logger.
 
 from __future__ import annotations
 
-import collections
-import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union, cast
 
@@ -34,7 +32,7 @@ import torch
 
 from gradnorm.toolkit import runs
 from gradnorm.toolkit.balancers import Balancer
-from gradnorm.toolkit.forwarding import DEFAULT_QUANTITIES, Rows, RunSummary, Tracker, resolve_trackers
+from gradnorm.toolkit.forwarding import DEFAULT_QUANTITIES, LoggerRows, resolve_trackers
 
 from .session import Session, attach
 
@@ -45,32 +43,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without lightnin
 
 #: The key of the session's state in Lightning's checkpoint.
 CHECKPOINT_KEY = "gradnorm"
-#: Forwarded rows waiting for a logging step; beyond this the oldest go (a Trainer that logs far less often than it records).
-MAX_WAITING_ROWS = 1000
-
-
-class LoggerRows(Tracker):
-    """The rows forwarded for the Trainer's logger: filled on the forwarding thread, taken on the training thread."""
-
-    name = "lightning"
-
-    def __init__(self, *, every: int = 50, quantities: Optional[Sequence[str]] = None) -> None:
-        super().__init__(every=every, quantities=quantities)
-        self._rows: collections.deque[dict[str, float]] = collections.deque(maxlen=MAX_WAITING_ROWS)
-        self._lock = threading.Lock()
-        self.summary: Optional[RunSummary] = None
-
-    def send(self, rows: Rows) -> None:
-        with self._lock:
-            self._rows.extend({"gradnorm/step": float(step), **values} for step, values in rows.scalars())
-
-    def send_summary(self, summary: RunSummary) -> None:
-        self.summary = summary
-
-    def take(self) -> Optional[dict[str, float]]:
-        """The oldest row not logged yet (rows arrive at about one per logging step, a flush late)."""
-        with self._lock:
-            return self._rows.popleft() if self._rows else None
 
 
 class GradNormCallback(pl.Callback):
@@ -104,7 +76,7 @@ class GradNormCallback(pl.Callback):
         self.runs_root = runs_root
         self.log = log
         self.log_quantities = tuple(DEFAULT_QUANTITIES if log_quantities is None else log_quantities)
-        LoggerRows(quantities=self.log_quantities)  # bad names are refused here, not when fitting starts
+        LoggerRows(name="lightning", quantities=self.log_quantities)  # bad names are refused here, not when fitting starts
         self.options = options
         self.session: Optional[Session] = None
         self.logged_rows: Optional[LoggerRows] = None
@@ -119,7 +91,7 @@ class GradNormCallback(pl.Callback):
         self.logged_rows = None
         every = int(getattr(trainer, "log_every_n_steps", 50))  # set by the Trainer's logger connector
         if self.log and self.runs_root is not None and trainer.loggers and every > 0:
-            self.logged_rows = LoggerRows(every=every, quantities=self.log_quantities)
+            self.logged_rows = LoggerRows(name="lightning", every=every, quantities=self.log_quantities)
             options["trackers"] = resolve_trackers(options.get("trackers")) + [self.logged_rows]
             # Rows reach the logger after their flush: flushing once per logging interval keeps that a step or two of it.
             options.setdefault("flush_every", every)

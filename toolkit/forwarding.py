@@ -21,6 +21,7 @@ rank 0 forwards (as Lightning's loggers log from rank 0); the other ranks' recor
 
 from __future__ import annotations
 
+import collections
 import math
 import queue
 import re
@@ -409,3 +410,33 @@ def safe_name(text: str) -> str:
     """``text`` with every character outside letters, digits, ``_ . - `` and space replaced by ``_``
     (MLflow metric keys and folder names allow only these)."""
     return _UNSAFE.sub("_", text) or "_"
+
+
+#: Forwarded rows waiting for a logging step; beyond this the oldest go (a trainer that logs far less often than it records).
+MAX_WAITING_ROWS = 1000
+
+
+class LoggerRows(Tracker):
+    """The rows forwarded for a trainer's own loggers (Lightning's, the Transformers Trainer's ``report_to``):
+    filled on the forwarding thread, taken on the training thread at the trainer's logging steps."""
+
+    name = "logger"
+
+    def __init__(self, *, name: str = "logger", every: int = 50, quantities: Optional[Sequence[str]] = None) -> None:
+        super().__init__(every=every, quantities=quantities)
+        self.name = name
+        self._rows: collections.deque[dict[str, float]] = collections.deque(maxlen=MAX_WAITING_ROWS)
+        self._lock = threading.Lock()
+        self.summary: Optional[RunSummary] = None
+
+    def send(self, rows: Rows) -> None:
+        with self._lock:
+            self._rows.extend({"gradnorm/step": float(step), **values} for step, values in rows.scalars())
+
+    def send_summary(self, summary: RunSummary) -> None:
+        self.summary = summary
+
+    def take(self) -> Optional[dict[str, float]]:
+        """The oldest row not logged yet (rows arrive at about one per logging step, a flush late)."""
+        with self._lock:
+            return self._rows.popleft() if self._rows else None

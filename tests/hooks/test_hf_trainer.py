@@ -319,3 +319,31 @@ def test_the_trainers_torch_compile_gets_the_general_path_and_the_eager_weights(
     assert meta["heads_search"] == COMPILED_REASON and meta["skipped_updates"] == 0
     _, expected = plain_loop(base, batches, tmp_path)
     torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainers_logs_carry_the_recorded_weights_for_report_to(base, tmp_path):
+    """GradNormCallback(log=True, the default): at the Trainer's logging steps its logs (what every report_to
+    integration receives) hold the recorded per-task quantities, each row with its own gradnorm/step."""
+    callback = GradNormCallback(lambda m: m.encoder.pooler.dense, GradNorm(alpha=1.5), runs_root=tmp_path / "runs", run_name="trainer")
+    model = copy.deepcopy(base)
+    trainer = GradNormTrainer(
+        model=model,
+        args=arguments(tmp_path, logging_strategy="steps", logging_steps=2),
+        train_dataset=Sentences(SAMPLES),
+        gradnorm=callback,
+        task_losses=task_losses,
+        optimizers=(torch.optim.Adam(model.parameters(), lr=1e-3), None),
+    )
+    trainer.train()
+    trainer_logs = [entry for entry in trainer.state.log_history if "gradnorm/step" in entry]
+    assert callback.logged_rows is not None and len(trainer_logs) >= 2
+    recorded = analysis.metric_series(tmp_path / "runs", ["trainer"], "weight")
+    by_step = {(int(x), task): value for x, task, value in zip(recorded["x"], recorded["task"], recorded["value"])}
+    steps = [int(entry["gradnorm/step"]) for entry in trainer_logs]
+    assert steps == sorted(steps) and all(step % 2 == 0 for step in steps), steps  # every 2nd recorded step, in order
+    for entry in trainer_logs:
+        assert "loss" in entry  # a training step's logs, not an evaluation's
+        for task in TASKS:
+            assert entry[f"gradnorm/weight/{task}"] == pytest.approx(by_step[(int(entry["gradnorm/step"]), task)], rel=1e-6)
+    forwarding = runs.read_run_json(tmp_path / "runs" / "trainer")["forwarding"]["trainer"]
+    assert forwarding["failed"] == 0 and forwarding["sent"] >= len(trainer_logs)
