@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from gradnorm.toolkit import runs
 from gradnorm.toolkit.balancers import Balancer
-from gradnorm.toolkit.forwarding import DEFAULT_QUANTITIES, LoggerRows, resolve_trackers
+from gradnorm.toolkit.forwarding import DEFAULT_QUANTITIES, LoggerRows, add_logger_rows
 
 from .session import Losses, Session, attach
 from .shared_layer import SharedLayer
@@ -156,10 +156,7 @@ class GradNormCallback(TrainerCallback):
         self.logged_rows = None
         every = _logging_every(args)
         if self.log and self.runs_root is not None and every is not None:
-            self.logged_rows = LoggerRows(name="trainer", every=every, quantities=self.log_quantities)
-            options["trackers"] = resolve_trackers(options.get("trackers")) + [self.logged_rows]
-            # Rows reach the logs after their flush: flushing once per logging interval keeps that a step or two of it.
-            options.setdefault("flush_every", every)
+            self.logged_rows = add_logger_rows(options, name="trainer", every=every, quantities=self.log_quantities)
         self.session = attach(self.shared_layer(model), balancer, runs_root=self.runs_root, **options)
         self._attached = True
 

@@ -32,7 +32,7 @@ import torch
 
 from gradnorm.toolkit import runs
 from gradnorm.toolkit.balancers import Balancer
-from gradnorm.toolkit.forwarding import DEFAULT_QUANTITIES, LoggerRows, resolve_trackers
+from gradnorm.toolkit.forwarding import DEFAULT_QUANTITIES, LoggerRows, add_logger_rows
 
 from .session import Session, attach
 
@@ -91,10 +91,7 @@ class GradNormCallback(pl.Callback):
         self.logged_rows = None
         every = int(getattr(trainer, "log_every_n_steps", 50))  # set by the Trainer's logger connector
         if self.log and self.runs_root is not None and trainer.loggers and every > 0:
-            self.logged_rows = LoggerRows(name="lightning", every=every, quantities=self.log_quantities)
-            options["trackers"] = resolve_trackers(options.get("trackers")) + [self.logged_rows]
-            # Rows reach the logger after their flush: flushing once per logging interval keeps that a step or two of it.
-            options.setdefault("flush_every", every)
+            self.logged_rows = add_logger_rows(options, name="lightning", every=every, quantities=self.log_quantities)
         loaded, self._loaded_state = self._loaded_state, None
         if loaded is not None and self.runs_root is not None and options.get("run_name") is not None:
             options["resume"] = True  # the checkpoint's run continues under its name, as its next attempt

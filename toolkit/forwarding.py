@@ -440,3 +440,16 @@ class LoggerRows(Tracker):
         """The oldest row not logged yet (rows arrive at about one per logging step, a flush late)."""
         with self._lock:
             return self._rows.popleft() if self._rows else None
+
+
+def add_logger_rows(options: dict[str, Any], *, name: str, every: int, quantities: Sequence[str]) -> LoggerRows:
+    """Add a :class:`LoggerRows` for a trainer that logs every ``every`` steps to ``attach``'s ``options``
+    (after the user's own ``trackers``), and return it.
+
+    Rows reach the trainer's logs after their flush, so the recorder flushes once per logging interval
+    unless ``flush_every`` was given: the rows then arrive a step or two of that interval late.
+    """
+    rows = LoggerRows(name=name, every=every, quantities=quantities)
+    options["trackers"] = resolve_trackers(options.get("trackers")) + [rows]
+    options.setdefault("flush_every", every)
+    return rows
