@@ -215,6 +215,41 @@ def test_the_analysis_reads_a_live_run_without_errors_or_half_files(tmp_path):
     assert int(analysis.metric_series(tmp_path, "live", "loss", max_points=100_000).n.sum()) == 300
 
 
+def test_run_json_replaced_between_the_look_and_the_open_is_read_again_not_listed_invalid(tmp_path, monkeypatch):
+    # The recorder's heartbeat replaces run.json with os.replace; a reader that loses that race once
+    # must read the new file, while a FIFO swapped in is still refused without being read.
+    from gradnorm.toolkit.analysis import catalog
+
+    run_path = make_run(tmp_path, "live", steps=20)
+    run_json = run_path / "run.json"
+    real_open = os.open
+    swaps = {"left": 1}
+
+    def open_after_a_heartbeat(path, flags, *args, **kwargs):
+        if Path(path) == run_json and swaps["left"] > 0:
+            swaps["left"] -= 1
+            meta = json.loads(run_json.read_text())
+            meta["heartbeat"] = float(meta.get("heartbeat") or 0) + 1
+            runs.write_json_atomic(run_json, meta)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(catalog.os, "open", open_after_a_heartbeat)
+    listed = analysis.list_runs(tmp_path).set_index("run_id")
+    assert swaps["left"] == 0
+    assert listed.loc["live", "problems"] == []
+    assert listed.loc["live", "status"] == runs.FINISHED
+
+    def open_after_a_fifo_swap(path, flags, *args, **kwargs):
+        if Path(path) == run_json and not run_json.is_fifo():
+            run_json.unlink()
+            os.mkfifo(run_json)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(catalog.os, "open", open_after_a_fifo_swap)
+    with pytest.raises(catalog.NotRegular, match="FIFO"):
+        catalog.open_regular(run_json)
+
+
 def test_a_killed_run_lists_as_interrupted_and_its_flushed_steps_read_back(tmp_path, monkeypatch):
     figures = scenarios.kill_scenario(tmp_path, flush_every=10, min_parts=3)
     monkeypatch.setenv(runs.STALE_AFTER_ENV, "30")

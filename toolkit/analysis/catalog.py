@@ -209,19 +209,30 @@ def open_regular(path: Path) -> tuple[int, os.stat_result]:
 
     The status is taken without following a link before anything is opened (opening a FIFO waits for a
     writer), the open refuses a link that replaced the file meanwhile, and the opened file must be the one
-    looked at."""
-    before = os.lstat(path)
-    if not stat.S_ISREG(before.st_mode):
-        raise NotRegular(path, _refusal_reason(before.st_mode))
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        after = os.fstat(fd)
-        if not stat.S_ISREG(after.st_mode) or (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
-            raise NotRegular(path, "replaced while it was opened")
-    except BaseException:
+    looked at. A live run's recorder replaces ``run.json`` atomically at every heartbeat, so a file that
+    was replaced between the look and the open by another regular file is looked at again, up to
+    ``_REPLACED_RETRIES`` times, rather than reported as a bad run."""
+    for _ in range(_REPLACED_RETRIES):
+        before = os.lstat(path)
+        if not stat.S_ISREG(before.st_mode):
+            raise NotRegular(path, _refusal_reason(before.st_mode))
+        fd = os.open(path, _OPEN_FLAGS)
+        try:
+            after = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if stat.S_ISREG(after.st_mode) and (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
+            return fd, after
         os.close(fd)
-        raise
-    return fd, after
+        if not stat.S_ISREG(after.st_mode):
+            raise NotRegular(path, "replaced while it was opened, now " + _refusal_reason(after.st_mode))
+    raise NotRegular(path, f"replaced while it was opened, {_REPLACED_RETRIES} times in a row")
+
+
+# A writer replaces run.json once per heartbeat (seconds apart); three looks in a row that each lose
+# that race mean the file is being swapped on purpose.
+_REPLACED_RETRIES = 3
 
 
 def read_json_file(path: Path, limit: int, what: str) -> Any:
