@@ -281,34 +281,31 @@ class GradNorm(Balancer):
             return gradnorm_update(*args)
 
     def _update(self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor]) -> StepStats:
-        if grad_norms is None:
-            raise RuntimeError("GradNorm needs the per-task gradient norms at the shared layer")
-        state = self.optimizer.state_for(weights)
+        norms = self._require_norms(grad_norms)
         constants = self._constants
         if constants is None or constants.tasks.device != weights.device or constants.tasks.dtype != weights.dtype:
             constants = self._constants = UpdateConstants.make(weights, self.reduction, self.min_weight)
-        args = (weights, grad_norms, inverse_rate, losses, state, self.alpha, self.reduction, self.min_weight, self.optimizer, constants)
-        self._weights, new_state, terms, applied_update = self._run_update(*args)
-        self.optimizer.load(new_state)
-        return StepStats(
-            loss=losses,
-            loss_ratio=loss_ratio,
-            inverse_rate=inverse_rate,
-            weight=weights,
-            grad_norm=terms.grad_norm,
-            target_norm=terms.target_norm,
-            step_grad_loss=terms.grad_loss,
-            step_update_skipped=~applied_update,
-        )
+        state = self.optimizer.state_for(weights)
+        result = self._run_update(weights, norms, inverse_rate, losses, state, self.alpha, self.reduction, self.min_weight, self.optimizer, constants)
+        return self._apply(result, losses, loss_ratio, inverse_rate, weights)
 
     def _update_present(
         self, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor, grad_norms: Optional[Tensor], present: Tensor
     ) -> StepStats:
+        norms = self._require_norms(grad_norms)
+        state = self.optimizer.state_for(weights)
+        result = gradnorm_update_present(weights, norms, inverse_rate, losses, state, self.alpha, self.reduction, self.min_weight, self.optimizer, present)
+        return self._apply(result, losses, loss_ratio, inverse_rate, weights)
+
+    @staticmethod
+    def _require_norms(grad_norms: Optional[Tensor]) -> Tensor:
         if grad_norms is None:
             raise RuntimeError("GradNorm needs the per-task gradient norms at the shared layer")
-        state = self.optimizer.state_for(weights)
-        args = (weights, grad_norms, inverse_rate, losses, state, self.alpha, self.reduction, self.min_weight, self.optimizer, present)
-        self._weights, new_state, terms, applied_update = gradnorm_update_present(*args)
+        return grad_norms
+
+    def _apply(self, result: UpdateResult, losses: Tensor, loss_ratio: Tensor, inverse_rate: Tensor, weights: Tensor) -> StepStats:
+        """Keep an update's new weights and optimiser state; the step's record holds the weights it used."""
+        self._weights, new_state, terms, applied_update = result
         self.optimizer.load(new_state)
         return StepStats(
             loss=losses,
