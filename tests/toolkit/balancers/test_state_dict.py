@@ -20,6 +20,9 @@ import torch
 
 import gradnorm
 from gradnorm.toolkit.balancers import (
+    DBMTL,
+    FAMO,
+    IMTLL,
     MGDA,
     Balancer,
     DirectGradNorm,
@@ -62,6 +65,9 @@ CASES: dict[str, tuple[Callable[[], Balancer], bool]] = {
     "pcgrad": (lambda: PCGrad(seed=3), False),
     "pcgrad-mean": (lambda: PCGrad(reduction="mean", seed=11), False),
     "direct-gradnorm": (lambda: DirectGradNorm(alpha=0.5), False),
+    "famo": (lambda: FAMO(lr=0.05), False),
+    "imtl-l": (lambda: IMTLL(lr=0.1), False),
+    "db-mtl": (lambda: DBMTL(), False),
 }
 
 N, M = 4, 5  # steps before the checkpoint (mid-period for DWA's window of 3, mid-average for k = 3), after
