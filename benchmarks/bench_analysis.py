@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine_info import describe, publish  # noqa: E402
 
 from gradnorm.toolkit import analysis, runs, schema
+from gradnorm.toolkit.analysis import partials
 from gradnorm.toolkit.recorder import COMPACT_ABOVE_FILES
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -72,6 +73,8 @@ def synthetic_block(start: int, n: int, total_steps: int, tasks: int, rng: np.ra
         "balancer_weight": weight,
         "step_grad_loss": np.repeat(np.abs(norm - target_norm).sum(axis=1, keepdims=True), tasks, axis=1),
         "step_update_skipped": np.zeros((n, tasks)),
+        "present": np.ones((n, tasks)),
+        "step_measured": np.ones((n, tasks)),
     }
     block = np.stack([fields[name] for name in schema.RECORDED_FIELDS], axis=2).astype(np.float32)
     return torch.from_numpy(block)
@@ -305,19 +308,31 @@ def queries(root: Path) -> dict[str, Callable[[], object]]:
     }
 
 
-def timed(call: Callable[[], object], repeats: int) -> tuple[float, float]:
+def timed(call: Callable[[], object], repeats: int) -> tuple[float, ...]:
+    """(cold, warm, warm without the partial-aggregate cache) wall seconds, then the two warm figures in
+    CPU seconds of the process (DuckDB's threads included); warm = median of ``repeats``, the cached and
+    the uncached call interleaved, their order alternating, so that the machine's load hits both alike."""
     started = time.perf_counter()
     call()
     cold = time.perf_counter() - started
-    warm = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        warm.append(time.perf_counter() - started)
-    return cold, statistics.median(warm) if warm else float("nan")
+    figures: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for index in range(repeats):
+        for enabled in (True, False) if index % 2 == 0 else (False, True):
+            partials.ENABLED = enabled
+            try:
+                wall, cpu = time.perf_counter(), time.process_time()
+                call()
+                figures[enabled].append((time.perf_counter() - wall, time.process_time() - cpu))
+            finally:
+                partials.ENABLED = True
+
+    def median(enabled: bool, which: int) -> float:
+        return statistics.median(f[which] for f in figures[enabled]) if figures[enabled] else float("nan")
+
+    return cold, median(True, 0), median(False, 0), median(True, 1), median(False, 1)
 
 
-def time_queries(root: Path, repeats: int) -> dict[str, tuple[float, float]]:
+def time_queries(root: Path, repeats: int) -> dict[str, tuple[float, ...]]:
     return {name: timed(call, repeats) for name, call in queries(root).items()}
 
 
@@ -404,7 +419,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     started_all = time.perf_counter()
     rows = args.steps * args.tasks
-    query_tables: list[tuple[str, dict[str, tuple[float, float]], str]] = []
+    query_tables: list[tuple[str, dict[str, tuple[float, ...]], str]] = []
     records: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -496,21 +511,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def query_report(when: str, args: argparse.Namespace, rows: int, tables: list[tuple[str, dict[str, tuple[float, float]], str]]) -> str:
+def query_report(when: str, args: argparse.Namespace, rows: int, tables: list[tuple[str, dict[str, tuple[float, ...]], str]]) -> str:
     lines = [
         f"### {when}: {machine()}",
         "",
         f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (the machine is shared; timings vary by 2x between rounds). "
         f"Runs of {args.steps:,} steps x {args.tasks} tasks = {rows:,} rows, written through the Recorder (flush_every=100). "
-        f"Cold = first call in the process for that run (part-file footers checked; the files are in the page cache, "
-        f"just written); warm = median of {args.repeats} repeats. Targets: E_t[w_i] and one series < 1 s warm, list_runs < 0.5 s cold.",
+        f"Cold = first call in the process for that run (part-file footers checked, the per-file sums computed; the files are in the page cache, "
+        f"just written); warm = median of {args.repeats} repeats; uncached = the same query with the per-file partial aggregates off "
+        "(`partials.ENABLED = False`: every file scanned), its repeats interleaved with the cached ones; CPU = the process's CPU seconds "
+        "(DuckDB's threads included) of the warm calls, which other jobs on the shared cores do not inflate. "
+        "Targets: E_t[w_i] and one series < 1 s warm, list_runs < 0.5 s cold.",
         "",
     ]
     names = list(tables[0][1])
-    header = "| query | " + " | ".join(f"{label}: cold / warm (s)" for label, _, _ in tables) + " |"
+    header = "| query | " + " | ".join(f"{label}: cold / warm / uncached warm (s); CPU warm / uncached" for label, _, _ in tables) + " |"
     lines += [header, "|---|" + "---|" * len(tables)]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{figures[name][0]:.2f} / {figures[name][1]:.2f}" for _, figures, _ in tables) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{f[name][0]:.2f} / **{f[name][1]:.2f}** / {f[name][2]:.2f}; {f[name][3]:.2f} / {f[name][4]:.2f}" for _, f, _ in tables)
+            + " |"
+        )
     lines += ["", *[f"- {label}: {note}" for label, _, note in tables]]
     return "\n".join(lines) + "\n"
 

@@ -21,6 +21,7 @@ with the reason; it never stops the listing of the others.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -146,6 +147,7 @@ class PartInfo:
     last_wall_time: Optional[float] = None
     layout: str = ""  # the file's full Arrow schema: files with the same layout are read by one scan
     native: tuple[str, ...] = ()  # the columns stored as their SQL type already (read without a cast)
+    key: tuple[int, int, int] = (0, 0, 0)  # (size, mtime_ns, inode) when inspected: what partials.py caches by
 
 
 @dataclass
@@ -339,6 +341,8 @@ def inspect_part(path: Path) -> Union[PartInfo, str]:
             verdict = _inspect_open(path, handle, opened.st_size)
     finally:
         os.close(fd)
+    if isinstance(verdict, PartInfo):
+        verdict = dataclasses.replace(verdict, key=_key(opened))
     remember(path, verdict, opened)
     return verdict
 

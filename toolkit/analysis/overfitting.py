@@ -15,7 +15,8 @@ import pandas as pd
 
 from gradnorm.toolkit import schema
 
-from .catalog import PathLike
+from . import partials
+from .catalog import PathLike, RunFiles
 from .source import query, resolve_runs
 
 OVERFITTING_COLUMNS = ["task", "step", "train_loss", "val_loss", "gap"]
@@ -28,6 +29,8 @@ ONSET_TOLERANCE = 0.02
 def overfitting(root: PathLike, run_id: str, *, tasks: Optional[Sequence[str]] = None, max_points: int = 2000) -> pd.DataFrame:
     """Per task and validation step: training loss, validation loss and the gap between them."""
     (run,) = resolve_runs(root, [run_id])
+    if partials.usable(run) and not _has_validation(run):
+        return pd.DataFrame(columns=OVERFITTING_COLUMNS)  # what the query gives without validation rows, without the scan
     params: dict[str, Any] = {"train": schema.TRAIN, "val": schema.VALIDATION}
     task_filter = ""
     if tasks is not None:
@@ -54,6 +57,16 @@ def overfitting(root: PathLike, run_id: str, *, tasks: Optional[Sequence[str]] =
     if max_points and len(frame):
         frame = pd.concat([_thin(group, max_points) for _, group in frame.groupby("task", sort=False)])
     return frame.reset_index(drop=True)
+
+
+def _has_validation(run: RunFiles) -> bool:
+    """Whether any readable file holds validation rows, from the cached per-file block sums (True when
+    they cannot be had: the query then decides)."""
+    try:
+        sums = partials.with_rescans(run, lambda: partials.block_sums(run, partials.WEIGHTS))
+    except partials.Uncacheable:
+        return True
+    return bool((sums["split"] == schema.VALIDATION).any())
 
 
 def _thin(group: pd.DataFrame, max_points: int) -> pd.DataFrame:

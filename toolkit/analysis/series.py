@@ -13,6 +13,7 @@ import pandas as pd
 
 from gradnorm.toolkit import schema
 
+from . import partials
 from .catalog import PathLike, RunFiles
 from .source import AnalysisError, check_metric, query, resolve_runs
 
@@ -145,14 +146,31 @@ def balance_summary(root: PathLike, run_id: str, edge: float = 0.1, buckets: int
             figures[f"{column}_start"] = float(series[column].iloc[:count].mean())
             figures[f"{column}_end"] = float(series[column].iloc[-count:].mean())
     # One scan for both: steps whose update was skipped, and each task's last loss ratio.
-    last = query(
-        run_list,
-        "SELECT task, arg_max(loss_ratio, step) FILTER (WHERE loss_ratio IS NOT NULL) AS final_loss_ratio, "
-        "count(*) FILTER (WHERE step_update_skipped) AS skipped FROM metrics WHERE split = $split GROUP BY task ORDER BY task",
-        {"split": schema.TRAIN},
-        ["task", "final_loss_ratio", "skipped"],
-    )
+    last = _cached_last(run_list[0]) if partials.usable(run_list[0]) else None
+    if last is None:
+        last = query(
+            run_list,
+            "SELECT task, arg_max(loss_ratio, step) FILTER (WHERE loss_ratio IS NOT NULL) AS final_loss_ratio, "
+            "count(*) FILTER (WHERE step_update_skipped) AS skipped FROM metrics WHERE split = $split GROUP BY task ORDER BY task",
+            {"split": schema.TRAIN},
+            ["task", "final_loss_ratio", "skipped"],
+        )
     # The flag is repeated on every task's row of a step, so any one task's count is the step count.
     figures["skipped_updates"] = int(last["skipped"].max()) if len(last) else 0
     figures["final_loss_ratio"] = dict(zip(last["task"], last["final_loss_ratio"].astype(float)))
     return figures
+
+
+def _cached_last(run: RunFiles) -> Optional[pd.DataFrame]:
+    """The query above from the cached per-file sums (each task's ratio at its last step that has one,
+    the skipped steps counted per file); None when the cache cannot answer."""
+    try:
+        sums = partials.with_rescans(run, lambda: partials.block_sums(run, partials.BALANCE))
+    except partials.Uncacheable:
+        return None
+    train = partials.train_blocks(sums)
+    tasks = sorted(train["task"].unique())
+    skipped = partials.group_sums(train, ["task"], {"skipped": ("skipped", "skipped")}).set_index("task")["skipped"]
+    rated = train[train["rstep"].notna()]
+    final = rated.loc[rated.groupby("task")["rstep"].idxmax()].set_index("task")["rlast"] if len(rated) else pd.Series(dtype=float)
+    return pd.DataFrame({"task": tasks, "final_loss_ratio": [final.get(t, float("nan")) for t in tasks], "skipped": [int(skipped.get(t, 0)) for t in tasks]})

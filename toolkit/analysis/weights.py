@@ -19,6 +19,7 @@ import pandas as pd
 
 from gradnorm.toolkit import schema
 
+from . import partials
 from .catalog import PathLike, RunFiles
 from .source import AnalysisError, query, resolve_runs
 
@@ -51,7 +52,16 @@ class WeightAverage:
 
 
 def step_bounds(run: RunFiles) -> tuple[int, int]:
-    """First and last recorded training step of a run."""
+    """First and last recorded training step of a run (from the cached per-file sums where it can)."""
+    if partials.usable(run):
+        try:
+            found = partials.with_rescans(run, lambda: partials.step_range(partials.block_sums(run, partials.WEIGHTS)))
+        except partials.Uncacheable:
+            pass
+        else:
+            if found is None:
+                raise AnalysisError(f"run {run.run_id!r} has no training rows yet")
+            return found
     frame = query([run], "SELECT min(step) AS lo, max(step) AS hi FROM metrics WHERE split = $split", {"split": schema.TRAIN}, ["lo", "hi"])
     if frame.empty or pd.isna(frame["lo"].iloc[0]):
         raise AnalysisError(f"run {run.run_id!r} has no training rows yet")
@@ -61,7 +71,12 @@ def step_bounds(run: RunFiles) -> tuple[int, int]:
 def resolve_window(run: RunFiles, window: Optional[Sequence[Optional[int]]], burn_in: float) -> tuple[int, int]:
     if not 0 <= burn_in < 1:
         raise AnalysisError(f"burn_in is a fraction of the run in [0, 1), got {burn_in!r}")
-    first, last = step_bounds(run)
+    return window_within(run, step_bounds(run), window, burn_in)
+
+
+def window_within(run: RunFiles, bounds: tuple[int, int], window: Optional[Sequence[Optional[int]]], burn_in: float) -> tuple[int, int]:
+    """The window of steps ``window`` names (default: after the first ``burn_in`` of the run) inside ``bounds``."""
+    first, last = bounds
     if window is None:
         return first + math.ceil(burn_in * (last - first)), last
     if len(window) != 2:
@@ -75,6 +90,41 @@ def resolve_window(run: RunFiles, window: Optional[Sequence[Optional[int]]], bur
     return max(start, first), min(end, last)
 
 
+# One scan: per (task, batch) counts, sums and sums of squares; everything else follows from them.
+_BATCHES_BODY = """
+    , rows AS (
+        SELECT task, step, coalesce(balancer_weight, weight) AS w FROM metrics
+        WHERE split = $split AND step BETWEEN $start AND $end AND coalesce(balancer_weight, weight) IS NOT NULL
+          AND coalesce(present, TRUE)
+    )
+    SELECT task, least(floor((step - $start) * $batches / ($end - $start + 1)), $batches - 1)::INTEGER AS batch,
+           count(*) AS n, sum(w) AS s, sum(w * w) AS ss
+    FROM rows GROUP BY task, batch
+"""
+
+
+def _cached_batches(run: RunFiles, window: Optional[Sequence[Optional[int]]], burn_in: float) -> tuple[pd.DataFrame, tuple[int, int]]:
+    """The weights query's (task, batch, n, s, ss) from the cached per-file block sums, and the window:
+    the blocks inside one batch add their sums, the blocks across a batch's edge are read again."""
+    sums = partials.block_sums(run, partials.WEIGHTS)
+    bounds = partials.step_range(sums)
+    if bounds is None:
+        raise AnalysisError(f"run {run.run_id!r} has no training rows yet")
+    start, end = window_within(run, bounds, window, burn_in)
+    inside, edges = partials.split_blocks(partials.train_blocks(sums), partials.batch_of(start, end, BATCHES))
+    inside = inside.rename(columns={"bucket": "batch"})
+    whole = partials.group_sums(inside, ["task", "batch"], {"n": ("wn", "wn"), "s": ("ws", "wn"), "ss": ("wss", "wn")})
+    params = {"split": schema.TRAIN, "start": start, "end": end, "batches": BATCHES}
+    read = partials.edge_query(run, edges, ("step", "split", "task", *partials.WEIGHTS.columns), _BATCHES_BODY, params)
+    both = pd.concat([frame for frame in (whole, read) if len(frame)], ignore_index=True) if len(whole) or len(read) else whole
+    if both.empty:
+        return pd.DataFrame(columns=["task", "batch", "n", "s", "ss"]), (start, end)
+    both["n"] = both["n"].astype(np.float64)
+    combined = partials.group_sums(both, ["task", "batch"], {"n": ("n", "n"), "s": ("s", "n"), "ss": ("ss", "n")})
+    combined = combined[combined["n"] > 0].astype({"n": np.int64, "batch": np.int64})
+    return combined.reset_index(drop=True), (start, end)
+
+
 def weight_average(root: PathLike, run_id: str, *, window: Optional[Sequence[Optional[int]]] = None, burn_in: float = 0.1) -> WeightAverage:
     """E_t[w_i] over ``window`` (inclusive steps; default: after the first ``burn_in`` of the run).
 
@@ -82,20 +132,20 @@ def weight_average(root: PathLike, run_id: str, *, window: Optional[Sequence[Opt
     steps where it was present, the steps where its weight multiplied a loss (docs/design.md).
     """
     (run,) = resolve_runs(root, [run_id])
-    start, end = resolve_window(run, window, burn_in)
-    params = {"split": schema.TRAIN, "start": start, "end": end, "batches": BATCHES}
-    # One scan: per (task, batch) counts, sums and sums of squares; everything else follows from them.
-    body = """
-        , rows AS (
-            SELECT task, step, coalesce(balancer_weight, weight) AS w FROM metrics
-            WHERE split = $split AND step BETWEEN $start AND $end AND coalesce(balancer_weight, weight) IS NOT NULL
-              AND coalesce(present, TRUE)
-        )
-        SELECT task, least(floor((step - $start) * $batches / ($end - $start + 1)), $batches - 1)::INTEGER AS batch,
-               count(*) AS n, sum(w) AS s, sum(w * w) AS ss
-        FROM rows GROUP BY task, batch
-    """
-    parts = query([run], body, params, ["task", "batch", "n", "s", "ss"])
+    if not 0 <= burn_in < 1:
+        raise AnalysisError(f"burn_in is a fraction of the run in [0, 1), got {burn_in!r}")
+    cached = None
+    if partials.usable(run):
+        try:
+            cached = partials.with_rescans(run, lambda: _cached_batches(run, window, burn_in))
+        except partials.Uncacheable:
+            cached = None
+    if cached is not None:
+        parts, (start, end) = cached
+    else:
+        start, end = resolve_window(run, window, burn_in)
+        params = {"split": schema.TRAIN, "start": start, "end": end, "batches": BATCHES}
+        parts = query([run], _BATCHES_BODY, params, ["task", "batch", "n", "s", "ss"])
     if parts.empty:
         raise AnalysisError(f"run {run_id!r} has no recorded weights in steps [{start}, {end}]")
     table = _table(parts, run.meta.get("tasks") or sorted(parts["task"].unique()))

@@ -1,0 +1,285 @@
+"""Partial aggregates per part file, cached, so that a query over a live run scans only what is new.
+
+A part file never changes once it exists under its name (the recorder and the compaction write a
+temporary file and rename it; a compaction's merged file is a new file, with a new inode, and the
+originals are deleted). The sums a query needs are therefore kept per file, keyed by (path, size,
+mtime_ns, inode) as the catalog saw the file: per (split, task, block of ``BLOCK_STEPS`` steps) the
+count, the first and last step and a family of sums (``WEIGHTS``: the weights E_t[w_i] averages, paper
+5.2; ``SUMMARY``: the applied weights and loss ratios; ``BALANCE``: skipped updates and the last loss
+ratio). A call reads the footers of the files it has not seen (the catalog's cache does that) and scans
+only those files for their sums.
+
+A window that moves with the run (the default E_t[w_i] window ends at the last step, and its 20 batches
+move with it) needs exact sums between arbitrary steps. A block whose steps all fall into one batch (or
+all outside the window) adds its cached sums; a block that straddles an edge is read again from its
+file, only its own steps (``step BETWEEN`` a block, which DuckDB prunes to one row group by the
+statistics), and its rows are bucketed by the same SQL expression as the uncached query. So a query
+costs the new files, at most two blocks per edge and a sum over the cached blocks, whatever the length
+of the run; the figures equal the uncached query's (the counts exactly, the sums up to the order of
+floating-point addition). A run resumed by a later process (run.json ``attempts``) has rows that a later
+attempt supersedes across files; it is queried without the cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from gradnorm.toolkit import schema
+
+from .catalog import MAX_ABS_STEP, PartInfo, RunFiles
+from .source import _column, _cursor
+
+#: Steps per block. The cached frame of a 1 M-step x 10-task run holds about 10,000 rows; a block read
+#: again at an edge costs at most one row group of a compacted file (131,072 rows).
+BLOCK_STEPS = 1024
+#: Cached files at most (one entry per part file and family); past that the cache starts again.
+MAX_CACHED_FILES = 50_000
+#: Set to False to answer every query without the cache (the benchmark compares the two side by side).
+ENABLED = True
+#: Times the cached path lists a run's files again when one vanished under it (a compaction's delete).
+RESCANS = 3
+
+_W = "coalesce(balancer_weight, weight)"
+_PRESENT = "coalesce(present, TRUE)"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Sums kept per (file, split, task, block): output name -> SQL aggregate over ``metrics`` rows."""
+
+    name: str
+    columns: tuple[str, ...]  # the record columns the aggregates read (besides step, split and task)
+    aggregates: tuple[tuple[str, str], ...]
+
+
+WEIGHTS = Family(
+    "weights",
+    ("balancer_weight", "weight", "present"),
+    (
+        ("wn", f"count({_W}) FILTER (WHERE {_PRESENT})"),
+        ("ws", f"sum({_W}) FILTER (WHERE {_PRESENT})"),
+        ("wss", f"sum({_W} * {_W}) FILTER (WHERE {_PRESENT})"),
+    ),
+)
+SUMMARY = Family(
+    "summary",
+    ("weight", "loss_ratio"),
+    (("an", "count(weight)"), ("asum", "sum(weight)"), ("rn", "count(loss_ratio)"), ("rs", "sum(loss_ratio)")),
+)
+BALANCE = Family(
+    "balance",
+    ("loss_ratio", "step_update_skipped"),
+    (
+        ("skipped", "count(*) FILTER (WHERE step_update_skipped)"),
+        ("rstep", "max(step) FILTER (WHERE loss_ratio IS NOT NULL)"),
+        ("rlast", "arg_max(loss_ratio, step) FILTER (WHERE loss_ratio IS NOT NULL)"),
+    ),
+)
+#: Bucket numbers of steps before and after every bucket (``split_blocks``).
+BEFORE, AFTER = -1, 2**62
+KEY_COLUMNS = ["file", "split", "task", "block", "rows", "lo", "hi"]
+
+_cache: dict[tuple[str, str], tuple[tuple[int, ...], pd.DataFrame]] = {}
+_lock = threading.Lock()
+
+
+class Uncacheable(Exception):
+    """The run cannot be answered from partial aggregates (it was resumed, or files kept vanishing)."""
+
+
+def usable(run: RunFiles) -> bool:
+    """Whether ``run`` may be answered from the cache: enabled, and no attempt supersedes another's rows."""
+    return ENABLED and not schema.superseded_bounds(run.meta.get("attempts"))
+
+
+def _select(parts: Sequence[PartInfo], names: Sequence[str], extra: str = "") -> str:
+    """The select list of ``names`` over files of one layout, cast as ``source.metrics_cte`` casts."""
+    return ", ".join([*(_column(name, parts) for name in names), *([extra] if extra else [])])
+
+
+def _file_column(parts: Sequence[PartInfo]) -> str:
+    """A name for DuckDB's file-name column that none of the files has as a column of its own."""
+    taken = {line.split(":", 1)[0].strip().lower() for part in parts for line in part.layout.splitlines()}
+    name = "gradnorm_file"
+    while name in taken:
+        name += "_"
+    return name
+
+
+_VALID = f"step BETWEEN {-MAX_ABS_STEP} AND {MAX_ABS_STEP} AND split IS NOT NULL AND task IS NOT NULL"
+
+
+def _compute(parts: Sequence[PartInfo], family: Family) -> dict[str, pd.DataFrame]:
+    """The family's per-block sums of each of ``parts`` (one scan per layout), by path."""
+    layouts: dict[str, list[PartInfo]] = {}
+    for part in parts:
+        layouts.setdefault(part.layout, []).append(part)
+    params: dict[str, Any] = {}
+    scans = []
+    names = ("step", "split", "task", *family.columns)
+    for number, group in enumerate(layouts.values()):
+        column = _file_column(group)
+        params[f"files{number}"] = [part.path for part in group]
+        scans.append(f'SELECT {_select(group, names, f""""{column}" AS file""")} FROM read_parquet($files{number}, filename = \'{column}\')')
+    aggregates = ", ".join(f"{sql} AS {name}" for name, sql in family.aggregates)
+    sql = (
+        f"WITH metrics AS (SELECT * FROM ({' UNION ALL '.join(scans)}) WHERE {_VALID}) "
+        f"SELECT file, split, task, floor(step / {BLOCK_STEPS})::BIGINT AS block, count(*) AS rows, min(step) AS lo, max(step) AS hi, "
+        f"{aggregates} FROM metrics GROUP BY file, split, task, block"
+    )
+    frame = _run(sql, params)
+    found = {path: group.drop(columns="file").reset_index(drop=True) for path, group in frame.groupby("file", sort=False)}
+    empty = frame.iloc[0:0].drop(columns="file")
+    return {part.path: found.get(part.path, empty) for part in parts}
+
+
+def _run(sql: str, params: Mapping[str, Any]) -> pd.DataFrame:
+    cursor = _cursor()
+    try:
+        return cursor.execute(sql, dict(params)).df()
+    finally:
+        cursor.close()
+
+
+def block_sums(run: RunFiles, family: Family) -> pd.DataFrame:
+    """Every readable file's cached sums of ``family``, one frame (``file`` = the index in ``run.parts``)."""
+    parts = list(run.parts)
+    frames: list[Optional[pd.DataFrame]] = []
+    missing = []
+    with _lock:
+        for part in parts:
+            entry = _cache.get((part.path, family.name))
+            if entry is not None and entry[0] == (*part.key, BLOCK_STEPS) and part.key != (0, 0, 0):
+                frames.append(entry[1])
+            else:
+                frames.append(None)
+                missing.append(part)
+    if missing:
+        computed = _compute(missing, family)
+        with _lock:
+            if len(_cache) + len(computed) > MAX_CACHED_FILES:
+                _cache.clear()
+            for part in missing:
+                _cache[(part.path, family.name)] = ((*part.key, BLOCK_STEPS), computed[part.path])
+        frames = [computed[part.path] if frame is None else frame for part, frame in zip(parts, frames)]
+    _forget_replaced(run, parts, family)
+    pieces = [frame.assign(file=index) for index, frame in enumerate(frames) if frame is not None and len(frame)]
+    if not pieces:
+        return pd.DataFrame(columns=KEY_COLUMNS + [name for name, _ in family.aggregates])
+    return pd.concat(pieces, ignore_index=True)
+
+
+def _forget_replaced(run: RunFiles, parts: Sequence[PartInfo], family: Family) -> None:
+    """Drop the entries of files of ``run``'s rank folders that are no longer among its live files
+    (merged away by a compaction): they are never asked for again."""
+    live = {part.path for part in parts}
+    folders = {str(Path(part.path).parent) for part in parts}
+    with _lock:
+        stale = [key for key in _cache if key[1] == family.name and key[0] not in live and str(Path(key[0]).parent) in folders]
+        for key in stale:
+            del _cache[key]
+
+
+def with_rescans(run: RunFiles, compute: Any) -> Any:
+    """``compute()``; when a file vanished under it (a compaction deleted what it merged) the run's files
+    are listed again and it runs again; :class:`Uncacheable` if that keeps happening or DuckDB fails
+    otherwise (the caller then asks the uncached query, which reports and leaves out damaged files)."""
+    for _ in range(RESCANS):
+        try:
+            return compute()
+        except duckdb.Error as exc:
+            if not any(not Path(part.path).exists() for part in run.parts):
+                raise Uncacheable(str(exc)) from None
+            run.rescan()
+    raise Uncacheable(f"the part files of {run.run_id!r} kept vanishing")
+
+
+# -- splitting blocks at edges ---------------------------------------------------------------------------
+def train_blocks(sums: pd.DataFrame) -> pd.DataFrame:
+    return sums[sums["split"] == schema.TRAIN]
+
+
+def split_blocks(sums: pd.DataFrame, bucket: Any) -> tuple[pd.DataFrame, list[tuple[int, int, int]]]:
+    """The rows of ``sums`` whose (file, block) lies in one bucket, with that bucket in ``bucket``; and
+    the (file, first step, last step) of the blocks that straddle an edge (to be read again).
+
+    ``bucket(steps)`` maps an array of steps to bucket numbers, non-decreasing in the step: ``BEFORE``
+    for a step before every bucket, ``AFTER`` for one after them all. A block lies in one bucket when its
+    first and last step map to the same number; it is left out when that number is BEFORE or AFTER.
+    """
+    if sums.empty:
+        return sums.assign(bucket=pd.Series(dtype="int64")), []
+    extent = sums.groupby(["file", "block"], sort=False).agg(lo=("lo", "min"), hi=("hi", "max"))
+    low = bucket(extent["lo"].to_numpy(dtype=np.int64))
+    high = bucket(extent["hi"].to_numpy(dtype=np.int64))
+    whole = low == high
+    keep = pd.Series(low, index=extent.index)[whole & (low != BEFORE) & (low != AFTER)]
+    straddling = extent[~whole]
+    edges = [(int(f), int(b) * BLOCK_STEPS, int(b) * BLOCK_STEPS + BLOCK_STEPS - 1) for f, b in straddling.index]
+    inside = sums.join(keep.rename("bucket"), on=["file", "block"], how="inner")
+    return inside, edges
+
+
+def edge_cte(run: RunFiles, edges: Sequence[tuple[int, int, int]], names: Sequence[str], params: dict[str, Any]) -> Optional[str]:
+    """``metrics AS (...)`` over the rows of the straddling blocks only: one scan of each block's file,
+    filtered to the block's steps; the rows and casts of ``source.metrics_cte``. None when no block."""
+    if not edges:
+        return None
+    scans = []
+    for number, (file, low, high) in enumerate(edges):
+        part = run.parts[file]
+        params[f"edge{number}"], params[f"low{number}"], params[f"high{number}"] = part.path, low, high
+        scans.append(f"SELECT {_select([part], names)} FROM read_parquet($edge{number}) WHERE step BETWEEN $low{number} AND $high{number}")
+    return f"metrics AS (SELECT * FROM ({' UNION ALL '.join(scans)}) WHERE {_VALID})"
+
+
+def edge_query(run: RunFiles, edges: Sequence[tuple[int, int, int]], names: Sequence[str], body: str, params: Mapping[str, Any]) -> pd.DataFrame:
+    """``WITH metrics AS (the straddling blocks' rows) <body>``; None-safe: an empty frame when no block."""
+    bound = dict(params)
+    cte = edge_cte(run, edges, names, bound)
+    if cte is None:
+        return pd.DataFrame()
+    return _run(f"WITH {cte} {body}", bound)
+
+
+def batch_of(start: int, end: int, batches: int) -> Any:
+    """The weights query's batch of each step in [start, end] (as its SQL computes it); BEFORE, AFTER outside."""
+    span = float(end - start + 1)
+
+    def bucket(steps: np.ndarray) -> np.ndarray:
+        # float((step - start) * batches) / span: the division DuckDB makes of the BIGINT product
+        numbers = np.floor(((steps - start) * batches).astype(np.float64) / span)
+        numbers = np.minimum(numbers, batches - 1).astype(np.int64)
+        return np.where(steps < start, BEFORE, np.where(steps > end, AFTER, numbers))
+
+    return bucket
+
+
+def step_range(sums: pd.DataFrame) -> Optional[tuple[int, int]]:
+    """First and last training step, from the cached blocks; None when there are no training rows."""
+    train = train_blocks(sums)
+    if train.empty:
+        return None
+    return int(train["lo"].min()), int(train["hi"].max())
+
+
+def group_sums(frame: pd.DataFrame, keys: Sequence[str], columns: Mapping[str, tuple[str, str]]) -> pd.DataFrame:
+    """Per distinct ``keys``: ``output = sum of value`` for each ``output: (value, count)``, adding only
+    the rows whose ``count`` is positive (a block without such rows holds NULL, not a sum), and keeping a
+    NaN or an infinity as the SQL sum keeps it."""
+    if frame.empty:
+        return pd.DataFrame(columns=[*keys, *columns])
+    codes, uniques = pd.MultiIndex.from_frame(frame[list(keys)]).factorize()
+    result = pd.MultiIndex.from_tuples(list(uniques), names=list(keys)).to_frame(index=False) if len(uniques) else pd.DataFrame(columns=list(keys))
+    for output, (value, count) in columns.items():
+        values = frame[value].to_numpy(dtype=np.float64)
+        values = np.where(frame[count].to_numpy() > 0, values, 0.0)
+        result[output] = np.bincount(codes, weights=values, minlength=len(uniques))
+    return result
