@@ -10,10 +10,11 @@ wrappers). Each rank's payload (the numbers it hands to the collective) and the 
 ring algorithms (all_reduce 2 (R-1)/R n, all_gather (R-1) n) are reported; world sizes 8 to 256 come from
 the same formulas (``hooks/distributed_norms.exchanges``), checked against the measured ones.
 
-Step time: 2 gloo processes on the toy, equal weights under DDP against GradNorm's routes under DDP,
-interleaved in short blocks (the same shuffled order on both ranks), the training thread's CPU time and
-the wall time; and the same variants in one process (the collective replaced by a copy), so that the
-ratio of ratios is what the exchange itself costs.
+Step time: 2 gloo processes on the toy, equal weights under DDP against GradNorm's default attach and
+each forced route under DDP, interleaved in short blocks (the same shuffled order on both ranks), the
+training thread's CPU time; and the same variants in one process (nothing exchanged; the default there
+is the heads' taps alone, the single-process default), so that the ratio of ratios is what the exchange
+and its route cost.
 
     python benchmarks/bench_distributed.py --markdown benchmarks/results/distributed.md
 """
@@ -230,7 +231,15 @@ def spawn(target, world: int, out: str, plan: list, timeout: float) -> None:
 
 
 # -- step time ----------------------------------------------------------------------------------------------
-VARIANTS = ("equal", "gradnorm-rows", "gradnorm-sketch", "gradnorm-gradients")
+#: name -> attach's arguments past the balancer (None: equal weights, nothing measured). ``default`` is the
+#: README's attach: ``distributed_norms="auto"`` under DDP, the heads' taps alone in one process.
+VARIANTS: dict[str, Any] = {
+    "equal": None,
+    "default": {},
+    "rows": {"distributed_norms": "rows"},
+    "sketch": {"distributed_norms": "sketch"},
+    "gradients": {"distributed_norms": "gradients"},
+}
 
 
 def time_worker(rank: int, world: int, port: int, out: str, plan: list) -> None:
@@ -247,18 +256,19 @@ def time_worker(rank: int, world: int, port: int, out: str, plan: list) -> None:
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
         config = toy.ToyConfig(num_tasks=tasks, train_size=4096, test_size=8)
         data = toy.make_data(config)
-        steps = {}
-        for name in VARIANTS:
-            if world == 1 and name == "gradnorm-gradients":
-                continue  # one process: nothing to all-reduce
+        steps, sessions = {}, {}
+        for name, options in VARIANTS.items():
+            if world == 1 and name == "gradients":
+                continue  # one process: nothing to average
             torch.manual_seed(0)
             model = toy.make_model(config)
             net = DistributedDataParallel(model) if world > 1 else model
             optimizer = torch.optim.SGD(net.parameters(), lr=1e-3)
-            if name == "equal":
+            if options is None:
                 session = gradnorm.attach(model.shared_layer, gradnorm.EqualWeights(), measure_grad_norms=False)
             else:
-                session = gradnorm.attach(model.shared_layer, gradnorm.GradNorm(alpha=0.12), distributed_norms=name.split("-")[1])
+                session = gradnorm.attach(model.shared_layer, gradnorm.GradNorm(alpha=0.12), **options)
+            sessions[name] = session
 
             def step(i: int, net=net, optimizer=optimizer, session=session) -> None:
                 start = (i * batch * world + rank * batch) % (4096 - batch)
@@ -268,11 +278,15 @@ def time_worker(rank: int, world: int, port: int, out: str, plan: list) -> None:
                 optimizer.step()
 
             steps[name] = step
-        results = {}
-        for clock_name, clock in (("cpu", time.thread_time), ("wall", time.perf_counter)):
-            times = time_interleaved(steps, torch.device("cpu"), rounds=rounds, block=block, warmup=5, seed=7, clock=clock)
-            results[clock_name] = {name: 1e3 * statistics.median(values) for name, values in times.items()}
-            results[clock_name + "_spread"] = {name: _spread(values) for name, values in times.items()}
+        # The training thread's CPU time: gloo's collectives run on its own threads, and other jobs' time on the shared cores is left out.
+        times = time_interleaved(steps, torch.device("cpu"), rounds=rounds, block=block, warmup=5, seed=7, clock=time.thread_time)
+        results: dict[str, Any] = {
+            "cpu": {name: 1e3 * statistics.median(values) for name, values in times.items()},
+            "cpu_spread": {name: _spread(values) for name, values in times.items()},
+            "paths": {name: _path(session) for name, session in sessions.items()},
+        }
+        for session in sessions.values():
+            session.close()
         if rank == 0:
             results["load"] = os.getloadavg()
             torch.save(results, out)
@@ -281,6 +295,14 @@ def time_worker(rank: int, world: int, port: int, out: str, plan: list) -> None:
     except BaseException:
         Path(out + f".error{rank}").write_text(traceback.format_exc())
         raise
+
+
+def _path(session: Any) -> str:
+    """How the session measured the last steps: the taps' route and the meter's (the exchange's) route."""
+    if not session.measure:
+        return "-"
+    meter = session.meter.route or "-"
+    return f"head-taps/{session.taps.path}" + (f" + {meter}" if meter.startswith("distributed-") else "") if session.taps is not None else meter
 
 
 def _spread(values: list[float]) -> float:
@@ -303,7 +325,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--time-rounds", type=int, default=12)
+    parser.add_argument("--time-rounds", type=int, default=20)
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--only-time", action="store_true", help="the step-time section only")
     args = parser.parse_args()
@@ -392,29 +414,37 @@ def _shape(kind: str, shared: nn.Module):
 
 
 def time_section(work: Path, rounds: int) -> str:
+    names = list(VARIANTS)
     lines = [
         "",
-        f"## Step time on the toy, 2 gloo processes against one ({time.strftime('%Y-%m-%d')})",
+        f"## Step time on the toy, 2 gloo processes against one, the taps feeding the exchange ({time.strftime('%Y-%m-%d')})",
         "",
-        "Median ms per step: the training thread's CPU time (gloo's waits take none) and wall time (counts the other "
-        "jobs on the shared cores); variants interleaved in blocks of 5 steps, the same shuffled order on every rank. "
-        "One process: the same sessions with the collective replaced by a copy. Spread: half the interquartile range, "
-        "per cent of the median.",
+        f"Machine: {describe(f'torch {torch.__version__}')}; one torch thread per process. Median ms per step of the training "
+        f"thread's CPU time (gloo's collectives run on its own threads; other jobs on the shared cores are left out); {rounds} "
+        "rounds of blocks of 5 steps per variant after 5 warm-up steps, the variants' order shuffled each round, the same order "
+        "on every rank. One process: the same sessions, nothing exchanged. `default` is the README's attach "
+        '(`distributed_norms="auto"`); `rows`, `sketch` (k = 512), `gradients` force that route. Spread: half the '
+        "interquartile range, per cent of the median.",
         "",
-        "| T | batch / rank | processes | clock | equal | gradnorm rows | gradnorm sketch | gradnorm gradients | rows / equal | sketch / equal | gradients / equal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| T | batch / rank | processes | " + " | ".join(names) + " | " + " | ".join(f"{n} / equal" for n in names[1:]) + " | default extra (ms) | load |",
+        "|" + "---|" * (4 + 2 * len(names)),
     ]
+    paths: dict[tuple[int, int], dict[str, str]] = {}
     for tasks, batch in ((3, 100), (10, 100)):
         for world in (2, 1):
             out = str(work / f"time{tasks}-{world}.pt")
             spawn(time_worker, world, out, [tasks, batch, rounds, 5], timeout=1800)
             result = torch.load(out)
-            for clock in ("cpu", "wall"):
-                ms, spread = result[clock], result[clock + "_spread"]
-                cells = [f"{ms[v]:.2f} (±{spread[v]:.0f}%)" if v in ms else "-" for v in VARIANTS]
-                ratios = [f"{ms[v] / ms['equal']:.2f}" if v in ms else "-" for v in VARIANTS[1:]]
-                lines.append(f"| {tasks} | {batch} | {world} | {clock} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-            lines.append(f"|  |  |  | load {result['load'][0]:.1f} |  |  |  |  |  |  |  |")
+            ms, spread = result["cpu"], result["cpu_spread"]
+            paths[(tasks, world)] = result["paths"]
+            cells = [f"{ms[v]:.2f} (±{spread[v]:.0f}%)" if v in ms else "-" for v in names]
+            ratios = [f"{ms[v] / ms['equal']:.2f}" if v in ms else "-" for v in names[1:]]
+            extra = ms["default"] - ms["equal"]
+            lines.append(f"| {tasks} | {batch} | {world} | " + " | ".join(cells) + " | " + " | ".join(ratios) + f" | {extra:+.2f} | {result['load'][0]:.1f} |")
+    lines += ["", "How each variant measured (after the first step):", ""]
+    for (tasks, world), by_name in paths.items():
+        described = "; ".join(f"{name}: {path}" for name, path in by_name.items() if name != "equal")
+        lines.append(f"- T = {tasks}, {world} process{'es' if world > 1 else ''}: {described}")
     return "\n".join(lines) + "\n"
 
 

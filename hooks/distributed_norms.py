@@ -35,7 +35,9 @@ NCCL the wait is a stream dependency, not a host synchronisation; shapes, never 
 every branch. ``choose`` picks the route from the bytes each sends (ring algorithms: an all_reduce of n
 numbers sends 2 (R-1)/R n per rank, an all_gather of n per rank sends (R-1) n), keeping an exact route
 unless the sketch sends at least ``SKETCH_GAIN`` times less and the exact one exceeds
-``EXACT_BYTES_FLOOR``; ``attach(..., distributed_norms="exact")`` forces the cheaper exact route.
+``EXACT_BYTES_FLOOR``, and unless the sketch's products cost more multiply-adds per rank than the exact
+route's (``route_multiply_adds``: then the sketch would save bytes at the step's expense);
+``attach(..., distributed_norms="exact")`` forces the cheaper exact route.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import math
 import warnings
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -95,6 +97,8 @@ class Exchange:
     payload_bytes: int  # numbers x element size
     wire_bytes: int  # sent by each rank under ring algorithms
     exact: bool
+    # Multiply-adds each rank spends on the route's own products per step (0 where the shapes are unknown).
+    multiply_adds: float = 0.0
 
 
 def exchanges(
@@ -109,7 +113,7 @@ def exchanges(
     """Each route's exchange for T tasks at a W of ``weight_numel`` numbers (``rows`` and ``sketch`` need ``shape``).
 
     gradients: T + T |W| numbers, all-reduced. rows: T + P g (d_in + T d_out), all-gathered. sketch:
-    T + T k, all-reduced.
+    T + T k, all-reduced. ``multiply_adds``: each rank's products per step (``route_multiply_adds``).
     """
     t = num_tasks
     sizes = {ROUTE_GRADIENTS: ("all_reduce", t + t * weight_numel, True)}
@@ -118,9 +122,36 @@ def exchanges(
         sizes[ROUTE_ROWS] = ("all_gather", t + rows, True)
         sizes[ROUTE_SKETCH] = ("all_reduce", t + t * sketch_size, False)
     return {
-        route: Exchange(route, collective, numbers, numbers * element_size, ring_bytes(collective, numbers, world, element_size), exact)
+        route: Exchange(
+            route,
+            collective,
+            numbers,
+            numbers * element_size,
+            ring_bytes(collective, numbers, world, element_size),
+            exact,
+            route_multiply_adds(route, t, shape, world, sketch_size, element_size) if shape is not None else 0.0,
+        )
         for route, (collective, numbers, exact) in sizes.items()
     }
+
+
+def route_multiply_adds(route: str, num_tasks: int, shape: gram_norms.Geometry, world: int, sketch_size: int, element_size: int = 4) -> float:
+    """Multiply-adds of a route's own products on each rank per step, at P positions per rank.
+
+    gradients: the T local weight gradients D_i^T X, T P g d_in d_out (what one process's product route
+    pays). rows: the global norms from all R P positions, the cheaper of the Gram identity and the product
+    (``gram_norms.route_costs``), on every rank. sketch: X V^T, D_i U^T and their products,
+    P g d_in k + T P g d_out k + T P g k.
+    """
+    t, p, g, a, b = num_tasks, shape.positions, shape.groups, shape.fan_in, shape.fan_out
+    if route == ROUTE_GRADIENTS:
+        return float(t * p * g * a * b)
+    if route == ROUTE_ROWS:
+        costs = gram_norms.route_costs(gram_norms.Geometry(world * p, g, a, b), t, element_size=element_size)
+        return min(costs.gram_flops, costs.direct_flops)
+    if route == ROUTE_SKETCH:
+        return float(p * g * a * sketch_size + t * p * g * b * sketch_size + t * p * g * sketch_size)
+    raise ValueError(f"unknown route {route!r}")
 
 
 def sketch_error_bound(sketch_size: int) -> dict[str, Any]:
@@ -153,11 +184,18 @@ def choose(mode: str, options: dict[str, Exchange], *, per_channel: bool = False
     sketch = options[ROUTE_SKETCH]
     if exact.wire_bytes <= EXACT_BYTES_FLOOR or exact.wire_bytes <= SKETCH_GAIN * sketch.wire_bytes:
         return exact.route, f"{exact.route} (exact, small enough): {_describe(exact)}; {others}"
+    if sketch.multiply_adds > exact.multiply_adds:
+        # Fewer bytes, but more work on every rank than the exact route's products: the step would be slower.
+        return exact.route, (
+            f"{exact.route} (exact: the sketch sends {exact.wire_bytes / max(sketch.wire_bytes, 1):.0f}x fewer bytes but costs "
+            f"{sketch.multiply_adds / max(exact.multiply_adds, 1.0):.1f}x its multiply-adds): {_describe(exact)}; {others}"
+        )
     return ROUTE_SKETCH, f"sketch ({exact.wire_bytes / max(sketch.wire_bytes, 1):.0f}x fewer bytes than exact): {_describe(sketch)}; {others}"
 
 
 def _describe(exchange: Exchange) -> str:
-    return f"{exchange.collective} of {exchange.numbers:,} numbers, {exchange.wire_bytes:,} bytes sent per rank"
+    work = f", ~{exchange.multiply_adds:.3g} multiply-adds" if exchange.multiply_adds else ""
+    return f"{exchange.collective} of {exchange.numbers:,} numbers, {exchange.wire_bytes:,} bytes sent per rank{work}"
 
 
 # -- local contributions --------------------------------------------------------------------------------------
@@ -265,6 +303,7 @@ class DistributedNormMeter(GradNormMeter):
         self.options: dict[str, Exchange] = {}
         self._generator: Optional[torch.Generator] = None
         self._losses: Optional[Tensor] = None  # this step's losses averaged across ranks, from the bucket
+        self._paused = False  # the heads' taps feed the exchange (see pause())
         # One backward per task to W's output (as the Gram route does): a non-finite loss stays with its task
         # (a batched product's 0 * NaN would reach every task), and it costs about the same through the heads.
         self._batched = False
@@ -293,6 +332,8 @@ class DistributedNormMeter(GradNormMeter):
             route, reason = choose(self.mode, self.options, per_channel=self.per_channel)
             self.exchange = self.options[route]
             self.choice = RouteChoice(PATH_PREFIX + route, reason)
+            if self._paused:
+                self.capture.pause()
         return self.choice
 
     def describe(self) -> dict[str, Any]:
@@ -337,7 +378,16 @@ class DistributedNormMeter(GradNormMeter):
             self._pre_hook = None
 
     def pause(self) -> None:
-        """Kept capturing: no other path serves while this meter measures (the session's taps are off)."""
+        """The heads' taps feed this meter's exchange from the user's backward (:meth:`issue`): W's calls are
+        no longer kept (each holds its forward pass's graph) once the first step has chosen the route."""
+        self._paused = True
+        if self.choice is not None:
+            self.capture.pause()
+
+    def resume(self) -> None:
+        """The taps stopped serving: W's calls are kept again, from the next step's forward pass on."""
+        self._paused = False
+        self.capture.resume()
 
     def global_losses(self, stacked: Tensor) -> Tensor:
         """The step's losses averaged across ranks: from this step's bucket where it carried them."""
@@ -347,60 +397,125 @@ class DistributedNormMeter(GradNormMeter):
         return reduced.to(stacked.dtype)
 
     def __call__(self, losses: Sequence[Tensor]) -> Tensor:
-        choice = self.choose(losses)
-        route = choice.route[len(PATH_PREFIX) :]
+        """The per-task path: one backward per task from the losses to W's output (``session.loss()``,
+        before the user's backward), then the exchange, waited for at once."""
+        self.choose(losses)
         owner = self._owner() if self._owner is not None else None
         step = int(getattr(owner, "step_index", self._calls))
-        self._calls += 1
+        stacked = torch.stack([loss.detach().reshape(()) for loss in losses])
         problem = self.capture.problem()
         if problem is not None:
-            raise RuntimeError(f"gradnorm distributed norms: {problem}")
+            # This step's calls of W were not kept (the heads' taps were meant to serve it and stopped): the
+            # per-task weight gradients, averaged, this once. Every rank is in the same state, so all take it.
+            self.capture.clear()
+            return self._gradients_once(losses, stacked, problem)
         layer, calls = self.layer, self.capture.calls
         dtype = gram_norms.accumulation_dtype(*(call.input for call in calls))
         x_rows = torch.cat([gram_norms.input_rows(layer, call.input, dtype) for call in calls], 0)
-        stacked = torch.stack([loss.detach().reshape(()) for loss in losses]).to(dtype)
-        tasks = len(losses)
-        world = distributed.world_size()
         try:
             d_rows = self._output_rows(losses, dtype)
         finally:
             self.capture.clear()
+        return self.issue(stacked, x_rows, d_rows, step)()
+
+    def issue(self, stacked: Tensor, x_rows: Tensor, d_rows: Tensor, step: int) -> Callable[[], Tensor]:
+        """Hand this rank's step to the route's one collective, issued with ``async_op=True``; returns the
+        function that waits for it and forms the (T,) norms (or (T, C) per channel).
+
+        ``stacked``: the (T,) losses (they ride in the bucket); ``x_rows``: (P, g, d_in) W's input rows;
+        ``d_rows``: (T, P, g, d_out) each task's gradient at W's output, unscaled, over this rank's P
+        positions (all forward passes of the step's loss stacked). The heads' taps call this from inside the
+        user's backward as soon as the heads' part of it has run, so that the collective overlaps the
+        trunk's backward and the wait comes where the norms are used (the engine's callback at its end).
+        """
+        if self.choice is None or self.exchange is None:
+            self._choose_from(x_rows, d_rows)
+        assert self.exchange is not None
+        route = self.exchange.route
+        self._calls += 1
+        tasks = d_rows.shape[0]
+        dtype = x_rows.dtype
+        stacked = stacked.detach().reshape(-1).to(dtype)
+        world = distributed.world_size()
         if route == ROUTE_GRADIENTS:
-            reduced = self._all_reduce(torch.cat([stacked, local_gradients(x_rows, d_rows).flatten()]), route, step)
-            self._losses = reduced[:tasks]
-            grads = reduced[tasks:].view(tasks, -1)
-            if self.per_channel:
-                return grads.view(tasks, self.parameter.shape[0], -1).square().sum(2).sqrt()
-            return grads.square().sum(1).sqrt()
+            bucket = torch.cat([stacked, local_gradients(x_rows, d_rows).flatten()])
+            work = self._issue_all_reduce(bucket, route, step)
+            per_channel, channels = self.per_channel, self.parameter.shape[0]
+
+            def gradients_norms() -> Tensor:
+                reduced = self._reduced(work, bucket, route, step)
+                self._losses = reduced[:tasks]
+                grads = reduced[tasks:].view(tasks, -1)
+                if per_channel:
+                    return grads.view(tasks, channels, -1).square().sum(2).sqrt()
+                return grads.square().sum(1).sqrt()
+
+            return gradients_norms
         if route == ROUTE_SKETCH:
             u, v = sketch_pairs(self._seeded(step, x_rows.device), self.sketch_size, x_rows.shape[1], x_rows.shape[2], d_rows.shape[3], dtype, x_rows.device)
-            reduced = self._all_reduce(torch.cat([stacked, local_sketch(x_rows, d_rows, u, v).flatten()]), route, step)
-            self._losses = reduced[:tasks]
-            return sketch_sq_norms(reduced[tasks:].view(tasks, -1)).sqrt()
+            bucket = torch.cat([stacked, local_sketch(x_rows, d_rows, u, v).flatten()])
+            work = self._issue_all_reduce(bucket, route, step)
+
+            def sketch_norms() -> Tensor:
+                reduced = self._reduced(work, bucket, route, step)
+                self._losses = reduced[:tasks]
+                return sketch_sq_norms(reduced[tasks:].view(tasks, -1)).sqrt()
+
+            return sketch_norms
         # rows: every rank gathers every rank's X and D and forms the same global norms.
         positions = x_rows.shape[0]
         bucket = torch.cat([stacked, x_rows.flatten(), d_rows.flatten()])
-        flat = torch.empty(world * bucket.numel(), dtype=dtype, device=bucket.device)
-        try:
-            # all_gather_single where this torch has it (all_gather_into_tensor, its older name, is deprecated there).
-            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            work = gather(flat, bucket, async_op=True) if world > 1 else None
-        except RuntimeError as exc:
-            raise exchange_failed(route, step, exc, issued=False) from exc
-        if work is None:
-            flat.copy_(bucket)
-        else:
-            _wait(work, route, step)
-        gathered = flat.view(world, -1)
-        self._losses = gathered[:, :tasks].mean(0)
-        x_size = x_rows.numel()
-        x_all = gathered[:, tasks : tasks + x_size].reshape(world * positions, *x_rows.shape[1:])
-        # (R, T, P, g, b) -> (T, R P, g, b): rank r's positions follow rank r-1's, as in x_all.
-        d_all = gathered[:, tasks + x_size :].reshape(world, *d_rows.shape).transpose(0, 1).reshape(tasks, world * positions, *d_rows.shape[2:])
-        sq = rows_sq_norms(x_all, d_all, self.per_channel) / (world * world)
-        return sq.clamp_min(0).sqrt()
+        flat = bucket
+        gathered_work = None
+        if world > 1:
+            flat = torch.empty(world * bucket.numel(), dtype=dtype, device=bucket.device)
+            try:
+                # all_gather_single where this torch has it (all_gather_into_tensor, its older name, is deprecated there).
+                gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+                gathered_work = gather(flat, bucket, async_op=True)
+            except RuntimeError as exc:
+                raise exchange_failed(route, step, exc, issued=False) from exc
+        x_size, x_shape, d_shape, per_channel = x_rows.numel(), x_rows.shape, d_rows.shape, self.per_channel
+
+        def rows_norms() -> Tensor:
+            if gathered_work is not None:
+                _wait(gathered_work, route, step)
+            gathered = flat.view(world, -1)
+            self._losses = gathered[:, :tasks].mean(0)
+            x_all = gathered[:, tasks : tasks + x_size].reshape(world * positions, *x_shape[1:])
+            # (R, T, P, g, b) -> (T, R P, g, b): rank r's positions follow rank r-1's, as in x_all.
+            d_all = gathered[:, tasks + x_size :].reshape(world, *d_shape).transpose(0, 1).reshape(tasks, world * positions, *d_shape[2:])
+            sq = rows_sq_norms(x_all, d_all, per_channel) / (world * world)
+            return sq.clamp_min(0).sqrt()
+
+        return rows_norms
 
     # internals ----------------------------------------------------------------------------------------------
+    def _gradients_once(self, losses: Sequence[Tensor], stacked: Tensor, problem: str) -> Tensor:
+        try:
+            grads = torch.stack([torch.autograd.grad(loss, self.parameter, retain_graph=True)[0] for loss in losses])
+        except RuntimeError as exc:
+            raise RuntimeError(f"gradnorm distributed norms: {problem}; the per-task gradients at W are not reachable either ({exc})") from exc
+        dtype = gram_norms.accumulation_dtype(grads)
+        tasks = len(losses)
+        reduced = distributed.mean_across_ranks(torch.cat([stacked.to(dtype), grads.to(dtype).flatten()]))
+        self._losses = reduced[:tasks]
+        grads = reduced[tasks:].view(tasks, -1)
+        if self.per_channel:
+            return grads.view(tasks, self.parameter.shape[0], -1).square().sum(2).sqrt()
+        return grads.square().sum(1).sqrt()
+
+    def _choose_from(self, x_rows: Tensor, d_rows: Tensor) -> None:
+        """The route from the rows' shapes, where no step measured by this meter chose it (heads given)."""
+        tasks, positions, groups, fan_out = d_rows.shape
+        shape = gram_norms.Geometry(positions, groups, x_rows.shape[2], fan_out)
+        self.options = exchanges(
+            tasks, self.parameter.numel(), distributed.world_size(), shape=shape, sketch_size=self.sketch_size, element_size=x_rows.element_size()
+        )
+        route, reason = choose(self.mode, self.options, per_channel=self.per_channel)
+        self.exchange = self.options[route]
+        self.choice = RouteChoice(PATH_PREFIX + route, reason)
+
     def _seeded(self, step: int, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
@@ -408,16 +523,19 @@ class DistributedNormMeter(GradNormMeter):
         self._generator.manual_seed((self.seed * 0x9E3779B1 + step * 0x85EBCA77 + 1) % (1 << 63))
         return self._generator
 
-    def _all_reduce(self, bucket: Tensor, route: str, step: int) -> Tensor:
-        world = distributed.world_size()
-        if world == 1:
-            return bucket
+    def _issue_all_reduce(self, bucket: Tensor, route: str, step: int) -> Any:
+        if distributed.world_size() == 1:
+            return None
         try:
-            work = dist.all_reduce(bucket, op=dist.ReduceOp.SUM, async_op=True)
+            return dist.all_reduce(bucket, op=dist.ReduceOp.SUM, async_op=True)
         except RuntimeError as exc:
             raise exchange_failed(route, step, exc) from exc
+
+    def _reduced(self, work: Any, bucket: Tensor, route: str, step: int) -> Tensor:
+        if work is None:
+            return bucket
         _wait(work, route, step)
-        return bucket / world
+        return bucket / distributed.world_size()
 
     def _output_rows(self, losses: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
         """(T, P, g, d_out): every task's gradient at W's output at every captured position."""

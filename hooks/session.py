@@ -58,7 +58,7 @@ from .distributed_norms import DEFAULT_SKETCH_SIZE, DistributedNormMeter, meter_
 from .grad_norms import AUTOGRAD_LOOP, GradNormMeter, statistics_dtype
 from .head_finder import HeadFinder, layer_call
 from .shared_layer import SharedLayer, reaches, resolve_shared_layer
-from .taps import HeadTaps, TapsError
+from .taps import OUTPUT_MASK, OUTPUT_VJP, HeadTaps, TapsError
 from .task_gradients import RepresentationCapture, reweight_representation, step_weights
 
 Losses = Union[Mapping[str, Tensor], Sequence[Tensor]]
@@ -302,7 +302,6 @@ class Session:
         if dist_meter is not None:
             release(self.meter)
             self.meter = self._owned.own(dist_meter)
-            heads = None  # the taps form and average the T x |W| gradients; this meter needs W's rows
         # Methods that need gradients at the shared representation see its output through a forward hook.
         needs_capture = self.balancer.task_gradients == "representation"
         self.capture = self._owned.own(RepresentationCapture(self.layer.module, self.layer.description)) if needs_capture else None
@@ -352,8 +351,6 @@ class Session:
                     "per-task gradients before the loss is formed; leave heads= out for it"
                 )
             self.taps = self._make_taps(list(heads), check_pairing=True)
-        if dist_meter is not None:
-            self._heads_search = f"not searched: distributed_norms={distributed_norms!r} measures from W's input and output-gradient rows"
         self.tasks: Optional[list[str]] = list(tasks) if tasks is not None else None
         self.step_index = 0
         # An unusable runs root or a taken run name is refused here, naming the path and the cause, not at
@@ -490,12 +487,16 @@ class Session:
 
     # -- internals -------------------------------------------------------------------------------
     def _make_taps(self, heads: list[nn.Module], check_pairing: bool = False) -> HeadTaps:
+        # Under torch.distributed with the rows or the sketch (a DistributedNormMeter): the taps hand W's input
+        # and output-gradient rows of the user's backward to the meter's exchange, which overlaps the trunk's
+        # backward; otherwise (the gradients route) the gradients are averaged over ranks before the norms.
+        exchange = isinstance(self.meter, DistributedNormMeter)
         taps = HeadTaps(
             heads,
             self.layer.parameter,
             _weakly(self._norms_from_backward),
-            # Under DDP the gradients are averaged over ranks before the norms (hooks/distributed.py).
-            reduce=distributed.mean_across_ranks if distributed.world_size() > 1 else None,
+            reduce=distributed.mean_across_ranks if distributed.world_size() > 1 and not exchange else None,
+            exchange=_weakly(self._exchange_rows) if exchange else None,
             factor=_weakly(self._step_factors),
             per_channel=self._per_channel,
             module=self.layer.module,
@@ -648,7 +649,17 @@ class Session:
         self.taps = self._make_taps(found.heads)
         call, count = layer_call(found.calls, self.layer.module)
         layer_input = (call.input, call.input_version) if call is not None else None
-        return self.taps.describe_path_of(found.shared, layer_input, call.output_node if call is not None else None, count)
+        route = self.taps.describe_path_of(found.shared, layer_input, call.output_node if call is not None else None, count)
+        if self.taps.exchange is not None and route not in (OUTPUT_MASK, OUTPUT_VJP):
+            # The taps cannot hand the exchange W's rows (W called otherwise than the heads' forward shows):
+            # the distributed meter's own per-task path serves.
+            self._heads_search = f"{found.reason}; not used: {self.taps.reason}"
+            self.taps.remove()
+            self.taps = None
+            if isinstance(self.meter, DistributedNormMeter):
+                self.meter.resume()
+            return None
+        return route
 
     def _zero_weight_task(self) -> Optional[str]:
         """A task whose applied weight is 0 (the first step only: a host read)."""
@@ -720,7 +731,7 @@ class Session:
 
     def _open_run(self, values: list[Tensor], auto_route: Optional[str]) -> None:
         """The first step: choose the general path's route and create the run, saying how norms are measured."""
-        if self.measure and (self.taps is None or auto_route is not None):
+        if self.measure and (self.taps is None or auto_route is not None or isinstance(self.meter, DistributedNormMeter)):
             self.meter.choose(values)
         if self.runs_root is None:
             return
@@ -738,7 +749,7 @@ class Session:
         if self.meter.choice is not None:
             meta["grad_norm_route"] = f"{self.meter.choice.route}: {self.meter.choice.reason}"
         if isinstance(self.meter, DistributedNormMeter):
-            meta["distributed_norms"] = self.meter.describe()
+            meta["distributed_norms"] = {**self.meter.describe(), "fed_by": self._exchange_feed(auto_route)}
         if self.taps is not None and self.taps.reason is not None:
             meta["head_taps_route"] = self.taps.reason  # the taps' Gram route taken or not, and why
         if self._heads_search is not None:
@@ -785,6 +796,19 @@ class Session:
             raise runs.RunError(f"rank 0 could not resume run {self.run_name!r} under {self.runs_root}")
         return self.runs_root / self.run_name, int(attempt[0])
 
+    def _exchange_feed(self, auto_route: Optional[str]) -> str:
+        """What hands the distributed meter its rows (run.json's ``distributed_norms.fed_by``)."""
+        per_task = "one backward per task from the losses to W's output in session.loss(), before your backward"
+        if self.taps is None:
+            return f"{per_task} ({self._heads_search or 'no heads'})"
+        since = "step 1" if auto_route is not None else "step 0"
+        how = self.taps.reason or "the heads' gradients at their input"
+        return (
+            f"the heads' taps in your backward from {since} ({how}); the collective is issued once the heads' part of the "
+            "backward has run and overlaps the trunk's, and is waited for at the backward's end where the norms are used"
+            + (f"; step 0: {per_task}" if auto_route is not None else "")
+        )
+
     def _grad_norm_path(self, auto_route: Optional[str]) -> str:
         if not self.measure:
             return "not measured"
@@ -793,9 +817,11 @@ class Session:
         general = self.meter.route or AUTOGRAD_LOOP
         if self.taps is None:
             return general
+        # Under an exchange: how the taps form D at W's output, then the route that exchanges it.
+        exchanged = f"+{general}" if isinstance(self.meter, DistributedNormMeter) else ""
         if auto_route is not None:
-            return f"head-taps/{auto_route} (step 0: {general})"
-        return f"head-taps/{self.taps.describe_path()}"
+            return f"head-taps/{auto_route}{exchanged} (step 0: {general})"
+        return f"head-taps/{self.taps.describe_path()}{exchanged}"
 
     def _defer(self, taps: HeadTaps, values: list[Tensor], stacked: Tensor, applied: Tensor, epoch: Optional[int], step: Optional[int]) -> None:
         """Taps: keep the step; they finish it from inside the user's backward."""
@@ -847,6 +873,10 @@ class Session:
         self._owned.remove_factor_hooks()
         general = self.meter.route or AUTOGRAD_LOOP
         self._owned.meta_updates["grad_norm_path"] = f"{self._first_path()}; {general} {note}"
+        if isinstance(self.meter, DistributedNormMeter):
+            self.meter.resume()  # its own per-task path measures from now on: W's calls are kept again
+            record = {**self.meter.describe(), "fed_by": f"{self._exchange_feed(None)}; {note}"}
+            self._owned.meta_updates["distributed_norms"] = record
 
     def _first_path(self) -> str:
         recorded = self._owned.meta_updates.get("grad_norm_path")
@@ -907,6 +937,12 @@ class Session:
             )
         factor = torch.stack(present)
         return factor if factor.dtype == dtype else factor.to(dtype)
+
+    def _exchange_rows(self, x_rows: Tensor, d_rows: Tensor) -> Callable[[], Tensor]:
+        """The taps' rows of this step's backward into the distributed meter's one collective (issued now)."""
+        if self._pending is None or not isinstance(self.meter, DistributedNormMeter):
+            raise TapsError("heads=: a backward was measured for which no step was kept")
+        return self.meter.issue(self._pending[1], x_rows, d_rows, self.step_index)
 
     def _norms_from_backward(self, norms: Tensor) -> None:
         if self._pending is None:  # the taps measure only a backward that _defer armed, right after keeping its step

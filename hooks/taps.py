@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -66,9 +67,14 @@ LINEAR_PRODUCT = "linear-product"
 CONV_PRODUCT = "conv-product"
 GRAM_VJP = "gram-vjp"
 BATCHED_VJP = "batched-vjp"
+#: Under ``torch.distributed`` (an ``exchange`` given): how the taps form D_i, each task's gradient at W's
+#: output, for the exchange of ``hooks/distributed_norms.py``: the heads' pieces through the segment's ReLU
+#: mask (H is W's output, or it through ReLUs), or one T-batched vector-Jacobian product from H to W's output.
+OUTPUT_MASK = "output-mask"
+OUTPUT_VJP = "output-vjp"
 # The task axis of the stacked pieces: just before the channel axis (last for a Linear, 1 for a
 # convolution), so that the product routes read the T pieces as T * C channels without a copy.
-_TASK_AXIS = {LINEAR_PRODUCT: -2, CONV_PRODUCT: 1, GRAM_VJP: 0, BATCHED_VJP: 0}
+_TASK_AXIS = {LINEAR_PRODUCT: -2, CONV_PRODUCT: 1, GRAM_VJP: 0, BATCHED_VJP: 0, OUTPUT_MASK: 0, OUTPUT_VJP: 0}
 #: Bytes of the tasks' gradients at W's output per batched product of the Gram route (chunks of tasks).
 GRAM_CHUNK_BYTES = 16 << 20
 # Elementwise nodes between W's output and H whose Jacobian is a 0/1 mask read from what they saved: for
@@ -94,7 +100,22 @@ class _Forward:
     the autograd graph's C++ side that no garbage collection can free, and keep every step's graph alive.
     """
 
-    __slots__ = ("shared", "layer_input", "layer_node", "layer_calls", "calls", "served", "pieces", "arrived", "mask", "mode", "rows", "work")
+    __slots__ = (
+        "shared",
+        "layer_input",
+        "layer_node",
+        "layer_calls",
+        "calls",
+        "served",
+        "pieces",
+        "arrived",
+        "mask",
+        "mode",
+        "rows",
+        "work",
+        "spent",
+        "__weakref__",
+    )
 
     def __init__(
         self,
@@ -117,6 +138,7 @@ class _Forward:
         self.work: Optional[Tensor] = None  # and one masked piece at a time, in one buffer
         self.mask: Mask = None  # streaming: the segment's mask, read at the first piece
         self.mode = "fan-out"
+        self.spent = False  # an unmeasured backward went through it (a step between updates)
 
 
 class _FanOut(torch.autograd.Function):
@@ -151,9 +173,12 @@ class HeadTaps:
         on_failure: Optional[Callable[[TapsError], None]] = None,
         check_pairing: bool = False,
         warn_fallback: bool = True,
+        exchange: Optional[Callable[[Tensor, Tensor], Callable[[], Tensor]]] = None,
     ) -> None:
         if len(heads) < 2:
             raise ValueError(f"heads= needs one module per task (at least two), got {len(heads)}")
+        if exchange is not None and reduce is not None:
+            raise ValueError("the taps take either an exchange of W's rows or a reduce of the gradients, not both")
         self.heads = list(heads)
         self.parameter = parameter
         self.on_norms = on_norms
@@ -167,6 +192,15 @@ class HeadTaps:
         # Where a backward cannot be measured: raise (None) or hand the error to the owner.
         self.on_failure = on_failure
         self.dtype = statistics_dtype(parameter.dtype)
+        # Under torch.distributed: called with this rank's (X rows, unscaled D rows) of the measured backward
+        # as soon as the heads' part of it has run; it issues the step's collective and returns the function
+        # that waits for it and gives the norms (hooks/distributed_norms.py, DistributedNormMeter.issue).
+        self.exchange = exchange
+        self._exchange_parts: list[tuple[Tensor, Tensor]] = []  # this backward's (X rows, D rows) per forward pass
+        self._exchange_finish: Optional[Callable[[], Tensor]] = None  # the issued collective's wait-and-norms
+        self._exchange_arrived = 0  # forward passes of this backward whose pieces arrived
+        self._recent: list[weakref.ref[_Forward]] = []  # forward passes since the last arm()
+        self._expected = 0  # of those, the ones alive and not yet backpropagated at arm(): the step's loss's
         self._forward: Optional[_Forward] = None  # the latest forward pass through the heads
         self._aliases: tuple[Tensor, ...] = ()  # its aliases of H, until the step's loss is known
         self._streams: list[_Forward] = []  # streaming forward passes the measured backward reached
@@ -207,6 +241,9 @@ class HeadTaps:
     def arm(self) -> None:
         """Measure the next backward through the taps (called once the step's losses are known)."""
         self._armed = True
+        # The exchange is issued once the forward passes the step's loss can come from have all sent their pieces.
+        self._expected = sum(1 for ref in self._recent if (forward := ref()) is not None and not forward.spent)
+        self._recent = []
         # The forward passes are done; a head called again starts a new one.
         self._forward, self._aliases = None, ()
 
@@ -222,6 +259,7 @@ class HeadTaps:
         self._handles, self._tensor_handles, self._output_handles, self._outputs = [], [], [], None
         self._forward, self._aliases, self._streams, self._result, self._problem = None, (), [], None, None
         self._layer_input, self._layer_node, self._calls, self._gram_parts = None, None, [], []
+        self._exchange_parts, self._exchange_finish, self._recent = [], None, []
 
     def describe_path(self) -> str:
         """The route the next measurement will take (for ``run.json``), decided from this step's graph."""
@@ -280,11 +318,36 @@ class HeadTaps:
         return keep
 
     def _route(self, mask: Mask, forward: Optional[_Forward] = None) -> str:
+        if self.exchange is not None:
+            return self._exchange_route(mask, forward)
         if mask is not None:
             return LINEAR_PRODUCT if isinstance(self._layer, nn.Linear) else CONV_PRODUCT
         if forward is not None and self._gram_route(forward) == gram_norms.GRAM:
             return GRAM_VJP
         return BATCHED_VJP
+
+    def _exchange_route(self, mask: Mask, forward: Optional[_Forward]) -> str:
+        """How D_i is formed for the exchange (``OUTPUT_MASK``, ``OUTPUT_VJP``; ``BATCHED_VJP``: it cannot be)."""
+        if mask is not None and (forward is None or forward.layer_input is not None):
+            self.reason = f"{OUTPUT_MASK}: D_i at W's output are the heads' gradients at H through the segment's ReLU masks (no product)"
+            return OUTPUT_MASK
+        problem = "no forward pass seen" if forward is None else self._calls_problem(forward)
+        if problem is None:
+            self.reason = f"{OUTPUT_VJP}: D_i at W's output from the heads' gradients by T-batched vector-Jacobian products from H to W's output"
+            return OUTPUT_VJP
+        self.reason = f"{BATCHED_VJP}: the exchange of W's rows cannot be fed: {problem}"
+        return BATCHED_VJP
+
+    def _calls_problem(self, forward: _Forward) -> Optional[str]:
+        """Why ``forward``'s calls of W cannot give W's input and output rows (None when they can)."""
+        if self._gram_layer is None:
+            return "W is not a stock nn.Linear or nn.Conv2d whose weight is the shared parameter"
+        calls = forward.calls
+        if not calls or len(calls) != forward.layer_calls:
+            return f"every call of W in the forward pass must be kept ({len(calls)} of {forward.layer_calls})"
+        if any(call.input._version != call.input_version for call in calls):
+            return "W's input was changed in place after the call"
+        return None
 
     def _gram_route(self, forward: _Forward) -> Optional[str]:
         """``gram`` or ``direct`` by the cost model for ``forward``'s calls of W (None: it cannot apply).
@@ -323,6 +386,10 @@ class HeadTaps:
             if forward is None or index in forward.served:
                 forward = self._forward = _Forward(shared, self._layer_input, self._layer_node, self._layer_calls, self._calls)
                 self._layer_calls, self._calls = 0, []
+                if self.exchange is not None:
+                    if len(self._recent) >= 64:  # steps between updates arm nothing: keep the live ones only
+                        self._recent = [ref for ref in self._recent if ref() is not None]
+                    self._recent.append(weakref.ref(forward))
                 if self._should_stream(forward):
                     self._aliases = self._stream(forward)
                 else:
@@ -350,7 +417,8 @@ class HeadTaps:
         """Stream when holding the T pieces at once would cost more than ``STREAM_ABOVE_BYTES``."""
         shared = forward.shared
         held = (len(self.heads) - 1) * shared.numel() * shared.element_size()
-        return held > STREAM_ABOVE_BYTES and self._segment_mask(forward, compute=False) is not None
+        # The exchange needs every task's gradient at W's output at once (it sends them, or sketches them together).
+        return self.exchange is None and held > STREAM_ABOVE_BYTES and self._segment_mask(forward, compute=False) is not None
 
     def _stream(self, forward: _Forward) -> tuple[Tensor, ...]:
         """Aliases whose gradients are turned into their task's grad_W one by one, as they arrive."""
@@ -371,6 +439,7 @@ class HeadTaps:
             self._collecting = True
             self._result, self._norm_scale, self._step_factor, self._problem = None, None, None, None
             self._unscale, self._largest = None, None
+            self._exchange_parts, self._exchange_finish, self._exchange_arrived = [], None, 0
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
         return self._collecting
 
@@ -413,6 +482,14 @@ class HeadTaps:
         if layer is None:
             raise TapsError("heads=: the Gram route without a Linear or Conv2d shared layer")
         self.path = GRAM_VJP
+        rows, d_rows = self._vjp_rows(layer, forward, stacked)
+        self._gram_parts.append((rows, d_rows))
+        if self._result is not None:  # an earlier forward pass of this backward formed its gradients at W
+            self._gram_to_result()
+
+    def _vjp_rows(self, layer: gram_norms.Layer, forward: _Forward, stacked: Tensor) -> tuple[Tensor, Tensor]:
+        """(X rows (P, g, d_in), D rows (T, P, g, d_out)) of ``forward``'s calls of W: the (T, *H.shape) pieces
+        carried from H to W's outputs by T-batched vector-Jacobian products (chunked over tasks)."""
         calls = forward.calls
         rows = torch.cat([gram_norms.input_rows(layer, call.input, self.dtype) for call in calls], 0)
         num_tasks = stacked.shape[0]
@@ -432,9 +509,68 @@ class HeadTaps:
                     1,
                 )
             )
-        self._gram_parts.append((rows, parts[0] if len(parts) == 1 else torch.cat(parts, 0)))
-        if self._result is not None:  # an earlier forward pass of this backward formed its gradients at W
-            self._gram_to_result()
+        return rows, parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+    # -- the exchange under torch.distributed --------------------------------------------------------
+    def _add_rows(self, forward: _Forward, stacked: Tensor) -> None:
+        """One forward pass's X and D rows for the exchange; the last expected pass issues its collective."""
+        layer = self._gram_layer
+        if layer is None:
+            raise TapsError("the exchange of W's rows needs W as a stock nn.Linear or nn.Conv2d whose weight is the shared parameter")
+        if self._exchange_finish is not None:
+            raise TapsError(
+                "a forward pass reached the measured backward after its exchange was issued; build each step's loss from that step's forward passes"
+            )
+        mask = self._segment_mask(forward)
+        route = self._route(mask, forward)
+        if route == OUTPUT_MASK and forward.layer_input is not None:
+            # D_i = the piece times the ReLU mask: H's shape is W's output's, so the pieces are D already.
+            d = stacked * mask if isinstance(mask, Tensor) else stacked
+            rows = gram_norms.input_rows(layer, forward.layer_input[0], self.dtype)
+            d_rows = gram_norms.output_rows(layer, d, self.dtype)
+        elif route == OUTPUT_VJP:
+            rows, d_rows = self._vjp_rows(layer, forward, stacked)
+        else:
+            raise TapsError(f"heads=: {self.reason}")
+        self.path = route
+        self._exchange_parts.append((rows, d_rows))
+        self._exchange_arrived += 1
+        if self._exchange_arrived >= self._expected:
+            self._issue_exchange()
+
+    def _issue_exchange(self) -> None:
+        """Divide the factors out of D (every rank's are the same) and hand the rows to the exchange."""
+        parts, self._exchange_parts = self._exchange_parts, []
+        if not parts or self.exchange is None:
+            return
+        rows = parts[0][0] if len(parts) == 1 else torch.cat([x for x, _ in parts], 0)
+        d = parts[0][1] if len(parts) == 1 else torch.cat([g for _, g in parts], 1)
+        factor = self._factors()
+        if factor is not None:
+            d = d / factor.to(d.dtype).view(-1, 1, 1, 1)
+        self._exchange_finish = self.exchange(rows, d)
+
+    def _finish_exchange(self, problem: Optional[TapsError]) -> None:
+        """The end of the measured backward under an exchange: wait for the collective where the norms are used."""
+        if problem is None and self._exchange_parts:  # fewer forward passes reached the backward than were alive at arm()
+            try:
+                self._issue_exchange()
+            except TapsError as exc:
+                problem = exc
+        finish, self._exchange_finish = self._exchange_finish, None
+        self._exchange_parts, self._exchange_arrived = [], 0
+        try:
+            if problem is not None:
+                if finish is not None:
+                    finish()  # issued: waited for, so that no collective of this rank is left in flight
+                raise problem
+            if finish is None:
+                raise TapsError("the measured backward reached the heads but no forward pass's pieces were complete")
+            self.on_norms(finish())
+        except TapsError as exc:
+            if self.on_failure is None:
+                raise
+            self.on_failure(exc)
 
     def _gram_to_result(self) -> None:
         """Where forward passes of one backward took different routes: the Gram parts as weight gradients."""
@@ -472,6 +608,11 @@ class HeadTaps:
             self._fail(_missing([i for i, piece in enumerate(forward.pieces) if piece is None]))
             forward.pieces, forward.arrived, forward.mask, forward.rows, forward.work = [None] * len(self.heads), 0, None, None, None
         self._streams = []
+        if self.exchange is not None:
+            problem = self._problem
+            self._result, self._problem, self._norm_scale, self._step_factor, self._gram_parts = None, None, None, None, []
+            self._finish_exchange(problem)
+            return
         result, problem, scale, gram_parts = self._result, self._problem, self._norm_scale, self._gram_parts
         factor = self._step_factor if gram_parts else None
         if gram_parts and factor is None and self.factor is not None:
@@ -556,10 +697,18 @@ class HeadTaps:
     def _backward(self, forward: _Forward, grads: tuple[Optional[Tensor], ...]) -> Optional[Tensor]:
         present = [g for g in grads if g is not None]
         if not self._measuring():
+            forward.spent = True
             return torch.stack(present).sum(0) if present else None
         if len(present) != len(grads):
             self._fail(_missing([i for i, g in enumerate(grads) if g is None]))
             return torch.stack(present).sum(0) if present else None
+        if self.exchange is not None:
+            pieces = torch.stack(present)
+            try:
+                self._add_rows(forward, pieces)
+            except TapsError as exc:
+                self._fail(exc)
+            return pieces.sum(0)
         mask = self._segment_mask(forward)
         route = self._route(mask, forward)
         axis = _TASK_AXIS[route]

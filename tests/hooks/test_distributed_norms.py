@@ -1,7 +1,9 @@
 """The norms of the rank-averaged gradient from one small exchange per step (hooks/distributed_norms.py):
 2 and 4 gloo processes on 127.0.0.1 against one process on the whole batch, every route; the sketch's
 error against its stated bound (8/k relative variance, Chebyshev's tail) over 200 steps of the toy and of
-a small conv trunk, and over many seeds at fixed gradients; FSDP2 with W sharded; a rank killed mid-run."""
+a small conv trunk, and over many seeds at fixed gradients; FSDP2 with W sharded; a rank killed mid-run.
+From the second step the heads' taps feed the exchange from the user's backward (hooks/taps.py): its
+collective is issued before the trunk's backward runs and waited for after it."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from gradnorm.hooks import distributed_norms as dn
+from tests.hooks.test_no_host_sync import OperatorLog
 
 BATCH = 16  # global batch, split into equal shards across the ranks
 GROUP_TIMEOUT_S = 20
@@ -48,6 +51,22 @@ class ConvTrunk(nn.Module):
         return [head(z) for head in self.heads]
 
 
+class NormTrunk(nn.Module):
+    """W (a Linear) under a LayerNorm and tanh before the heads: the taps carry the heads' gradients to W's
+    output by vector-Jacobian products (``output-vjp``), not through a ReLU mask."""
+
+    def __init__(self, tasks: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(6, 10), nn.ReLU())
+        self.shared_layer = nn.Linear(10, 12)
+        self.norm = nn.LayerNorm(12)
+        self.heads = nn.ModuleList(nn.Linear(12, 2) for _ in range(tasks))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = torch.tanh(self.norm(self.shared_layer(self.stem(x))))
+        return [head(z) for head in self.heads]
+
+
 def problem(kind: str):
     """(model, inputs, targets, losses(outputs, targets)): float64, the same on every rank."""
     torch.manual_seed(3)
@@ -57,6 +76,10 @@ def problem(kind: str):
         config = toy.ToyConfig(num_tasks=3, train_size=128, test_size=8)
         data = toy.make_data(config)
         return toy.make_model(config).double(), data.x_train.double(), data.y_train.double(), toy.task_losses
+    if kind == "norm":
+        x = torch.randn(128, 6, dtype=torch.float64)
+        y = torch.randn(128, 3, 2, dtype=torch.float64) * torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64).view(1, 3, 1)
+        return NormTrunk().double(), x, y, lambda outputs, targets: [((out - targets[:, i]) ** 2).mean() for i, out in enumerate(outputs)]
     model = ConvTrunk().double()
     x = torch.randn(128, 2, 4, 4, dtype=torch.float64)
     y = torch.randn(128, 3, 4, 4, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.3], dtype=torch.float64).view(1, 3, 1, 1)
@@ -83,9 +106,58 @@ def exact_global_norms(losses, parameter, world: int) -> torch.Tensor:
     return grads.flatten(1).norm(dim=1)
 
 
-def train(kind: str, route: str, steps: int, rank: int, world: int, *, shards: int, root=None, wrap=None, reference_norms=False, sketch_size=K, name=None):
+class RecordedWork:
+    """A collective's work whose wait is noted in ``events``."""
+
+    def __init__(self, work, events: list) -> None:
+        self.work, self.events = work, events
+
+    def wait(self, *args, **kwargs):
+        self.events.append("wait")
+        return self.work.wait(*args, **kwargs)
+
+
+def record_order(model: nn.Module, events: list):
+    """Note in ``events`` each asynchronous collective GradNorm issues, each wait on one, and the moment the
+    backward reaches the trunk's first layer (its weight's gradient: the last the backward forms).
+    DDP's reducer calls its collectives from C++, unseen here. Returns the function that undoes it."""
+    import torch.distributed as dist
+
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather_single", "all_gather_into_tensor") if hasattr(dist, name)}
+    depth = [0]
+
+    def wrap(function):
+        def recorded(*args, **kwargs):
+            depth[0] += 1
+            try:
+                work = function(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+            if kwargs.get("async_op") and depth[0] == 0:
+                events.append("issue")
+                return RecordedWork(work, events)
+            return work
+
+        return recorded
+
+    for name, function in originals.items():
+        setattr(dist, name, wrap(function))
+    handle = next(model.parameters()).register_hook(lambda grad: events.append("trunk-bottom"))
+
+    def undo() -> None:
+        handle.remove()
+        for name, function in originals.items():
+            setattr(dist, name, function)
+
+    return undo
+
+
+def train(
+    kind: str, route: str, steps: int, rank: int, world: int, *, shards: int, root=None, wrap=None, reference_norms=False, sketch_size=K, name=None, order=False
+):
     """``steps`` of GradNorm; ``world`` > 1: this rank's shard under DDP (or ``wrap``); else the mean of
-    ``shards`` shard losses in one process (DDP's objective)."""
+    ``shards`` shard losses in one process (DDP's objective). ``order``: note, per step, when the exchange
+    is issued and waited for against the backward's reaching the trunk's first layer (``record_order``)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from gradnorm import hooks
@@ -109,8 +181,11 @@ def train(kind: str, route: str, steps: int, rank: int, world: int, *, shards: i
         return update(losses, norms, **kw)
 
     session.balancer.update = keep  # type: ignore[method-assign]
+    events: list = []
+    undo = record_order(model, events) if order else None
     with session:
         for index in batches(steps):
+            events.append("step")
             if world > 1:
                 shard = index[rank::world]
                 losses = task_losses(net(x[shard]), y[shard])
@@ -124,7 +199,16 @@ def train(kind: str, route: str, steps: int, rank: int, world: int, *, shards: i
             loss.backward()
             optimizer.step()
             weights.append(session.balancer.weights().clone())
-    out = {"weights": torch.stack(weights), "norms": torch.stack(measured), "route": session.meter.route}
+    if undo is not None:
+        undo()
+    out = {
+        "weights": torch.stack(weights),
+        "norms": torch.stack(measured),
+        "route": session.meter.route,
+        "taps": session.taps.path if session.taps is not None else None,
+        "heads_search": session._heads_search,
+        "events": events,
+    }
     if reference_norms:
         out["exact"] = torch.stack(exact)
     if isinstance(session.meter, dn.DistributedNormMeter):
@@ -149,8 +233,20 @@ def worker(rank: int, world: int, port: int, root: str, plan: list, out: str) ->
         results = {}
         for kind, route, steps, options in plan:
             wrap = fsdp_wrap if options.get("fsdp") else None
-            key = f"{kind}-{route}" + ("-fsdp" if wrap else "")
-            results[key] = train(kind, route, steps, rank, world, shards=world, root=root, wrap=wrap, reference_norms=options.get("reference", False), name=key)
+            key = f"{kind}-{route}" + ("-fsdp" if wrap else "") + ("-order" if options.get("order") else "")
+            results[key] = train(
+                kind,
+                route,
+                steps,
+                rank,
+                world,
+                shards=world,
+                root=root,
+                wrap=wrap,
+                reference_norms=options.get("reference", False),
+                name=key,
+                order=options.get("order", False),
+            )
         torch.save(results, out)
         dist.destroy_process_group()
     except BaseException:
@@ -197,17 +293,29 @@ def test_two_ranks_every_route_matches_one_process_and_the_sketch_keeps_its_boun
         ("toy", "sketch", 200, {"reference": True}),
         ("conv", "sketch", 200, {"reference": True}),
         ("toy", "rows", 8, {"fsdp": True}),
+        ("norm", "rows", 10, {"order": True}),
+        ("conv", "sketch", 6, {"order": True}),
     ]
     ranks = run_group(tmp_path, 2, plan)
     for key in ranks[0]:
         torch.testing.assert_close(ranks[0][key]["weights"], ranks[1][key]["weights"], rtol=0, atol=0)  # identical on every rank
-    for kind, route, steps, _ in plan[:3]:
-        got = ranks[0][f"{kind}-{route}"]
-        want = train(kind, "exact", steps, 0, 1, shards=2)
+    for kind, _route, steps, key in [(*entry[:3], f"{entry[0]}-{entry[1]}") for entry in plan[:3]] + [("norm", "rows", 10, "norm-rows-order")]:
+        got = ranks[0][key]
+        want = train(kind, "exact", steps, 0, 1, shards=2)  # one process, the general path
         torch.testing.assert_close(got["norms"], want["norms"], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(got["weights"], want["weights"], rtol=1e-9, atol=1e-12)
         assert not torch.allclose(got["weights"][-1], torch.ones(3, dtype=torch.float64))
     assert ranks[0]["toy-rows"]["route"] == "distributed-rows"
+    # From step 1 the heads' taps feed the exchange: D through the ReLU mask (toy, conv), by vector-Jacobian
+    # products through the LayerNorm (norm).
+    assert ranks[0]["toy-rows"]["taps"] == "output-mask" and ranks[0]["conv-sketch"]["taps"] == "output-mask"
+    assert ranks[0]["norm-rows-order"]["taps"] == "output-vjp"
+    for key in ("norm-rows-order", "conv-sketch-order"):
+        steps = "".join(" " if event == "step" else event[0] for event in ranks[0][key]["events"]).split()
+        # Step 0, the per-task path in session.loss(): issued and waited for before the backward. Then, the
+        # taps: issued before the backward reaches the trunk's first layer, waited for after it.
+        assert steps[0] == "iwt", (key, steps)
+        assert steps[1:] == ["itw"] * (len(steps) - 1), (key, steps)
     assert ranks[0]["toy-gradients"]["route"] != "distributed-rows"  # the taps or the general path, all-reducing gradients
     for kind in ("toy", "conv"):
         got = ranks[0][f"{kind}-sketch"]
@@ -231,7 +339,12 @@ def test_two_ranks_every_route_matches_one_process_and_the_sketch_keeps_its_boun
     assert record["route"] == "sketch" and record["world_size"] == 2 and record["collectives_per_step"] == 1
     assert record["exchange"]["numbers"] == 3 + 3 * K  # the losses and the (T, k) sketch
     assert record["exact_alternative"]["route"] in ("rows", "gradients")
-    assert meta["grad_norm_path"] == "distributed-sketch"
+    assert meta["grad_norm_path"] == "head-taps/output-mask+distributed-sketch (step 0: distributed-sketch)"
+    assert record["fed_by"].startswith("the heads' taps in your backward from step 1 (output-mask")
+    # FSDP: the sharded weight is no leaf of the graph, so no heads are found above it; the per-task path serves.
+    fsdp_meta = runs.read_run_json(tmp_path / "runs" / "toy-rows-fsdp")
+    assert ranks[0]["toy-rows-fsdp"]["taps"] is None
+    assert fsdp_meta["distributed_norms"]["fed_by"].startswith("one backward per task from the losses to W's output in session.loss()")
     rows_meta = runs.read_run_json(tmp_path / "runs" / "toy-rows")["distributed_norms"]
     # 8 positions per rank: the losses, X (8 x 100) and D (3 x 8 x 100).
     assert rows_meta["exchange"]["numbers"] == 3 + 8 * 100 + 3 * 8 * 100
@@ -294,6 +407,16 @@ def test_route_choice_by_bytes_and_forced_exact():
     assert dn.choose("auto", options, per_channel=True)[0] == "rows"
     small = dn.exchanges(3, 100 * 100, 2, shape=gram_norms.Geometry(8, 1, 100, 100), sketch_size=512)
     assert dn.choose("auto", small)[0] == "rows"  # a few kB: exact
+    # The toy at 100 rows per rank, T = 10: the sketch would send 20x fewer bytes than the gradients (400 kB),
+    # but its products (k = 512 pairs against a 100-wide layer) cost 5.7x the T local weight gradients'.
+    toy = dn.exchanges(10, 100 * 100, 2, shape=gram_norms.Geometry(100, 1, 100, 100), sketch_size=512)
+    assert toy["gradients"].multiply_adds == 10 * 100 * 100 * 100
+    assert toy["sketch"].multiply_adds == 100 * 100 * 512 + 10 * 100 * 100 * 512 + 10 * 100 * 512
+    # rows: every rank forms the norms from both ranks' 200 positions, here the T products (cheaper than the Gram).
+    assert toy["rows"].multiply_adds == 10 * 200 * 100 * 100 + 10 * 100 * 100
+    route, reason = dn.choose("auto", toy)
+    assert route == "gradients" and "costs 5.7x its multiply-adds" in reason, reason
+    assert options["sketch"].multiply_adds < options["rows"].multiply_adds  # ResNet-18 at 224 x 224: the sketch is also the cheaper work
     with pytest.raises(ValueError, match="per-channel"):
         dn.choose("sketch", options, per_channel=True)
     with pytest.raises(ValueError, match="distributed_norms must be one of"):
@@ -377,12 +500,12 @@ def test_a_killed_rank_fails_the_others_clearly_within_the_timeout_with_every_co
     assert listing["rows"].iloc[0] == 2 * KILL_AFTER * 3  # both ranks' KILL_AFTER steps, T = 3 rows each
 
 
+@pytest.mark.parametrize("heads", ["auto", None])
 @pytest.mark.parametrize("route", ["rows", "sketch"])
-def test_the_routes_never_wait_for_the_device(route, tmp_path):
-    """As tests/hooks/test_no_host_sync.py: no operator that reads a tensor's value on the host, steps 2-5
-    (one process: the collective is replaced by a copy; under NCCL its wait is a stream dependency)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+def test_the_routes_never_wait_for_the_device(route, heads, tmp_path):
+    """As tests/hooks/test_no_host_sync.py: no operator that reads a tensor's value on the host, steps 2-5,
+    fed by the heads' taps (the default) and by the per-task path (one process: no collective is issued;
+    under NCCL its wait is a stream dependency)."""
     from gradnorm import hooks
     from gradnorm.experiments import toy
     from gradnorm.toolkit.balancers import GradNorm
@@ -391,7 +514,7 @@ def test_the_routes_never_wait_for_the_device(route, tmp_path):
     data = toy.make_data(config)
     model = toy.make_model(config)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    session = hooks.attach(model.shared_layer, GradNorm(alpha=0.12), runs_root=tmp_path, run_name="run", flush_every=1000, distributed_norms=route)
+    session = hooks.attach(model.shared_layer, GradNorm(alpha=0.12), runs_root=tmp_path, run_name="run", flush_every=1000, distributed_norms=route, heads=heads)
 
     def step(index: int) -> None:
         x, y = data.x_train[index * 8 : index * 8 + 8], data.y_train[index * 8 : index * 8 + 8]
@@ -400,16 +523,6 @@ def test_the_routes_never_wait_for_the_device(route, tmp_path):
         loss.backward()
         optimizer.step()
 
-    class OperatorLog(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    syncing_ops = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique", "aten.unique", "aten.equal", "aten.is_nonzero")
     step(0)
     step(1)
     log = OperatorLog()
@@ -418,8 +531,9 @@ def test_the_routes_never_wait_for_the_device(route, tmp_path):
             step(index)
     session.close()
     assert session.meter.route == f"distributed-{route}"
+    assert (session.taps is not None and session.taps.path == "output-mask") == (heads == "auto")
     assert any("randn" in name for name in log.names) == (route == "sketch")
-    syncing = sorted({name for name in log.names if name.rsplit(".", 1)[0] in syncing_ops or name in syncing_ops})
+    syncing = log.syncing()
     assert syncing == [], f"operators that wait for the device inside the step: {syncing}"
 
 

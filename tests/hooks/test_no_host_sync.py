@@ -23,6 +23,8 @@ SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "at
 
 
 class OperatorLog(TorchDispatchMode):
+    """Every operator dispatched while it is active, by name (also used by tests/hooks/test_distributed_norms.py)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.names: list[str] = []
@@ -30,6 +32,10 @@ class OperatorLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func))
         return func(*args, **(kwargs or {}))
+
+    def syncing(self) -> list[str]:
+        """The logged operators that wait for the device (``SYNCING``), each once."""
+        return sorted({name for name in self.names if name.rsplit(".", 1)[0] in SYNCING or name in SYNCING})
 
 
 @pytest.mark.parametrize("heads", [None, "given", "given-stream", "auto"])
@@ -61,5 +67,5 @@ def test_steps_after_the_first_never_wait_for_the_device(heads, tmp_path, monkey
     session.close()
     assert len(log.names) > 100  # the mode saw the steps, backward included
     assert any("mm" in name for name in log.names)
-    syncing = sorted({name for name in log.names if name.rsplit(".", 1)[0] in SYNCING or name in SYNCING})
+    syncing = log.syncing()
     assert syncing == [], f"operators that wait for the device inside the step: {syncing}"
