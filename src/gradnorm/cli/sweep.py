@@ -16,6 +16,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=500, help="training steps per network (default: 500)")
     parser.add_argument("--alpha", type=float, default=0.12, help="GradNorm asymmetry (default: 0.12)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sampling",
+        choices=("uniform", "mixture"),
+        default="uniform",
+        help="static weights: uniform on (0, 1) renormalised to sum to T (default, the paper's), or mixture: Dirichlet draws centred on "
+        "GradNorm's E_t[w_i] at each --concentrations value plus uniform ones, in turn, so distances span near to far",
+    )
+    parser.add_argument(
+        "--concentrations",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="KAPPA",
+        help="mixture: Dirichlet concentrations, larger is nearer E_t[w_i] (default: 3000 300 100 30 10)",
+    )
     parser.add_argument("--runs-root", type=Path, default=None, help="where to record the runs (default: runs/sweep-<time>)")
     parser.add_argument("--out", type=Path, default=None, help="where to write sweep.md/.json/.html (default: the runs root)")
     parser.add_argument(
@@ -28,12 +43,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from gradnorm.experiments.grid_sweep import run_sweep, write_report
+    from gradnorm.experiments.grid_sweep import DEFAULT_CONCENTRATIONS, run_sweep, write_report
     from gradnorm.experiments.threads import intra_op_threads
 
+    if args.concentrations is not None and args.sampling != "mixture":
+        raise ValueError("--concentrations applies to --sampling mixture only")
+    concentrations = tuple(args.concentrations) if args.concentrations is not None else DEFAULT_CONCENTRATIONS
+    bad = [c for c in concentrations if not c > 0]
+    if bad:
+        raise ValueError(f"--concentrations must be positive, got {bad}")
     root = args.runs_root or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S")
     with intra_op_threads(args.threads), tqdm(total=args.steps * (args.networks + 1), desc="sweep", unit="step", disable=args.no_progress) as bar:
-        result = run_sweep(root, args.tasks, args.networks, args.steps, args.alpha, args.seed, progress=bar.update)
+        result = run_sweep(
+            root, args.tasks, args.networks, args.steps, args.alpha, args.seed, progress=bar.update, sampling=args.sampling, concentrations=concentrations
+        )
     written = write_report(result, args.out or root)
     print(written[0].read_text(encoding="utf-8"))
     print("written: " + ", ".join(str(p) for p in written))

@@ -1,10 +1,18 @@
 """Paper section 5.3 on the toy problem: does GradNorm's E_t[w_i] sit near the best static weights?
 
-Train one GradNorm network, then N networks with random static weights (uniform, renormalised to sum to
-T), all from the same initialisation and batches and for the same number of steps. For each static
-network: its task-normalised test loss and the L2 distance between its weights and the GradNorm run's
-time-averaged weights E_t[w_i] (read back from the recorded run). The paper finds a strong positive
-correlation (networks far from E_t[w_i] do worse; its Figure 4 plots the change in performance).
+Train one GradNorm network, then N networks with random static weights, all from the same initialisation
+and batches and for the same number of steps. For each static network: its task-normalised test loss and
+the L2 distance between its weights and the GradNorm run's time-averaged weights E_t[w_i] (read back from
+the recorded run). The paper finds a strong positive correlation (networks far from E_t[w_i] do worse; its
+Figure 4 plots the change in performance).
+
+Two sampling schemes (``sampling=``): ``uniform`` (the default, as in the paper: uniform on (0, 1),
+renormalised to sum to T) and ``mixture``. At T=10 uniform draws all land far from E_t[w_i] (L2 distance
+2.3 to 4.5 on the toy), so they cannot show whether being near it helps; ``mixture`` draws network k from
+component k mod (C + 1): a Dirichlet centred on E_t[w_i] / T with concentration kappa_c (c < C), or a
+uniform draw (c = C), each renormalised to sum to T. A Dirichlet(kappa m) draw times T has mean T m =
+E_t[w_i] and expected squared distance T^2 (1 - sum_i m_i^2) / (kappa + 1) to it, so the concentrations
+set how near the draws come (:func:`expected_distance`).
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +33,12 @@ from gradnorm.toolkit.balancers import GradNorm, StaticWeights
 from .toy_training import train_toy
 
 BURN_IN = 0.1
+SAMPLINGS = ("uniform", "mixture")
+#: Dirichlet concentrations of the mixture: at T=10 on the toy, expected distances about 0.17 to 2.8.
+DEFAULT_CONCENTRATIONS = (3000.0, 300.0, 100.0, 30.0, 10.0)
+#: Smallest share of T a drawn weight keeps (a Dirichlet with small kappa m_i can return 0).
+MIN_SHARE = 1e-4
+BOOTSTRAP_RESAMPLES = 2000
 
 
 @dataclass
@@ -33,6 +47,7 @@ class SweepPoint:
     weights: list[float]
     distance: float  # ||w_static - E_t[w_gradnorm]||_2
     test_loss: float  # sum_i L_i(test) / L_i(test, init)
+    draw: str = "uniform"  # the sampling component: "uniform" or "dirichlet-<kappa>"
 
 
 @dataclass
@@ -42,6 +57,9 @@ class SweepResult:
     gradnorm_weights: list[float]
     gradnorm_test_loss: float
     points: list[SweepPoint] = field(default_factory=list)
+    sampling: str = "uniform"
+    concentrations: list[float] = field(default_factory=list)
+    seed: int = 0
 
     @property
     def pearson(self) -> float:
@@ -56,16 +74,26 @@ class SweepResult:
         """How many random static networks did better than the GradNorm network."""
         return sum(p.test_loss < self.gradnorm_test_loss for p in self.points)
 
+    def pearson_interval(self, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+        """Percentile bootstrap 95% interval of the Pearson correlation, resampling networks with replacement."""
+        return bootstrap_interval([p.distance for p in self.points], [p.test_loss for p in self.points], pearson, resamples, self.seed)
+
+    def spearman_interval(self, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+        rank_corr = lambda x, y: pearson(_ranks(x), _ranks(y))  # noqa: E731
+        return bootstrap_interval([p.distance for p in self.points], [p.test_loss for p in self.points], rank_corr, resamples, self.seed)
+
     def as_dict(self) -> dict:
         out = asdict(self)
         out.update(pearson=self.pearson, spearman=self.spearman, beaten_by=self.beaten_by)
+        out.update(pearson_ci95=list(self.pearson_interval()), spearman_ci95=list(self.spearman_interval()))
         return out
 
 
 def pearson(x: list[float], y: list[float]) -> float:
     if len(x) < 3:
         return float("nan")
-    return float(np.corrcoef(np.asarray(x, dtype=float), np.asarray(y, dtype=float))[0, 1])
+    with np.errstate(invalid="ignore", divide="ignore"):  # constant x or y: NaN, which callers test for
+        return float(np.corrcoef(np.asarray(x, dtype=float), np.asarray(y, dtype=float))[0, 1])
 
 
 def _ranks(values: list[float]) -> list[float]:
@@ -75,10 +103,65 @@ def _ranks(values: list[float]) -> list[float]:
     return ranks.tolist()
 
 
+def bootstrap_interval(
+    x: Sequence[float], y: Sequence[float], statistic: Callable[[list[float], list[float]], float], resamples: int, seed: int, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(x, y)``: resample the (x, y) pairs with replacement
+    ``resamples`` times (numpy's default_rng(seed)); resamples whose statistic is undefined (NaN: all x or
+    all y equal) are left out."""
+    if len(x) != len(y) or len(x) < 3:
+        raise ValueError(f"bootstrap needs at least 3 paired values, got {len(x)} and {len(y)}")
+    rng = np.random.default_rng(seed)
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    values = []
+    for _ in range(resamples):
+        index = rng.integers(0, len(xs), len(xs))
+        values.append(statistic(xs[index].tolist(), ys[index].tolist()))
+    finite = np.asarray([v for v in values if math.isfinite(v)])
+    if len(finite) == 0:
+        return float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))
+
+
 def random_static_weights(num_tasks: int, generator: torch.Generator) -> list[float]:
     """Uniform on (0, 1), renormalised to sum to T (paper 5.3)."""
     raw = torch.rand(num_tasks, generator=generator, dtype=torch.float64).clamp_min(1e-3)
     return (raw * (num_tasks / raw.sum())).tolist()
+
+
+def expected_distance(target: Sequence[float], concentration: float) -> float:
+    """Root-mean-square L2 distance of T x Dirichlet(kappa m) draws to their mean T m, m = target / T:
+    sqrt(T^2 (1 - sum_i m_i^2) / (kappa + 1)), from the Dirichlet's variances m_i (1 - m_i) / (kappa + 1)."""
+    total = float(sum(target))
+    shares = np.asarray(target, dtype=float) / total
+    return total * math.sqrt((1.0 - float((shares**2).sum())) / (concentration + 1.0))
+
+
+def mixture_static_weights(
+    target: Sequence[float], networks: int, rng: np.random.Generator, concentrations: Sequence[float] = DEFAULT_CONCENTRATIONS
+) -> list[tuple[str, list[float]]]:
+    """``networks`` weightings, each positive and summing to T = len(target): network k from component
+    k mod (C + 1), a Dirichlet centred on target / sum(target) with concentration ``concentrations[c]``, or
+    (c = C) uniform on (0, 1); each is floored at MIN_SHARE of T and renormalised to sum to T."""
+    if not concentrations or any(not (c > 0 and math.isfinite(c)) for c in concentrations):
+        raise ValueError(f"mixture sampling needs positive, finite Dirichlet concentrations, got {list(concentrations)}")
+    if any(not (w > 0 and math.isfinite(w)) for w in target):
+        raise ValueError(f"mixture sampling is centred on positive weights, got {list(target)}")
+    num_tasks = len(target)
+    shares = np.asarray(target, dtype=float) / float(sum(target))
+    draws: list[tuple[str, list[float]]] = []
+    for index in range(networks):
+        component = index % (len(concentrations) + 1)
+        if component == len(concentrations):
+            name, raw = "uniform", rng.uniform(0.0, 1.0, num_tasks)
+        else:
+            kappa = float(concentrations[component])
+            name, raw = f"dirichlet-{kappa:g}", rng.dirichlet(kappa * shares)
+        raw = raw / raw.sum()
+        raw = np.maximum(raw, MIN_SHARE)
+        draws.append((name, (raw * (num_tasks / raw.sum())).tolist()))
+    return draws
 
 
 def run_sweep(
@@ -89,10 +172,17 @@ def run_sweep(
     alpha: float = 0.12,
     seed: int = 0,
     progress: Optional[Callable[[int], None]] = None,
+    sampling: str = "uniform",
+    concentrations: Sequence[float] = DEFAULT_CONCENTRATIONS,
 ) -> SweepResult:
-    """Train the GradNorm network and ``networks`` random static ones under ``root``."""
+    """Train the GradNorm network and ``networks`` random static ones under ``root``; ``sampling``: see the
+    module's docstring."""
     if networks < 3:
         raise ValueError(f"a correlation needs at least 3 static networks, got {networks}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; choose from {list(SAMPLINGS)}")
+    if sampling == "mixture" and (not concentrations or any(not (c > 0 and math.isfinite(c)) for c in concentrations)):
+        raise ValueError(f"mixture sampling needs positive, finite Dirichlet concentrations, got {list(concentrations)}")
     root = Path(root)
     config = toy.ToyConfig(num_tasks=num_tasks, data_seed=seed, init_seed=seed + 1)
     data = toy.make_data(config)
@@ -100,15 +190,30 @@ def run_sweep(
     reference = train_toy(config, GradNorm(alpha=alpha), steps, gradnorm_run, runs_root=root, data=data, progress=progress)
     averaged = export_weights(root, gradnorm_run, root / f"{gradnorm_run}-weights.json", burn_in=BURN_IN)["weights"]
     target = np.array([averaged[t] for t in data.task_names])
-    result = SweepResult(num_tasks, steps, target.tolist(), reference.normalized_test_loss)
-    generator = torch.Generator().manual_seed(seed + 1000)
-    for index in range(networks):
-        weights = random_static_weights(num_tasks, generator)
+    used = [float(c) for c in concentrations] if sampling == "mixture" else []
+    result = SweepResult(num_tasks, steps, target.tolist(), reference.normalized_test_loss, sampling=sampling, concentrations=used, seed=seed)
+    if sampling == "uniform":
+        generator = torch.Generator().manual_seed(seed + 1000)
+        draws = [("uniform", random_static_weights(num_tasks, generator)) for _ in range(networks)]
+    else:
+        draws = mixture_static_weights(target.tolist(), networks, np.random.default_rng(seed + 1000), used)
+    for index, (draw, weights) in enumerate(draws):
         name = f"sweep-T{num_tasks}-static-{index:03d}"
         trained = train_toy(config, StaticWeights(weights), steps, name, runs_root=root, data=data, progress=progress)
         distance = float(np.linalg.norm(np.asarray(weights) - target))
-        result.points.append(SweepPoint(name, weights, distance, trained.normalized_test_loss))
+        result.points.append(SweepPoint(name, weights, distance, trained.normalized_test_loss, draw))
     return result
+
+
+def sampling_description(result: SweepResult) -> str:
+    if result.sampling == "uniform":
+        return "uniform on (0, 1), renormalised to sum to T"
+    kappas = ", ".join(f"{c:g}" for c in result.concentrations)
+    expected = ", ".join(f"{expected_distance(result.gradnorm_weights, c):.2f}" for c in result.concentrations)
+    return (
+        f"mixture: network k from component k mod {len(result.concentrations) + 1}, T x Dirichlet(kappa E_t[w_i]/T) with kappa in "
+        f"({kappas}) (RMS distance to E_t[w_i] {expected}), or uniform on (0, 1); each renormalised to sum to T"
+    )
 
 
 def write_report(result: SweepResult, out_dir: Path) -> list[Path]:
@@ -122,13 +227,18 @@ def write_report(result: SweepResult, out_dir: Path) -> list[Path]:
         f"GradNorm: E_t[w_i] = {', '.join(f'{w:.3f}' for w in result.gradnorm_weights)}; "
         f"task-normalised test loss {result.gradnorm_test_loss:.4f}; beaten by {result.beaten_by} of {len(result.points)} random static networks.",
         "",
-        f"Correlation between test loss and L2 distance to E_t[w_i]: Pearson {result.pearson:.3f}, Spearman {result.spearman:.3f}.",
+        f"Static weights: {sampling_description(result)} (seed {result.seed}).",
         "",
-        "| run | static weights | L2 distance | test sum_i L_i/L_i(0) |",
-        "|---|---|---|---|",
+        f"Correlation between test loss and L2 distance to E_t[w_i]: Pearson {result.pearson:.3f} "
+        f"(bootstrap 95% interval {_interval(result.pearson_interval())}), Spearman {result.spearman:.3f} "
+        f"({_interval(result.spearman_interval())}); {BOOTSTRAP_RESAMPLES} resamples of the networks.",
+        "",
+        "| run | draw | static weights | L2 distance | test sum_i L_i/L_i(0) |",
+        "|---|---|---|---|---|",
     ]
     for point in sorted(result.points, key=lambda p: p.distance):
-        lines.append(f"| {point.run} | {', '.join(f'{w:.3f}' for w in point.weights)} | {point.distance:.3f} | {point.test_loss:.4f} |")
+        weights = ", ".join(f"{w:.3f}" for w in point.weights)
+        lines.append(f"| {point.run} | {point.draw} | {weights} | {point.distance:.3f} | {point.test_loss:.4f} |")
     markdown = out_dir / "sweep.md"
     markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
     figures = out_dir / "sweep.json"
@@ -146,19 +256,24 @@ def sweep_chart(result: SweepResult):
     import altair as alt
     import pandas as pd
 
-    frame = pd.DataFrame([{"run": p.run, "distance": p.distance, "test_loss": p.test_loss} for p in result.points])
+    frame = pd.DataFrame([{"run": p.run, "draw": p.draw, "distance": p.distance, "test_loss": p.test_loss} for p in result.points])
     points = (
         alt.Chart(frame)
         .mark_circle(size=70)
         .encode(
             x=alt.X("distance:Q", title="L2 distance to GradNorm's E_t[w_i]"),
             y=alt.Y("test_loss:Q", title="task-normalised test loss", scale=alt.Scale(zero=False)),
-            tooltip=["run", alt.Tooltip("distance:Q", format=".3f"), alt.Tooltip("test_loss:Q", format=".4f")],
+            color=alt.Color("draw:N", title="static weights drawn from"),
+            tooltip=["run", "draw", alt.Tooltip("distance:Q", format=".3f"), alt.Tooltip("test_loss:Q", format=".4f")],
         )
     )
     rule = alt.Chart(pd.DataFrame({"gradnorm": [result.gradnorm_test_loss]})).mark_rule(strokeDash=[4, 4], color="firebrick").encode(y="gradnorm:Q")
     title = f"Random static weights vs GradNorm (T={result.num_tasks}); Pearson {result.pearson:.2f}"
     return (points + rule).properties(title=title, width=480, height=320)
+
+
+def _interval(bounds: tuple[float, float]) -> str:
+    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
 def _json_default(value):
