@@ -18,6 +18,7 @@ import pytest
 
 from gradnorm.toolkit import analysis, runs, schema
 from gradnorm.toolkit.analysis import partials
+from gradnorm.toolkit.analysis import series as series_module
 from gradnorm.toolkit.recorder import Recorder
 from tests.helpers import faults as scenarios
 
@@ -58,7 +59,7 @@ def live_rows(run_path: Path) -> dict[str, np.ndarray]:
         if key not in kept or (row["attempt"] or 1) >= (kept[key]["attempt"] or 1):
             kept[key] = row
     rows = list(kept.values())
-    return {name: np.array([r[name] for r in rows]) for name in ("task", "step", "weight", "balancer_weight", "loss_ratio", "present")}
+    return {name: np.array([r[name] for r in rows]) for name in ("task", "step", "weight", "balancer_weight", "loss_ratio", "present", "grad_norm")}
 
 
 def expected_weights(rows: dict[str, np.ndarray]) -> tuple[int, int, dict[str, dict[str, float]]]:
@@ -107,6 +108,29 @@ def check_against_files(root: Path, run_path: Path) -> None:
     for task in TASKS:
         mine = rows["task"] == task
         assert last[task] == pytest.approx(float(rows["loss_ratio"][mine][np.argmax(rows["step"][mine])]), rel=1e-12)
+    # The balance summary's spreads over the first and last tenth of 20 buckets (the cache reads only those).
+    calls = []
+    real = series_module._balance
+    series_module._balance = lambda runs, points, only=None: calls.append(only) or real(runs, points, only)
+    try:
+        figures = analysis.balance_summary(root, RUN, buckets=20)
+    finally:
+        series_module._balance = real
+    if partials.usable(analysis.catalog.load_run_files(root, RUN)) and (rows["step"].max() - rows["step"].min()) / 20 > 2 * BLOCK:
+        assert calls[0] is not None  # buckets wider than blocks: only the two ends' buckets were queried
+    steps = rows["step"].astype(float)
+    low, high = steps.min(), steps.max()  # (the run has no validation rows: the x range is the training steps')
+    bucket = np.minimum(np.floor((steps - low) / (high - low) * 20), 19)
+    filled = np.unique(bucket)
+    assert figures["buckets"] == len(filled)
+    count = max(1, round(0.1 * len(filled)))
+    for name, column in (("grad_norm_cv", "grad_norm"), ("loss_ratio_cv", "loss_ratio")):
+        spreads = []
+        for b in filled:
+            means = np.array([rows[column][(bucket == b) & (rows["task"] == t)].astype(float).mean() for t in TASKS])
+            spreads.append(means.std() / means.mean())
+        assert figures[f"{name}_start"] == pytest.approx(np.mean(spreads[:count]), rel=1e-9)
+        assert figures[f"{name}_end"] == pytest.approx(np.mean(spreads[-count:]), rel=1e-9)
     # And the same figures with the cache off (the plain queries over every file).
     partials.ENABLED = False
     try:

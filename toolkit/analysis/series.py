@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import pandas as pd
 
 from gradnorm.toolkit import schema
@@ -111,16 +112,26 @@ def balance_series(root: PathLike, run_ids: Union[str, Sequence[str]], *, max_po
     one scan of a 10 M-row run.
     """
     _check_points(max_points)
-    run_list = resolve_runs(root, [run_ids] if isinstance(run_ids, str) else run_ids)
+    return _balance(resolve_runs(root, [run_ids] if isinstance(run_ids, str) else run_ids), max_points)
+
+
+def _balance(run_list: Sequence[RunFiles], max_points: int, only: Optional[tuple[int, int, float, float]] = None) -> pd.DataFrame:
+    """:func:`balance_series`' query; with ``only`` = (b1, b2, s1, s2) just the buckets numbered up to b1
+    or from b2 on, whose rows lie at steps up to s1 or from s2 on (a range DuckDB prunes row groups by)."""
     params: dict[str, Any] = {"points": max_points}
     where = _filters(params, schema.TRAIN, None, None)
+    having = ""
+    if only is not None:
+        params.update(b_first=only[0], b_last=only[1], s_first=only[2], s_last=only[3])
+        where += " AND (step <= $s_first OR step >= $s_last)"
+        having = "HAVING bucket <= $b_first OR bucket >= $b_last"
     lows, highs = _x_ranges(run_list, "step", None)
     body = f"""
         , per_task AS (
             SELECT run_id, task,
                    CASE WHEN x_hi > x_lo THEN least(floor((step - x_lo) / (x_hi - x_lo) * $points), $points - 1) ELSE 0 END AS bucket,
                    min(step) AS step, avg(grad_norm) AS g, avg(loss_ratio) AS r
-            FROM metrics WHERE {where} GROUP BY run_id, task, bucket
+            FROM metrics WHERE {where} GROUP BY run_id, task, bucket {having}
         )
         SELECT run_id, min(step) AS step,
                stddev_pop(g) / nullif(avg(g), 0) AS grad_norm_cv,
@@ -131,17 +142,63 @@ def balance_series(root: PathLike, run_ids: Union[str, Sequence[str]], *, max_po
     return query(run_list, body, params, BALANCE_COLUMNS, constants={"x_lo": lows, "x_hi": highs})
 
 
+def _edge_buckets(run: RunFiles, points: int, edge: float) -> Optional[tuple[int, tuple[int, int, float, float]]]:
+    """The number of non-empty buckets of :func:`balance_series` and the ``only`` argument of
+    :func:`_balance` that selects the first and the last ``edge`` of them, from the cached per-file block
+    sums: a block's first and last training step are steps with rows, so their buckets hold rows, and
+    a bucket lying between them inside one block is unknown (then None: the whole series is queried).
+    None as well where the two ends would cover every bucket."""
+    try:
+        sums = partials.with_rescans(run, lambda: partials.block_sums(run, partials.WEIGHTS))
+    except partials.Uncacheable:
+        return None
+    train = partials.train_blocks(sums)
+    lows, highs = _x_ranges([run], "step", None)
+    x_lo, x_hi = lows[0], highs[0]
+    if train.empty or not x_hi > x_lo:
+        return None
+
+    def bucket(steps: pd.Series) -> np.ndarray:
+        # (step - x_lo) / (x_hi - x_lo) * points in doubles, as the query computes it
+        return np.minimum(np.floor((steps.to_numpy(dtype=np.float64) - x_lo) / (x_hi - x_lo) * points), points - 1).astype(np.int64)
+
+    first, last = bucket(train["lo"]), bucket(train["hi"])
+    if (last - first >= 2).any():
+        return None
+    filled = np.union1d(first, last)
+    count = max(1, int(round(edge * len(filled))))
+    if 2 * count >= len(filled):
+        return None
+    b1, b2 = int(filled[count - 1]), int(filled[-count])
+    width = (x_hi - x_lo) / points
+    # A margin of a step (and of the doubles' rounding) keeps every row of those buckets inside the ranges.
+    s1 = x_lo + (b1 + 1) * width + 1 + 1e-9 * abs(x_hi)
+    s2 = x_lo + b2 * width - 1 - 1e-9 * abs(x_hi)
+    return len(filled), (b1, b2, s1, s2)
+
+
 def balance_summary(root: PathLike, run_id: str, edge: float = 0.1, buckets: int = 200) -> dict[str, Any]:
     """Headline balance figures: the spreads of :func:`balance_series` (``buckets`` buckets) averaged
     over the first and the last ``edge`` of the run, the number of skipped weight updates and the
     final loss ratio per task."""
     if not 0 < edge <= 0.5:
         raise AnalysisError(f"edge is a fraction of the run in (0, 0.5], got {edge!r}")
+    _check_points(buckets)
     run_list = resolve_runs(root, [run_id])
-    series = balance_series(root, run_id, max_points=buckets)
-    figures: dict[str, Any] = {"run_id": run_id, "buckets": len(series)}
+    # Only the first and the last ``edge`` of the buckets are averaged: where the cached block sums tell
+    # which buckets hold rows, only those buckets' steps are read (two ranges of row groups).
+    plan = _edge_buckets(run_list[0], buckets, edge) if partials.usable(run_list[0]) else None
+    series = _balance(run_list, buckets, plan[1]) if plan is not None else None
+    if plan is not None and series is not None and len(series) != 2 * max(1, int(round(edge * plan[0]))):
+        series = None  # not the buckets the sums foretold: read them all
+    if series is None or plan is None:
+        series = _balance(run_list, buckets)
+        filled = len(series)
+    else:
+        filled = plan[0]
+    figures: dict[str, Any] = {"run_id": run_id, "buckets": filled}
     if len(series):
-        count = max(1, int(round(edge * len(series))))
+        count = max(1, int(round(edge * filled)))
         for column in ("grad_norm_cv", "loss_ratio_cv", "grad_norm_max_over_min"):
             figures[f"{column}_start"] = float(series[column].iloc[:count].mean())
             figures[f"{column}_end"] = float(series[column].iloc[-count:].mean())
