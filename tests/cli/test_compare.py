@@ -39,6 +39,8 @@ def small_compare(tmp_path_factory):
             "--out",
             str(out),
             "--no-progress",
+            "--cost-rounds",  # the interleaved cost table: one round keeps the fixture fast; tests/experiments checks it
+            "1",
         ]
     )
     assert code == 0
