@@ -616,3 +616,45 @@ def test_the_sketch_resumes_exactly_from_a_checkpoint():
     _toy_steps(second, model, optimizer, data, range(5, 10))
     torch.testing.assert_close(second.balancer.weights(), uninterrupted, rtol=0, atol=0)
     second.close()
+
+
+def test_a_step_the_taps_never_see_falls_back_to_the_per_task_path(monkeypatch):
+    """A loss never backpropagated (step 2): that step and the rest are measured by the meter's own per-task
+    path (its capture of W's calls, paused while the taps fed it, resumes), with the norms of the general
+    path run alongside; run.json's fed_by says from when and why."""
+    import gradnorm
+
+    def run(heads, skip: int = 2, steps: int = 6):
+        model, x, y, task_losses = problem("toy")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        session = gradnorm.attach(model.shared_layer, gradnorm.GradNorm(alpha=0.12), distributed_norms="rows", heads=heads)
+        norms = []
+        update = session.balancer.update
+
+        def keep(losses, n, **kw):
+            norms.append(n.detach().clone())
+            return update(losses, n, **kw)
+
+        session.balancer.update = keep  # type: ignore[method-assign]
+        for step, index in enumerate(batches(steps)):
+            loss = session.loss(task_losses(model(x[index]), y[index]))
+            if step == skip:
+                continue  # this step's loss is never backpropagated
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        taps = session.taps
+        fed_by = session._owned.meta_updates.get("distributed_norms", {}).get("fed_by")
+        session.close()
+        return torch.stack(norms), taps, fed_by
+
+    once = []
+    gradients_once = dn.DistributedNormMeter._gradients_once
+    monkeypatch.setattr(dn.DistributedNormMeter, "_gradients_once", lambda self, *args: once.append(args[-1]) or gradients_once(self, *args))
+    tapped, taps, fed_by = run("auto")
+    # Steps 2 and 3, whose calls of W went unkept while the taps served: the per-task weight gradients, once each.
+    assert len(once) == 2 and "not kept" in once[0], once
+    general, _, _ = run(None)
+    assert taps is None  # dropped at step 3
+    torch.testing.assert_close(tapped, general, rtol=1e-9, atol=1e-12)
+    assert fed_by.startswith("one backward per task") and "the loss of step 2 was never backpropagated" in fed_by
