@@ -97,3 +97,13 @@ def test_sweep_command_with_mixture_sampling(tmp_path, capsys):
     assert "--sampling mixture only" in capsys.readouterr().err
     assert cli.main(["sweep", "--sampling", "mixture", "--concentrations", "0", "--runs-root", str(tmp_path / "r3")]) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_static_networks_in_worker_processes_match_one_process(tmp_path):
+    one = grid_sweep.run_sweep(tmp_path / "one", num_tasks=2, networks=3, steps=10, sampling="mixture", seed=2)
+    two = grid_sweep.run_sweep(tmp_path / "two", num_tasks=2, networks=3, steps=10, sampling="mixture", seed=2, jobs=2)
+    assert [(p.run, p.draw, p.weights, p.test_loss) for p in two.points] == [(p.run, p.draw, p.weights, p.test_loss) for p in one.points]
+    assert all((tmp_path / "two" / p.run / "run.json").is_file() for p in two.points)
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        grid_sweep.run_sweep(tmp_path / "none", jobs=0)

@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threads", type=int, default=SMALL_MODEL_THREADS, help=f"intra-op threads (default: {SMALL_MODEL_THREADS}: these small models gain nothing from more)"
     )
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes for the static networks, each with --threads (default: 1)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run)
 
@@ -55,7 +56,16 @@ def run(args: argparse.Namespace) -> int:
     root = args.runs_root or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S")
     with intra_op_threads(args.threads), tqdm(total=args.steps * (args.networks + 1), desc="sweep", unit="step", disable=args.no_progress) as bar:
         result = run_sweep(
-            root, args.tasks, args.networks, args.steps, args.alpha, args.seed, progress=bar.update, sampling=args.sampling, concentrations=concentrations
+            root,
+            args.tasks,
+            args.networks,
+            args.steps,
+            args.alpha,
+            args.seed,
+            progress=bar.update,
+            sampling=args.sampling,
+            concentrations=concentrations,
+            jobs=args.jobs,
         )
     written = write_report(result, args.out or root)
     print(written[0].read_text(encoding="utf-8"))

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -174,9 +176,12 @@ def run_sweep(
     progress: Optional[Callable[[int], None]] = None,
     sampling: str = "uniform",
     concentrations: Sequence[float] = DEFAULT_CONCENTRATIONS,
+    jobs: int = 1,
 ) -> SweepResult:
     """Train the GradNorm network and ``networks`` random static ones under ``root``; ``sampling``: see the
-    module's docstring."""
+    module's docstring; ``jobs``: worker processes for the static networks (same results as 1)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     if networks < 3:
         raise ValueError(f"a correlation needs at least 3 static networks, got {networks}")
     if sampling not in SAMPLINGS:
@@ -197,12 +202,32 @@ def run_sweep(
         draws = [("uniform", random_static_weights(num_tasks, generator)) for _ in range(networks)]
     else:
         draws = mixture_static_weights(target.tolist(), networks, np.random.default_rng(seed + 1000), used)
-    for index, (draw, weights) in enumerate(draws):
-        name = f"sweep-T{num_tasks}-static-{index:03d}"
-        trained = train_toy(config, StaticWeights(weights), steps, name, runs_root=root, data=data, progress=progress)
+    names = [f"sweep-T{num_tasks}-static-{index:03d}" for index in range(networks)]
+    if jobs == 1:
+        losses = [
+            train_toy(config, StaticWeights(w), steps, name, runs_root=root, data=data, progress=progress).normalized_test_loss
+            for name, (_, w) in zip(names, draws)
+        ]
+    else:
+        # the static networks are independent (each from the config's initialisation and batches): one per worker
+        # process at a time, each with this process's thread count; results come back in the draws' order
+        work = [(config, weights, steps, name, str(root), torch.get_num_threads()) for name, (_, weights) in zip(names, draws)]
+        losses = []
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for loss in pool.map(_train_static, *zip(*work)):
+                losses.append(loss)
+                if progress is not None:
+                    progress(steps)
+    for name, (draw, weights), loss in zip(names, draws, losses):
         distance = float(np.linalg.norm(np.asarray(weights) - target))
-        result.points.append(SweepPoint(name, weights, distance, trained.normalized_test_loss, draw))
+        result.points.append(SweepPoint(name, weights, distance, loss, draw))
     return result
+
+
+def _train_static(config: toy.ToyConfig, weights: list[float], steps: int, name: str, root: str, threads: int) -> float:
+    """One static-weights network in a worker process: its task-normalised test loss."""
+    torch.set_num_threads(threads)
+    return train_toy(config, StaticWeights(weights), steps, name, runs_root=Path(root), data=toy.make_data(config)).normalized_test_loss
 
 
 def sampling_description(result: SweepResult) -> str:
