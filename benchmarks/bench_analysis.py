@@ -305,6 +305,7 @@ def queries(root: Path) -> dict[str, Callable[[], object]]:
         "metric_series, all tasks, x = wall time": lambda: analysis.metric_series(root, RUN_ID, "loss", x="wall_time"),
         "balance_series, 2000 points": lambda: analysis.balance_series(root, RUN_ID),
         "summary (E_t[w_i], final ratios, gaps)": lambda: analysis.summary(root, RUN_ID),
+        "balance_summary (the app's headline)": lambda: analysis.balance_summary(root, RUN_ID),
     }
 
 

@@ -172,7 +172,8 @@ def test_live_queries_after_new_parts_compaction_close_and_a_resume_equal_the_fi
     again.close()
 
 
-def test_a_file_replaced_under_the_same_name_is_a_new_entry(tmp_path):
+def test_a_file_replaced_under_the_same_name_is_a_new_entry(tmp_path, monkeypatch):
+    monkeypatch.setattr(partials, "FILES_PER_SCAN", 2)  # the files of one layout share a scan (file-name column)
     run_path = runs.create_run(tmp_path, RUN, {"tasks": TASKS, "balancer": {"name": "gradnorm"}, "mode": "balance"})
     rec = Recorder(run_path, TASKS, flush_every=50, compact=False)
     scenarios._record_steps(rec, range(0, 200), TASKS)
@@ -201,3 +202,25 @@ def test_a_run_without_validation_rows_gives_the_empty_overfitting_table_and_one
     rec.close()
     frame = analysis.overfitting(tmp_path, RUN)
     assert sorted(frame["task"]) == TASKS and (frame["val_loss"] == 0.5).all()
+
+
+def test_a_damaged_data_page_behind_an_intact_footer_is_left_out_by_the_cached_queries_too(tmp_path):
+    run_path = runs.create_run(tmp_path, RUN, {"tasks": TASKS, "balancer": {"name": "gradnorm"}, "mode": "balance"})
+    rec = Recorder(run_path, TASKS, flush_every=40, compact=False)
+    scenarios._record_steps(rec, range(0, 200), TASKS)
+    rec.close()
+    parts = sorted((run_path / schema.METRICS_DIR / "rank=0").glob("part-*.parquet"))
+    data = bytearray(parts[2].read_bytes())
+    for i in range(8, len(data) // 2):  # the column chunks scribbled over, the footer kept: only reading fails
+        data[i] = 0xAB
+    parts[2].write_bytes(bytes(data))
+    average = analysis.weight_average(tmp_path, RUN)
+    assert any(str(parts[2]) in p for p in analysis.problems(tmp_path))
+    # Asked again, the damaged file is known and the cached path answers over the others: the same figures.
+    again = analysis.weight_average(tmp_path, RUN)
+    assert again.table["n"].tolist() == average.table["n"].tolist()
+    np.testing.assert_allclose(again.table["mean"], average.table["mean"], rtol=1e-12)
+    parts[2].unlink()  # the intact files alone, read by pyarrow
+    check_against_files(tmp_path, run_path)
+    assert (average.start_step, average.end_step) == (analysis.weight_average(tmp_path, RUN).start_step, analysis.weight_average(tmp_path, RUN).end_step)
+    np.testing.assert_allclose(analysis.weight_average(tmp_path, RUN).table["mean"], average.table["mean"], rtol=1e-12)

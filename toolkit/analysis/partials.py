@@ -41,6 +41,8 @@ from .source import _column, _cursor
 BLOCK_STEPS = 1024
 #: Cached files at most (one entry per part file and family); past that the cache starts again.
 MAX_CACHED_FILES = 50_000
+#: Files of one layout read by one scan each, with their number as a constant; more share one scan.
+FILES_PER_SCAN = 64
 #: Set to False to answer every query without the cache (the benchmark compares the two side by side).
 ENABLED = True
 #: Times the cached path lists a run's files again when one vanished under it (a compaction's delete).
@@ -124,10 +126,20 @@ def _compute(parts: Sequence[PartInfo], family: Family) -> dict[str, pd.DataFram
     params: dict[str, Any] = {}
     scans = []
     names = ("step", "split", "task", *family.columns)
+    numbered = 0
     for number, group in enumerate(layouts.values()):
+        if len(group) <= FILES_PER_SCAN:
+            # One scan per file with its number as a constant: grouping by it costs a fifth less than by
+            # DuckDB's file-name column.
+            for part in group:
+                params[f"file{numbered}"] = part.path
+                scans.append(f"SELECT {_select([part], names, f'$file{numbered} AS file')} FROM read_parquet($file{numbered})")
+                numbered += 1
+            continue
         column = _file_column(group)
         params[f"files{number}"] = [part.path for part in group]
-        scans.append(f'SELECT {_select(group, names, f""""{column}" AS file""")} FROM read_parquet($files{number}, filename = \'{column}\')')
+        file_name = f'"{column}" AS file'
+        scans.append(f"SELECT {_select(group, names, file_name)} FROM read_parquet($files{number}, filename = '{column}')")
     aggregates = ", ".join(f"{sql} AS {name}" for name, sql in family.aggregates)
     sql = (
         f"WITH metrics AS (SELECT * FROM ({' UNION ALL '.join(scans)}) WHERE {_VALID}) "
@@ -135,7 +147,7 @@ def _compute(parts: Sequence[PartInfo], family: Family) -> dict[str, pd.DataFram
         f"{aggregates} FROM metrics GROUP BY file, split, task, block"
     )
     frame = _run(sql, params)
-    found = {path: group.drop(columns="file").reset_index(drop=True) for path, group in frame.groupby("file", sort=False)}
+    found = {str(path): group.drop(columns="file").reset_index(drop=True) for path, group in frame.groupby("file", sort=False)}
     empty = frame.iloc[0:0].drop(columns="file")
     return {part.path: found.get(part.path, empty) for part in parts}
 

@@ -188,6 +188,34 @@ def _recover_from(run_list: Sequence[RunFiles], error: Exception) -> Optional[st
                 run.problems.append(problem)
                 remember(Path(part.path), problem)
                 return "dropped"
+    # Some damage makes DuckDB fail without naming the file ("Variable-length int over 10 bytes"): each
+    # file is then read on its own (every record column decoded) to find the one that fails.
+    for run in run_list:
+        for part in list(run.parts):
+            if not os.path.lexists(part.path):
+                for each in run_list:
+                    each.rescan()
+                return "rescanned"
+            failure = _probe(part)
+            if failure is not None:
+                run.parts.remove(part)
+                problem = f"{part.path}: cannot be read, left out ({failure})"
+                run.problems.append(problem)
+                remember(Path(part.path), problem)
+                return "dropped"
+    return None
+
+
+def _probe(part: PartInfo) -> Optional[str]:
+    """Why DuckDB cannot decode ``part``'s record columns, or None when it can."""
+    columns = ", ".join(f'min("{name}")' for name in part.columns) or "count(*)"
+    cursor = _cursor()
+    try:
+        cursor.execute(f"SELECT {columns} FROM read_parquet($file)", {"file": part.path}).fetchall()
+    except duckdb.Error as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    finally:
+        cursor.close()
     return None
 
 
