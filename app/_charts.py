@@ -163,7 +163,7 @@ def _with_raw(frame: pd.DataFrame) -> pd.DataFrame:
 
 #: What a line chart sends to the browser: the band and last-value columns are not drawn, and every byte
 #: of the page's data is decoded and laid out by the browser before the first chart shows.
-DRAWN = ["run_id", "task", "x", "value", "value_raw", "n", "kind", "start", "end", "average"]
+DRAWN = ["run_id", "task", "x", "value", "value_raw", "n", "kind", "start", "end", "average", "band_low", "band_high", "runs"]
 
 
 def _lean(frame: pd.DataFrame) -> pd.DataFrame:
@@ -174,17 +174,24 @@ def _lean(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _interactive(base: alt.Chart, encoding: dict, tooltip: list, name: str) -> list[alt.Chart]:
-    """Zoom/pan on x and a hover rule with the value of every series at the nearest x. The hover marks are
-    hidden by opacity rather than filtered out, so no layer is ever empty (Vega warns of an infinite
-    extent for an empty layer on a shared scale).
+    """Zoom/pan on x and a hover rule with the value of every series at the nearest x.
 
-    The nearest-x selection lives on the rule layer, one mark per distinct x, not on the points: Vega finds
-    the nearest mark through a Voronoi diagram of the layer's marks, and over every point of every series
-    (runs x tasks x steps) that diagram was most of the time to the first drawn chart."""
+    What the browser builds is what the first chart waits for, so the hover costs marks only where it
+    shows: the nearest-x selection lives on the rule layer, one mark per distinct x (Vega finds the nearest
+    mark through a Voronoi diagram of the layer's marks: over every point of every series, runs x tasks x
+    steps, that diagram was most of the time to the first drawn chart), and the points layer keeps only the
+    points at the hovered x. It also keeps those at the first x, hidden by opacity, so that it is never
+    empty (Vega warns of an infinite extent for an empty layer on a shared scale): tens of marks instead of
+    one per point (15,000 on the bundled runs' first chart, 3 runs x 10 tasks x 500 points)."""
     zoom = alt.selection_interval(bind="scales", encodings=["x"], name=f"{name}_zoom")
     hover = alt.selection_point(name=f"{name}_hover", fields=["x"], nearest=True, on="pointerover", clear="pointerout", empty=False)
     lines = base.mark_line(strokeWidth=1.6, clip=True).encode(**encoding).add_params(zoom)
-    points = base.mark_point(filled=True, size=36, clip=True).encode(
+    data = base.data if isinstance(base.data, pd.DataFrame) else pd.DataFrame()
+    first = _first_x(data)
+    store = f"{name}_hover_store"
+    shown = f"(length(data('{store}')) && vlSelectionTest('{store}', datum))"
+    points = base.transform_filter(f"datum.x === {first!r} || {shown}" if first is not None else shown).mark_point(filled=True, size=36, clip=True)
+    points = points.encode(
         x=encoding["x"], y=encoding["y"], color=encoding["color"], opacity=alt.condition(hover, alt.value(1.0), alt.value(0.0)), tooltip=tooltip
     )
     rule = (
@@ -194,6 +201,31 @@ def _interactive(base: alt.Chart, encoding: dict, tooltip: list, name: str) -> l
         .add_params(hover)
     )
     return [lines, points, rule]
+
+
+def _first_x(frame: pd.DataFrame) -> Optional[float]:
+    """The smallest finite x of ``frame``, as the number the browser compares (None where there is none)."""
+    if "x" not in frame.columns or frame.empty:
+        return None
+    values = pd.to_numeric(frame["x"], errors="coerce")
+    values = values[values.notna() & (values.abs() != float("inf"))]
+    return float(values.min()) if len(values) else None
+
+
+def _band(base: alt.Chart, encoding: dict, title: str, log: bool, detail: Optional[str] = None) -> list[alt.Chart]:
+    """A group's band (``band_low`` to ``band_high`` across its runs, :mod:`gradnorm.app._grouping`) as a
+    faint area in the series' colour, under the lines; nothing where the frame has no band."""
+    fields = set(base.data.columns) if isinstance(base.data, pd.DataFrame) else set()
+    if not {"band_low", "band_high"} <= fields:
+        return []
+    shared = {k: v for k, v in encoding["y"].to_dict().items() if k in ("scale", "axis")}  # the lines' y scale and axis
+    y = alt.Y("band_low:Q", title=title, **shared)
+    channels: dict[str, Any] = dict(x=encoding["x"], y=y, y2=alt.Y2("band_high:Q"), color=encoding["color"])
+    if detail:
+        channels["detail"] = detail
+    # (on a log axis a mean - std below zero has no place: that side of the band stops at the mean)
+    low = "datum.band_low > 0 ? datum.band_low : datum.value" if log else "datum.band_low"
+    return [base.transform_calculate(band_low=low).mark_area(opacity=0.16, clip=True, interpolate="linear").encode(**channels)]
 
 
 def _largest(frame: pd.DataFrame, column: str = "x") -> float:
@@ -245,7 +277,9 @@ def metric_charts(
         frame = _lean(series[series["run_id"].isin(group)] if len(series) else series)
         encoding = dict(x=_x(x, largest=_largest(series)), y=_y("value", y_title, log, zero, domain), color=_task_colour(colour), strokeDash=_run_dash(group))
         base = alt.Chart(frame)
-        layers = _interactive(base, encoding, _tooltip(y_title, x), f"{name}{index}")
+        grouped = "runs" in frame.columns
+        tooltip = _tooltip(y_title, x, [alt.Tooltip("runs:Q", title="runs in group")] if grouped else ())
+        layers = [*_band(base, encoding, y_title, log, detail="run_id:N"), *_interactive(base, encoding, tooltip, f"{name}{index}")]
         for run_id in group:
             layers.extend((extra_layers or {}).get(run_id, ()))
         title = None if len(groups) == 1 else f"runs {index * RUNS_PER_CHART + 1}-{index * RUNS_PER_CHART + len(group)} of {len(runs)}"
@@ -338,8 +372,10 @@ def grad_norm_charts(
             strokeDash=dash,
             detail="kind:N",
         )
-        tooltip = _tooltip("norm", x, [alt.Tooltip("kind:N", title="series")])
-        layers = _interactive(alt.Chart(frame), encoding, tooltip, f"norms{index}")
+        grouped = "runs" in frame.columns
+        tooltip = _tooltip("norm", x, [alt.Tooltip("kind:N", title="series"), *([alt.Tooltip("runs:Q", title="runs in group")] if grouped else [])])
+        base = alt.Chart(frame)
+        layers = [*_band(base, encoding, "gradient norm at W", log, detail="kind:N"), *_interactive(base, encoding, tooltip, f"norms{index}")]
         charts.append(alt.layer(*layers).properties(title=run_id, width=width, height=legend_height(_count(colour), 2)))
     return charts
 
@@ -441,8 +477,14 @@ def balance_charts(balance: pd.DataFrame, *, log: bool = False, runs: Optional[S
             strokeDash=alt.StrokeDash("run_id:N", scale=run_dash_scale(runs), legend=legend),
         )
         tooltip = [alt.Tooltip("run_id:N", title="run"), alt.Tooltip("x:Q", title="step", format=",d"), alt.Tooltip("value_raw:Q", title=title, format=".4~g")]
-        base = alt.Chart(frame[["run_id", "x", "value", "value_raw"]])
-        layers = _interactive(base, encoding, tooltip, f"balance_{column}")
+        kept = ["run_id", "x", "value", "value_raw"]
+        if f"{column}_low" in balance.columns:  # a group's band across its runs
+            frame = frame.assign(band_low=balance[f"{column}_low"], band_high=balance[f"{column}_high"], runs=balance[f"{column}_runs"])
+            kept += ["band_low", "band_high", "runs"]
+            tooltip.append(alt.Tooltip("runs:Q", title="runs in group"))
+        base = alt.Chart(frame[kept])
+        band_encoding = encoding | {"color": alt.Color("run_id:N", scale=run_colour_scale(runs), legend=legend)}
+        layers = [*_band(base, band_encoding, title, log), *_interactive(base, encoding, tooltip, f"balance_{column}")]
         charts.append(alt.layer(*layers).properties(title=title, width=width, height=legend_height(len(runs))))
     return charts
 

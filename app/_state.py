@@ -26,6 +26,8 @@ class UrlState:
     tasks: Optional[list[str]] = None
     max_points: Optional[int] = None
     baseline: Optional[str] = None
+    group: Optional[str] = None  # a run grouping key (gradnorm.app._grouping): balancer, name, config:<field>
+    band: Optional[str] = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -42,7 +44,9 @@ def _one(params: Params, key: str) -> Optional[str]:
 
 
 def parse(params: Params) -> UrlState:
-    state = UrlState(root=_one(params, "root"), view=_one(params, "view"), x=_one(params, "x"), baseline=_one(params, "baseline"))
+    state = UrlState(root=_one(params, "root"), view=_one(params, "view"), x=_one(params, "x"), baseline=_one(params, "baseline"), group=_one(params, "group"))
+    band = _one(params, "band")
+    state.band = band if band in ("minmax", "std", "none") else None
     runs, tasks = _all(params, "run"), _all(params, "task")
     state.runs = runs or None
     state.tasks = tasks or None
@@ -75,6 +79,8 @@ def encode(
     tasks: Optional[Sequence[str]],
     max_points: int,
     baseline: Optional[str],
+    group: Optional[str] = None,
+    band: Optional[str] = None,
 ) -> dict[str, Union[str, list[str]]]:
     params: dict[str, Union[str, list[str]]] = {"root": root, "run": list(runs), "view": view, "smooth": f"{smoothing:g}", "x": x, "log": "1" if log else "0"}
     if step_range is not None:
@@ -84,4 +90,8 @@ def encode(
     params["points"] = str(max_points)
     if baseline:
         params["baseline"] = baseline
+    if group and group != "none":
+        params["group"] = group
+        if band:
+            params["band"] = band
     return params

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, TypeVar
 
@@ -25,10 +25,12 @@ import streamlit as st
 
 from gradnorm.app import _charts as charts
 from gradnorm.app import _data as data
+from gradnorm.app import _grouping as grouping
 from gradnorm.app import _state as url
 from gradnorm.app import _verdicts as verdicts
 from gradnorm.app._smoothing import smooth_series
 from gradnorm.toolkit import analysis
+from gradnorm.toolkit.analysis import catalog
 
 LIVE_REFRESH_SECONDS = 5.0
 #: How often a finished or empty root is looked at for a new run (a directory listing, nothing read).
@@ -58,11 +60,11 @@ def _code(text: object) -> str:
 VIEWS = ["Weights", "Compare runs", "Gradient norms & loss ratios", "Overfitting", "Balance", "Export weights"]
 #: Which sidebar controls each view uses; the others are shown disabled there, with the reason.
 USES = {
-    "Weights": {"smoothing", "x", "log", "steps", "tasks", "points"},
+    "Weights": {"smoothing", "x", "log", "steps", "tasks", "points", "group"},
     "Compare runs": {"tasks"},
-    "Gradient norms & loss ratios": {"smoothing", "x", "log", "steps", "tasks", "points"},
+    "Gradient norms & loss ratios": {"smoothing", "x", "log", "steps", "tasks", "points", "group"},
     "Overfitting": {"smoothing", "log", "steps", "tasks", "points"},
-    "Balance": {"smoothing", "log", "steps", "points"},
+    "Balance": {"smoothing", "log", "steps", "points", "group"},
     "Export weights": set(),
 }
 #: Keeps the page at full opacity while Streamlit reruns it (live refreshes would dim it every 5 s).
@@ -77,6 +79,17 @@ class Controls:
     step_range: Optional[tuple[int, int]]
     tasks: Optional[tuple[str, ...]]
     max_points: int
+    group: str = grouping.NONE
+    band: str = "minmax"
+    #: group name -> its runs (empty without grouping)
+    members: dict[str, list[str]] = field(default_factory=dict)
+
+    def grouped(self, view: str) -> bool:
+        return self.group != grouping.NONE and "group" in USES.get(view, set()) and bool(self.members)
+
+    def shown(self, selected: list[str], view: str) -> list[str]:
+        """What the view draws as lines: the groups, or the runs themselves."""
+        return list(self.members) if self.grouped(view) else selected
 
 
 def root_from_arguments(argv: Sequence[str]) -> analysis.RunsRoot:
@@ -168,6 +181,49 @@ def default_selection(listing: pd.DataFrame) -> list[str]:
     return chosen
 
 
+@st.cache_data(show_spinner=False, max_entries=512)
+def run_meta(root: str, run_id: str, signature: str) -> dict:
+    """A run's run.json as the analysis reads it (``signature``: its files' digest, so an edit is seen)."""
+    return dict(catalog.load_run_files(root, run_id).meta)
+
+
+def group_controls(root: str, listing: pd.DataFrame, selected: list[str], opened: url.UrlState, view: str) -> tuple[str, str, dict[str, list[str]]]:
+    """Group runs by a key (W&B's grouping): a selectbox of the keys, the band, and the groups."""
+    metas = {r: run_meta(root, r, data.run_signature(Path(root) / r)) for r in selected}
+    keys = [grouping.NONE, grouping.BALANCER, grouping.NAME, *(grouping.CONFIG_PREFIX + f for f in grouping.config_fields(metas))]
+    wanted = opened.group if opened.group in keys else grouping.NONE
+    sidebar = st.sidebar
+    key = _or(
+        sidebar.selectbox(
+            "Group runs by",
+            keys,
+            index=keys.index(wanted),
+            format_func=grouping.label,
+            key="group",
+            disabled=_unused(view, "group"),
+            help=_why(view, "group", "One line per group: the mean across its runs, with a band (name: the run name without a seed suffix such as -s0)"),
+        ),
+        grouping.NONE,
+    )
+    band = _or(
+        sidebar.radio(
+            "Group band",
+            list(grouping.BANDS),
+            index=list(grouping.BANDS).index(opened.band) if opened.band in grouping.BANDS else 0,
+            format_func=lambda b: grouping.BAND_TITLES[b],
+            horizontal=True,
+            key="band",
+            disabled=_unused(view, "group") or key == grouping.NONE,
+            help=_why(view, "group", "Across the group's runs, at each x"),
+        ),
+        "minmax",
+    )
+    if key == grouping.NONE:
+        return key, band, {}
+    balancers = dict(zip(listing["run_id"], listing["balancer"]))
+    return key, band, grouping.groups(selected, key, balancers, metas)
+
+
 def _unused(view: str, control: str) -> bool:
     return control not in USES.get(view, set())
 
@@ -176,7 +232,7 @@ def _why(view: str, control: str, help_text: str) -> str:
     return f"Not used by {view}." if _unused(view, control) else help_text
 
 
-def sidebar_controls(listing: pd.DataFrame, opened: url.UrlState, view: str) -> tuple[list[str], Controls]:
+def sidebar_controls(root: str, listing: pd.DataFrame, opened: url.UrlState, view: str) -> tuple[list[str], Controls]:
     sidebar = st.sidebar
     options = list(listing["run_id"])
     wanted = [r for r in (opened.runs or []) if r in options]
@@ -239,7 +295,9 @@ def sidebar_controls(listing: pd.DataFrame, opened: url.UrlState, view: str) -> 
         help=_why(view, "points", "Buckets along x; each keeps its mean, min/max and last value"),
     )
     task_filter = None if set(tasks) == set(all_tasks) else tuple(tasks)
-    return selected, Controls(smoothing, x, log, step_range, task_filter, max_points)
+    usable = [r for r in selected if r in set(listing[listing["status"] != analysis.INVALID]["run_id"])]
+    group, band, members = group_controls(root, listing, usable, opened, view)
+    return selected, Controls(smoothing, x, log, step_range, task_filter, max_points, group, band, members)
 
 
 def show_problems(listing: pd.DataFrame, selected: list[str]) -> None:
@@ -259,21 +317,28 @@ def show_problems(listing: pd.DataFrame, selected: list[str]) -> None:
                 st.text(problem)
 
 
-def series(root: str, selected: list[str], metric: str, controls: Controls, signature: tuple, split: str = "train") -> pd.DataFrame:
+def series(root: str, selected: list[str], metric: str, controls: Controls, signature: tuple, split: str = "train", grouped: bool = False) -> pd.DataFrame:
+    """A metric per run and task, smoothed; with ``grouped``, per group: the mean of its runs' smoothed
+    series and the band across them."""
     frame = data.metric_series(root, tuple(selected), metric, split, controls.tasks, controls.step_range, controls.max_points, controls.x, signature)
-    return smooth_series(frame, controls.smoothing)
+    frame = smooth_series(frame, controls.smoothing)
+    if grouped:
+        frame = grouping.with_band(grouping.group_series(frame, controls.members, points=controls.max_points), controls.band)
+    return frame
 
 
 def _int_or_none(value: object) -> Optional[int]:
     return None if value is None or pd.isna(value) else int(value)  # type: ignore[call-overload]
 
 
-def headline(root: str, listing: pd.DataFrame, selected: list[str], signature: tuple) -> None:
+def headline(root: str, listing: pd.DataFrame, selected: list[str], signature: tuple, groups: Optional[dict[str, str]] = None) -> None:
     rows = []
     for run_id in selected:
         meta = listing[listing["run_id"] == run_id].iloc[0]
         figures: dict = {}
         row: dict[str, object] = {"run": run_id, "status": meta["status"], "balancer": meta["balancer"]}
+        if groups:
+            row["group"] = groups.get(run_id)
         try:
             figures = data.balance_summary(root, run_id, signature)
             average = data.weight_average(root, run_id, None, signature)
@@ -333,11 +398,12 @@ def _chart(chart: alt.LayerChart) -> None:
 
 
 def weights_tab(root: str, selected: list[str], controls: Controls, signature: tuple, task_names: list[str]) -> None:
-    frame = series(root, selected, "balancer_weight", controls, signature)
+    grouped = controls.grouped("Weights")
+    frame = series(root, selected, "balancer_weight", controls, signature, grouped=grouped)
     if frame.empty:
-        frame = series(root, selected, "weight", controls, signature)
+        frame = series(root, selected, "weight", controls, signature, grouped=grouped)
     averages, windows = {}, {}
-    for run_id in selected:
+    for run_id in [] if grouped else selected:  # (E_t[w_i] is a run's: not drawn for a group)
         try:
             average = data.weight_average(root, run_id, None, signature)
         except USER_ERRORS:
@@ -350,9 +416,11 @@ def weights_tab(root: str, selected: list[str], controls: Controls, signature: t
                 continue
         averages[run_id] = table if controls.tasks is None else table[table["task"].isin(controls.tasks)]
         windows[run_id] = (start, end)
-    for chart in charts.weights_charts(frame, averages, windows, x=controls.x, log=controls.log, tasks=task_names, runs=selected):
+    for chart in charts.weights_charts(frame, averages, windows, x=controls.x, log=controls.log, tasks=task_names, runs=controls.shown(selected, "Weights")):
         _chart(chart)
-    if controls.x == "step":
+    if grouped:
+        group_caption(controls)
+    elif controls.x == "step":
         st.caption(
             "Faint thick segments: E_t[w_i] over its averaging window (after the first 10% of steps). In shadow mode, what the balancer would have set. "
             "Drag or scroll to zoom the x axis, double-click to reset."
@@ -361,22 +429,36 @@ def weights_tab(root: str, selected: list[str], controls: Controls, signature: t
         st.caption("On wall time the averaging windows (in steps) are not drawn; choose step for E_t[w_i]. Drag or scroll to zoom, double-click to reset.")
 
 
+def group_caption(controls: Controls) -> None:
+    parts = [f"{_text(name)} ({len(runs)} run{'s' if len(runs) != 1 else ''})" for name, runs in controls.members.items()]
+    st.caption(
+        f"Grouped by {_text(grouping.label(controls.group))}: each line is the mean across a group's runs at each x, the band their "
+        f"{grouping.BAND_TITLES[controls.band]}; runs are put on one grid of {controls.max_points} buckets per group first. Groups: {'; '.join(parts)}. "
+        "The E_t[w_i] segments are a run's and are not drawn for groups."
+    )
+
+
 def norms_tab(root: str, selected: list[str], controls: Controls, signature: tuple, task_names: list[str]) -> None:
-    norms = series(root, selected, "grad_norm", controls, signature)
-    targets = series(root, selected, "target_norm", controls, signature)
-    st.markdown("**Gradient norms G_i at the shared layer against GradNorm's target** (one chart per run, same y axis)")
-    for chart in charts.grad_norm_charts(norms, targets, x=controls.x, log=controls.log, tasks=task_names, runs=selected):
+    grouped = controls.grouped("Gradient norms & loss ratios")
+    shown = controls.shown(selected, "Gradient norms & loss ratios")
+    norms = series(root, selected, "grad_norm", controls, signature, grouped=grouped)
+    targets = series(root, selected, "target_norm", controls, signature, grouped=grouped)
+    each = "group" if grouped else "run"
+    st.markdown(f"**Gradient norms G_i at the shared layer against GradNorm's target** (one chart per {each}, same y axis)")
+    for chart in charts.grad_norm_charts(norms, targets, x=controls.x, log=controls.log, tasks=task_names, runs=shown):
         _chart(chart)
     if targets.empty:
         st.caption("No run here recorded a target norm (only GradNorm has one).")
     st.markdown("**Loss ratios L_i(t) / L_i(0)**")
-    ratios = series(root, selected, "loss_ratio", controls, signature)
-    for chart in charts.metric_charts(ratios, "loss ratio L_i/L_i(0)", x=controls.x, log=controls.log, tasks=task_names, runs=selected, name="ratio"):
+    ratios = series(root, selected, "loss_ratio", controls, signature, grouped=grouped)
+    for chart in charts.metric_charts(ratios, "loss ratio L_i/L_i(0)", x=controls.x, log=controls.log, tasks=task_names, runs=shown, name="ratio"):
         _chart(chart)
     st.markdown("**Inverse training rates r_i = L~_i / mean_j L~_j** (above 1: the task trains slower than the others)")
-    rates = series(root, selected, "inverse_rate", controls, signature)
-    for chart in charts.metric_charts(rates, "inverse training rate r_i", x=controls.x, log=controls.log, tasks=task_names, runs=selected, name="rate"):
+    rates = series(root, selected, "inverse_rate", controls, signature, grouped=grouped)
+    for chart in charts.metric_charts(rates, "inverse training rate r_i", x=controls.x, log=controls.log, tasks=task_names, runs=shown, name="rate"):
         _chart(chart)
+    if grouped:
+        group_caption(controls)
 
 
 def _smooth_overfitting(frame: pd.DataFrame, weight: float) -> pd.DataFrame:
@@ -425,9 +507,28 @@ def balance_tab(root: str, selected: list[str], controls: Controls, signature: t
         smoothed = smooth_series(frame.rename(columns={"step": "x", column: "value"})[["run_id", "x", "value"]], controls.smoothing, by=("run_id",))
         frame[f"{column}_raw"] = frame[column]
         frame[column] = smoothed.sort_index()["value"]
-    for chart in charts.balance_charts(frame, log=controls.log, runs=selected):
+    if controls.grouped("Balance"):
+        frame = group_balance(frame, controls)
+    for chart in charts.balance_charts(frame, log=controls.log, runs=controls.shown(selected, "Balance")):
         _chart(chart)
+    if controls.grouped("Balance"):
+        group_caption(controls)
     st.caption("Spread across all tasks of each run (the task filter does not apply: a spread needs every task). 0 = every task the same.")
+
+
+def group_balance(frame: pd.DataFrame, controls: Controls) -> pd.DataFrame:
+    """The spreads per group: for each spread, the mean across the group's runs and its band
+    (``<spread>_low``/``_high``/``_runs``), as balance_charts draws them."""
+    merged: Optional[pd.DataFrame] = None
+    for column in charts.BALANCE_TITLES:
+        long = frame.rename(columns={"step": "x", column: "value", f"{column}_raw": "value_raw"})[["run_id", "x", "value", "value_raw"]]
+        grouped = grouping.with_band(grouping.group_series(long, controls.members, points=controls.max_points, by=()), controls.band)
+        grouped = grouped.rename(
+            columns={"value": column, "value_raw": f"{column}_raw", "band_low": f"{column}_low", "band_high": f"{column}_high", "runs": f"{column}_runs"}
+        ).drop(columns=["std"])
+        merged = grouped if merged is None else merged.merge(grouped, on=["run_id", "x"], how="outer")
+    assert merged is not None
+    return merged.rename(columns={"x": "step"}).sort_values(["run_id", "step"], kind="stable").reset_index(drop=True)
 
 
 def _default_baseline(listing: pd.DataFrame, selected: list[str], wanted: Optional[str]) -> int:
@@ -569,7 +670,7 @@ def _first_gradnorm(selected: list[str]) -> int:
 def render(root: str, listing: pd.DataFrame, selected: list[str], controls: Controls, opened: url.UrlState, view: str) -> None:
     signature = data.runs_signature(root, selected)
     task_names = sorted({t for tasks in listing[listing["run_id"].isin(selected)]["tasks"] for t in tasks}, key=charts.natural_key)
-    headline(root, listing, selected, signature)
+    headline(root, listing, selected, signature, {r: name for name, runs in controls.members.items() for r in runs})
     sections = {
         "Weights": lambda: weights_tab(root, selected, controls, signature, task_names),
         "Compare runs": lambda: compare_tab(root, listing, selected, controls, signature, opened),
@@ -607,6 +708,8 @@ def write_url(root: str, selected: list[str], view: str, controls: Controls) -> 
         tasks=controls.tasks,
         max_points=controls.max_points,
         baseline=st.session_state.get("baseline"),
+        group=controls.group,
+        band=controls.band,
     )
     current = {key: st.query_params.get_all(key) for key in st.query_params.keys()}
     wanted = {key: value if isinstance(value, list) else [value] for key, value in params.items()}
@@ -626,7 +729,7 @@ def main(argv: Sequence[str]) -> None:
         return
     root = str(chosen.path)
     view = current_view(opened)
-    selected, controls = sidebar_controls(listing, opened, view)
+    selected, controls = sidebar_controls(root, listing, opened, view)
     write_url(str(st.session_state.get("root") or root), selected, view, controls)
     if not selected:
         st.info("Choose one or more runs in the sidebar.")

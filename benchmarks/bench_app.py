@@ -14,6 +14,13 @@ a fresh server (nothing cached, the script's imports included), "warm" a new pag
 is repeated ``--repeats`` times, interleaved between the layouts, on the bundled sample runs and on the
 1,000,000-step runs (closed, and live with a writer appending). Targets: < 2 s on the bundled runs, < 3 s
 on a 1 M-step run. The load average is printed with each figure: on a shared machine, read the spread.
+
+The floor (``--floor``, on by default): the same harness on a minimal ``streamlit run`` app, a title and one
+Altair line chart of 50 points, served and opened in the same rounds, interleaved with ours, so a figure
+reads against what Streamlit itself takes on this machine at this load. Times are taken in the page, from
+the navigation's start (``performance.now()``): the title and the chart's element as they appear (a
+MutationObserver), and "settled", the end of the last long task (over 50 ms) once the chart is there,
+that is when Vega has drawn it and the page answers input again.
 """
 
 from __future__ import annotations
@@ -62,7 +69,30 @@ CHROMIUM = "/usr/bin/chromium"
 CHART = "[data-testid='stVegaLiteChart'] canvas, [data-testid='stVegaLiteChart'] svg"  # (SVG for small data)
 
 
-def _serve(root: Path, port: int):
+#: The floor: what Streamlit takes to show a title and one small Altair chart.
+FLOOR_APP = """import altair as alt
+import pandas as pd
+import streamlit as st
+
+st.set_page_config(page_title="floor", layout="wide")
+st.title("Floor")
+frame = pd.DataFrame({"x": range(50), "y": [i * i for i in range(50)]})
+st.altair_chart(alt.Chart(frame).mark_line().encode(x="x:Q", y="y:Q"), width="stretch")
+"""
+#: Injected before the page's own scripts: when the title and the chart appear, and the long tasks.
+TIMING_JS = """
+window.__lt = []; window.__chart = null; window.__title = null;
+try { new PerformanceObserver(l => { for (const e of l.getEntries()) window.__lt.push(e.startTime + e.duration); })
+        .observe({type: 'longtask', buffered: true}); } catch (e) {}
+new MutationObserver(() => {
+  if (window.__title === null && document.querySelector('h1')) window.__title = performance.now();
+  if (window.__chart === null && document.querySelector("%s")) window.__chart = performance.now();
+}).observe(document, {subtree: true, childList: true});
+"""
+SETTLED_JS = "() => performance.now() - Math.max(window.__chart || 0, ...window.__lt) > 1000"
+
+
+def _serve(root: Path, port: int, app: Optional[Path] = None):
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
@@ -73,9 +103,8 @@ def _serve(root: Path, port: int):
         "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
     }
     streamlit = Path(sys.executable).with_name("streamlit")
-    return subprocess.Popen(
-        [str(streamlit), "run", "app"], cwd=APP.parent.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    target, cwd = ("app", APP.parent.parent) if app is None else (app.name, app.parent)
+    return subprocess.Popen([str(streamlit), "run", target], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _wait_healthy(port: int, timeout: float = 120.0) -> None:
@@ -92,28 +121,30 @@ def _wait_healthy(port: int, timeout: float = 120.0) -> None:
     raise RuntimeError(f"the app did not answer on port {port}")
 
 
-def _first_chart(browser, port: int) -> tuple[float, float]:
-    """(seconds to the page's title, seconds to the first chart drawn) after navigation."""
+def _first_chart(browser, port: int) -> tuple[float, float, float]:
+    """(title, first chart's element, first chart settled) in seconds from the navigation's start."""
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     try:
-        started = time.perf_counter()
+        page.add_init_script(TIMING_JS % CHART.replace('"', '\\"'))
         page.goto(f"http://127.0.0.1:{port}", wait_until="commit")
-        page.wait_for_selector("h1", timeout=180_000)
-        title = time.perf_counter() - started
         page.wait_for_selector(CHART, timeout=180_000)
-        return title, time.perf_counter() - started
+        page.wait_for_function(SETTLED_JS, timeout=180_000, polling=100)
+        title, chart, tasks = page.evaluate("() => [window.__title, window.__chart, window.__lt]")
+        settled = max([chart, *[end for end in tasks if end > chart]])
+        return title / 1000, chart / 1000, settled / 1000
     finally:
         page.close()
 
 
-def browser_first_views(roots: dict[str, Path], repeats: int) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
-    """Per layout: cold and warm (title s, first chart s, load average) over ``repeats`` interleaved rounds."""
+def browser_first_views(roots: dict[str, Path], repeats: int, apps: Optional[dict[str, Path]] = None) -> dict[str, dict[str, list[tuple[float, ...]]]]:
+    """Per layout: cold and warm (title s, first chart s, settled s, load average) over ``repeats``
+    interleaved rounds; ``apps[label]`` serves another app file on that root (the floor)."""
     import signal
     import socket
 
     from playwright.sync_api import sync_playwright
 
-    found: dict[str, dict[str, list[tuple[float, float, float]]]] = {label: {"cold": [], "warm": []} for label in roots}
+    found: dict[str, dict[str, list[tuple[float, ...]]]] = {label: {"cold": [], "warm": []} for label in roots}
     with sync_playwright() as play:
         browser = play.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
         try:
@@ -122,12 +153,11 @@ def browser_first_views(roots: dict[str, Path], repeats: int) -> dict[str, dict[
                     with socket.socket() as probe:
                         probe.bind(("127.0.0.1", 0))
                         port = int(probe.getsockname()[1])
-                    server = _serve(root, port)
+                    server = _serve(root, port, (apps or {}).get(label))
                     try:
                         _wait_healthy(port)
                         for kind in ("cold", "warm"):
-                            title, chart = _first_chart(browser, port)
-                            found[label][kind].append((title, chart, os.getloadavg()[0]))
+                            found[label][kind].append((*_first_chart(browser, port), os.getloadavg()[0]))
                     finally:
                         os.killpg(server.pid, signal.SIGTERM)
                         server.wait(timeout=30)
@@ -142,6 +172,13 @@ def browser_main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         roots: dict[str, Path] = {"bundled sample runs (6 runs, 2,000 steps)": analysis.bundled_runs_root()}
+        apps: dict[str, Path] = {}
+        if args.floor:
+            floor = base / "floor" / "floor_app.py"
+            floor.parent.mkdir()
+            floor.write_text(FLOOR_APP, encoding="utf-8")
+            roots["floor: a minimal Streamlit app, a title and one 50-point Altair chart"] = analysis.bundled_runs_root()
+            apps["floor: a minimal Streamlit app, a title and one 50-point Altair chart"] = floor
         writer = None
         if args.steps:
             record_in_process(base / "closed", args.steps, args.tasks)
@@ -152,18 +189,19 @@ def browser_main(args: argparse.Namespace) -> int:
             writer.wait_compacted(COMPACT_ABOVE_FILES)
             roots[f"{args.steps:,} steps x {args.tasks} tasks, live (a writer appending)"] = base / "live"
         try:
-            found = browser_first_views(roots, args.repeats)
+            found = browser_first_views(roots, args.repeats, apps)
         finally:
             if writer is not None:
                 writer.stop()
     lines = [
         f"### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: first chart in Chromium, {machine()}",
         "",
-        f"Navigation to the first chart's canvas drawn (title: to the page's heading), 1400x900, {args.repeats} interleaved round(s); "
-        "cold = the first page of a fresh `streamlit run app` server, warm = a second page on it. Each cell: median (min-max) s; load = 1-min load average.",
+        f"From the navigation's start, in the page: the heading (title), the first chart's element, and the chart settled (the end of the last "
+        f"long task once it is there: drawn and answering input); 1400x900, {args.repeats} interleaved round(s); cold = the first page of a fresh "
+        "`streamlit run` server, warm = a second page on it. Each cell: median (min-max) s; load = 1-min load average.",
         "",
-        "| runs | cold: title | cold: first chart | warm: title | warm: first chart | load |",
-        "|---|---|---|---|---|---|",
+        "| runs | cold: title | cold: first chart | cold: settled | warm: title | warm: first chart | warm: settled | load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(values: list[float]) -> str:
@@ -171,11 +209,10 @@ def browser_main(args: argparse.Namespace) -> int:
         return f"{ordered[len(ordered) // 2]:.2f} ({ordered[0]:.2f}-{ordered[-1]:.2f})"
 
     for label, kinds in found.items():
-        loads = [load for kind in kinds.values() for *_, load in kind]
-        lines.append(
-            f"| {label} | {cell([t for t, _, _ in kinds['cold']])} | **{cell([c for _, c, _ in kinds['cold']])}** | "
-            f"{cell([t for t, _, _ in kinds['warm']])} | **{cell([c for _, c, _ in kinds['warm']])}** | {min(loads):.1f}-{max(loads):.1f} |"
-        )
+        loads = [row[-1] for kind in kinds.values() for row in kind]
+        cells = [cell([row[i] for row in kinds[kind]]) for kind in ("cold", "warm") for i in range(3)]
+        cells[1], cells[4] = f"**{cells[1]}**", f"**{cells[4]}**"
+        lines.append(f"| {label} | {' | '.join(cells)} | {min(loads):.1f}-{max(loads):.1f} |")
     publish("\n".join(lines) + "\n", args.markdown)
     return 0
 
@@ -188,6 +225,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--browser", action="store_true", help="time the first chart in Chromium instead (bundled runs, then --steps runs; 0 skips them)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-floor", dest="floor", action="store_false", help="without the minimal Streamlit app interleaved (--browser)")
     args = parser.parse_args(argv)
     if args.browser:
         return browser_main(args)

@@ -135,3 +135,23 @@ def test_delta_chart_leaves_the_baseline_out_of_its_bars_and_legend():
     assert bars["encoding"]["color"]["legend"]["values"] == ["m"]
     (rows,) = [d for d in spec["datasets"].values() if d and "delta_pct" in d[0]]
     assert {r["run_id"] for r in rows} == {"m"}
+
+
+def test_the_hover_points_are_only_those_at_the_hovered_x_and_never_an_empty_layer():
+    """The points layer is what the first chart waited for (one interpreted mark per point): it keeps the
+    points at the hovered x, and those at the first x (hidden) so that it is never empty."""
+    frame = pd.DataFrame(
+        [{"run_id": r, "task": t, "x": float(x), "value": float(x) + i} for r in ("r0", "r1") for i, t in enumerate(("a", "b", "c")) for x in range(3, 40)]
+    )
+    (chart,) = charts.metric_charts(frame, "w", runs=["r0", "r1"], name="m")
+    spec = chart.to_dict()
+    points = [layer for layer in spec["layer"] if layer["mark"]["type"] == "point"]
+    (layer,) = points
+    (transform,) = layer["transform"]
+    test = transform["filter"]
+    assert test.startswith("datum.x === 3.0 || ") and "vlSelectionTest('m0_hover_store', datum)" in test
+    assert "length(data('m0_hover_store'))" in test  # no point passes on an empty hover (empty=False)
+    assert {p["name"] for p in spec.get("params", [])} >= {"m0_hover", "m0_zoom"}  # (the store the filter reads)
+    # with nothing hovered: one point per series (6 of 222), drawn at opacity 0 until hovered
+    assert layer["encoding"]["opacity"]["value"] == 0.0 and layer["encoding"]["opacity"]["condition"]["value"] == 1.0
+    assert len(frame[frame["x"] == 3.0]) == 6 < len(frame)
