@@ -93,6 +93,15 @@ def test_sweep_command_with_mixture_sampling(tmp_path, capsys):
     assert -1.0 <= low <= high <= 1.0
     printed = capsys.readouterr().out
     assert "Dirichlet" in printed and "bootstrap 95% interval" in printed
+    # the same report rebuilt from the recorded runs alone (what a sweep stopped early still leaves)
+    (tmp_path / "runs" / "sweep-T3-static-003" / "run.json").unlink()  # as if the last network had not finished
+    again = tmp_path / "again"
+    assert cli.main(args + ["--from-runs", str(tmp_path / "runs"), "--out", str(again)]) == 0
+    rebuilt = json.loads((again / "sweep.json").read_text())
+    assert [(p["run"], p["draw"], p["weights"]) for p in rebuilt["points"]] == [(p["run"], p["draw"], p["weights"]) for p in figures["points"][:3]]
+    assert [p["test_loss"] for p in rebuilt["points"]] == pytest.approx([p["test_loss"] for p in figures["points"][:3]], rel=1e-6)
+    assert rebuilt["gradnorm_test_loss"] == pytest.approx(figures["gradnorm_test_loss"], rel=1e-6) and rebuilt["steps"] == 20
+    capsys.readouterr()
     assert cli.main(["sweep", "--concentrations", "10", "--runs-root", str(tmp_path / "r2")]) == 2
     assert "--sampling mixture only" in capsys.readouterr().err
     assert cli.main(["sweep", "--sampling", "mixture", "--concentrations", "0", "--runs-root", str(tmp_path / "r3")]) == 2

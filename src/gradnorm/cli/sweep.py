@@ -37,6 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads", type=int, default=SMALL_MODEL_THREADS, help=f"intra-op threads (default: {SMALL_MODEL_THREADS}: these small models gain nothing from more)"
     )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes for the static networks, each with --threads (default: 1)")
+    parser.add_argument(
+        "--from-runs",
+        type=Path,
+        default=None,
+        metavar="ROOT",
+        help="train nothing: write the report from the finished runs of a sweep under ROOT (one stopped early too), "
+        "given the --tasks, --sampling, --concentrations and --seed it ran with",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=run)
 
@@ -44,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from gradnorm.experiments.grid_sweep import DEFAULT_CONCENTRATIONS, run_sweep, write_report
+    from gradnorm.experiments.grid_sweep import DEFAULT_CONCENTRATIONS, collect_sweep, run_sweep, write_report
     from gradnorm.experiments.threads import intra_op_threads
 
     if args.concentrations is not None and args.sampling != "mixture":
@@ -53,6 +61,12 @@ def run(args: argparse.Namespace) -> int:
     bad = [c for c in concentrations if not c > 0]
     if bad:
         raise ValueError(f"--concentrations must be positive, got {bad}")
+    if args.from_runs is not None:
+        result = collect_sweep(args.from_runs, args.tasks, args.sampling, concentrations, args.seed)
+        written = write_report(result, args.out or args.from_runs)
+        print(written[0].read_text(encoding="utf-8"))
+        print("written: " + ", ".join(str(p) for p in written))
+        return 0
     root = args.runs_root or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S")
     with intra_op_threads(args.threads), tqdm(total=args.steps * (args.networks + 1), desc="sweep", unit="step", disable=args.no_progress) as bar:
         result = run_sweep(

@@ -230,6 +230,65 @@ def _train_static(config: toy.ToyConfig, weights: list[float], steps: int, name:
     return train_toy(config, StaticWeights(weights), steps, name, runs_root=Path(root), data=toy.make_data(config)).normalized_test_loss
 
 
+def collect_sweep(
+    root: Path, num_tasks: int, sampling: str = "uniform", concentrations: Sequence[float] = DEFAULT_CONCENTRATIONS, seed: int = 0
+) -> SweepResult:
+    """The sweep's result rebuilt from its recorded runs under ``root``, including a sweep stopped before its
+    last network: every finished ``sweep-T<T>-static-<k>`` run, its weights from run.json, its test loss
+    sum_i L_i(test) / L_i(test, init) from the last validation record and the initial test losses in its
+    config. ``sampling``/``concentrations`` name the draw of network k as :func:`run_sweep` chose it."""
+    import json as json_module
+
+    from gradnorm.toolkit.analysis import validation_losses
+
+    root = Path(root)
+    gradnorm_run = f"sweep-T{num_tasks}-gradnorm"
+    weights_file = root / f"{gradnorm_run}-weights.json"
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{weights_file} is missing: {root} holds no finished T={num_tasks} sweep's GradNorm run")
+    averaged = json_module.loads(weights_file.read_text(encoding="utf-8"))["weights"]
+    names = sorted(p.name for p in root.glob(f"sweep-T{num_tasks}-static-*") if _finished(p))
+    losses = _final_test_losses(root, [gradnorm_run, *names], validation_losses)
+    tasks = sorted(averaged, key=lambda t: int(t.removeprefix("task")) if t.removeprefix("task").isdigit() else t)
+    target = np.array([averaged[t] for t in tasks])
+    used = [float(c) for c in concentrations] if sampling == "mixture" else []
+    result = SweepResult(num_tasks, _steps(root / gradnorm_run), target.tolist(), losses[gradnorm_run], sampling=sampling, concentrations=used, seed=seed)
+    for name in names:
+        index = int(name.rsplit("-", 1)[1])
+        weights = [float(w) for w in json_module.loads((root / name / "run.json").read_text(encoding="utf-8"))["balancer"]["weights"]]
+        component = index % (len(used) + 1)
+        draw = "uniform" if sampling == "uniform" or component == len(used) else f"dirichlet-{used[component]:g}"
+        result.points.append(SweepPoint(name, weights, float(np.linalg.norm(np.asarray(weights) - target)), losses[name], draw))
+    if len(result.points) < 3:
+        raise ValueError(f"{root} holds {len(result.points)} finished static networks; a correlation needs at least 3")
+    return result
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
+def _steps(run_dir: Path) -> int:
+    return int(json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["config"]["steps"])
+
+
+def _final_test_losses(root: Path, names: list[str], validation_losses: Callable) -> dict[str, float]:
+    """sum_i L_i(test, last step) / L_i(test, init) per run, from its validation records and config."""
+    frame = validation_losses(root, names)
+    out = {}
+    for name in names:
+        initial = json.loads((root / name / "run.json").read_text(encoding="utf-8"))["config"]["initial_test_losses"]
+        rows = frame[frame["run_id"] == name]
+        last = rows[rows["step"] == rows["step"].max()]
+        if set(last["task"]) != set(initial):
+            raise ValueError(f"run {name}: the last validation record covers {sorted(set(last['task']))}, not every task {sorted(initial)}")
+        out[name] = float(sum(loss / initial[task] for task, loss in zip(last["task"], last["loss"])))
+    return out
+
+
 def sampling_description(result: SweepResult) -> str:
     if result.sampling == "uniform":
         return "uniform on (0, 1), renormalised to sum to T"
