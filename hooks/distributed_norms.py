@@ -35,8 +35,9 @@ NCCL the wait is a stream dependency, not a host synchronisation; shapes, never 
 every branch. ``choose`` picks the route from the bytes each sends (ring algorithms: an all_reduce of n
 numbers sends 2 (R-1)/R n per rank, an all_gather of n per rank sends (R-1) n), keeping an exact route
 unless the sketch sends at least ``SKETCH_GAIN`` times less and the exact one exceeds
-``EXACT_BYTES_FLOOR``, and unless the sketch's products cost more multiply-adds per rank than the exact
-route's (``route_multiply_adds``: then the sketch would save bytes at the step's expense);
+``EXACT_BYTES_FLOOR``, and unless the sketch costs more than the exact route in multiply-adds per rank
+(``route_multiply_adds``) plus its bytes at ``BYTE_MULTIPLY_ADDS`` each (then it would save bytes at the
+step's expense: k = 512 pairs at a layer narrower than k);
 ``attach(..., distributed_norms="exact")`` forces the cheaper exact route.
 """
 
@@ -67,6 +68,10 @@ DEFAULT_SKETCH_SIZE = 512
 EXACT_BYTES_FLOOR = 256 << 10
 #: ... or while the sketch would send fewer than this many times less.
 SKETCH_GAIN = 8
+#: ``auto`` weighs a route's products against its bytes: one byte sent counts as this many multiply-adds
+#: (assumed, not measured: a CPU core's ~3e10 multiply-adds/s against ~1.5 GB/s through gloo; a GPU's
+#: ~1e14 against ~50 GB/s through NCCL between nodes). The sketch is taken only where it is the cheaper.
+BYTE_MULTIPLY_ADDS = {"cpu": 20.0, "accelerator": 2000.0}
 #: The prefix of the routes' names in ``run.json``'s ``grad_norm_path`` and ``grad_norm_route``.
 PATH_PREFIX = "distributed-"
 
@@ -166,8 +171,14 @@ def sketch_error_bound(sketch_size: int) -> dict[str, Any]:
     }
 
 
-def choose(mode: str, options: dict[str, Exchange], *, per_channel: bool = False) -> tuple[str, str]:
-    """(route, reason) for ``mode`` among ``options`` (see the module's docstring)."""
+def byte_multiply_adds(device: torch.device) -> float:
+    """``BYTE_MULTIPLY_ADDS`` for the device the rows live on."""
+    return BYTE_MULTIPLY_ADDS["cpu" if device.type == "cpu" else "accelerator"]
+
+
+def choose(mode: str, options: dict[str, Exchange], *, per_channel: bool = False, byte_weight: float = BYTE_MULTIPLY_ADDS["cpu"]) -> tuple[str, str]:
+    """(route, reason) for ``mode`` among ``options`` (see the module's docstring); ``byte_weight``: the
+    multiply-adds one byte sent is worth (``byte_multiply_adds``)."""
     if mode not in MODES:
         raise ValueError(f"distributed_norms must be one of {MODES}, got {mode!r}")
     if mode in ROUTES:
@@ -184,11 +195,14 @@ def choose(mode: str, options: dict[str, Exchange], *, per_channel: bool = False
     sketch = options[ROUTE_SKETCH]
     if exact.wire_bytes <= EXACT_BYTES_FLOOR or exact.wire_bytes <= SKETCH_GAIN * sketch.wire_bytes:
         return exact.route, f"{exact.route} (exact, small enough): {_describe(exact)}; {others}"
-    if sketch.multiply_adds > exact.multiply_adds:
-        # Fewer bytes, but more work on every rank than the exact route's products: the step would be slower.
+    exact_cost = exact.multiply_adds + byte_weight * exact.wire_bytes
+    sketch_cost = sketch.multiply_adds + byte_weight * sketch.wire_bytes
+    if sketch_cost >= exact_cost:
+        # Fewer bytes, but more work on every rank than the exact route's products and bytes: the step would be slower.
         return exact.route, (
             f"{exact.route} (exact: the sketch sends {exact.wire_bytes / max(sketch.wire_bytes, 1):.0f}x fewer bytes but costs "
-            f"{sketch.multiply_adds / max(exact.multiply_adds, 1.0):.1f}x its multiply-adds): {_describe(exact)}; {others}"
+            f"{sketch.multiply_adds / max(exact.multiply_adds, 1.0):.1f}x its multiply-adds, {sketch_cost / exact_cost:.1f}x in all at "
+            f"{byte_weight:g} multiply-adds a byte): {_describe(exact)}; {others}"
         )
     return ROUTE_SKETCH, f"sketch ({exact.wire_bytes / max(sketch.wire_bytes, 1):.0f}x fewer bytes than exact): {_describe(sketch)}; {others}"
 
@@ -332,7 +346,7 @@ class DistributedNormMeter(GradNormMeter):
             self.options = exchanges(
                 len(losses), self.parameter.numel(), distributed.world_size(), shape=shape, sketch_size=self.sketch_size, element_size=size
             )
-            route, reason = choose(self.mode, self.options, per_channel=self.per_channel)
+            route, reason = choose(self.mode, self.options, per_channel=self.per_channel, byte_weight=byte_multiply_adds(first.input.device))
             self.exchange = self.options[route]
             self.choice = RouteChoice(PATH_PREFIX + route, reason)
             if self._paused:
@@ -515,7 +529,7 @@ class DistributedNormMeter(GradNormMeter):
         self.options = exchanges(
             tasks, self.parameter.numel(), distributed.world_size(), shape=shape, sketch_size=self.sketch_size, element_size=x_rows.element_size()
         )
-        route, reason = choose(self.mode, self.options, per_channel=self.per_channel)
+        route, reason = choose(self.mode, self.options, per_channel=self.per_channel, byte_weight=byte_multiply_adds(x_rows.device))
         self.exchange = self.options[route]
         self.choice = RouteChoice(PATH_PREFIX + route, reason)
 

@@ -15,7 +15,9 @@ step finds the task heads from its autograd graph (``hooks/head_finder.py``) and
 the norms are tapped from the user's own backward at the heads' input (``hooks/taps.py``); where no heads
 qualify, or the balancer needs this step's per-task gradients before the loss is formed, the general
 path measures them with extra backward passes from the losses to W (``hooks/grad_norms.py``), and
-``run.json`` says why (``heads_search``). ``heads=None`` asks for the general path.
+``run.json`` says why (``heads_search``). ``heads=None`` asks for the general path. Under
+``torch.distributed`` the taps feed the rank-averaged norms' exchange (``hooks/distributed_norms.py``)
+from the same backward, and its collective overlaps the trunk's backward.
 
 The tapped gradients carry whatever multiplies each task's loss in the backward: its weight w_i, a
 ``GradScaler``'s or Accelerate's loss scale, a division for gradient accumulation. A tensor hook on each

@@ -27,6 +27,14 @@ The segment H -> W is crossed one of three ways, chosen per step and stated by `
   cheaper than forming the T weight gradients; ``reason`` says which and why.
 - ``batched-vjp``: anything else; one T-batched vector-Jacobian product (``is_grads_batched``) from H to W.
 
+Under ``torch.distributed`` with the rows, sketch or gradients exchange of ``hooks/distributed_norms.py``
+(an ``exchange`` given), the taps form no norm themselves: each rank's D_i at W's output (``output-mask``:
+the pieces through the segment's ReLU masks, H being W's output; ``output-vjp``: the pieces carried from H
+to W's output by T-batched vector-Jacobian products) and W's input rows X go to the exchange, factors
+divided out, as soon as the last forward pass of the step's loss has sent its pieces. The heads' part of
+the backward runs before the trunk's, so the exchange's collective (issued asynchronously) overlaps the
+trunk's backward; it is waited for in the engine's callback at the backward's end, where the norms are used.
+
 The products are formed in float32 (float64 for a float64 W) whatever the gradients' dtype, so that
 bfloat16 or float16 pieces under autocast give the same norms as float32 ones, to their own rounding.
 Everything stays on the device and nothing synchronises with the host.
@@ -697,7 +705,8 @@ class HeadTaps:
     def _backward(self, forward: _Forward, grads: tuple[Optional[Tensor], ...]) -> Optional[Tensor]:
         present = [g for g in grads if g is not None]
         if not self._measuring():
-            forward.spent = True
+            if self.exchange is not None:  # (only there: a compiled backward traces this, and would change with it)
+                forward.spent = True
             return torch.stack(present).sum(0) if present else None
         if len(present) != len(grads):
             self._fail(_missing([i for i, g in enumerate(grads) if g is None]))

@@ -414,8 +414,11 @@ def test_route_choice_by_bytes_and_forced_exact():
     assert toy["sketch"].multiply_adds == 100 * 100 * 512 + 10 * 100 * 100 * 512 + 10 * 100 * 512
     # rows: every rank forms the norms from both ranks' 200 positions, here the T products (cheaper than the Gram).
     assert toy["rows"].multiply_adds == 10 * 200 * 100 * 100 + 10 * 100 * 100
-    route, reason = dn.choose("auto", toy)
-    assert route == "gradients" and "costs 5.7x its multiply-adds" in reason, reason
+    route, reason = dn.choose("auto", toy)  # on CPU a byte weighs 20 multiply-adds: 1.8e7 in all against the sketch's 5.7e7
+    assert dn.byte_multiply_adds(torch.device("cpu")) == 20
+    assert route == "gradients" and "costs 5.7x its multiply-adds, 3.2x in all at 20 multiply-adds a byte" in reason, reason
+    # Where a byte weighs 2000 multiply-adds (an accelerator's rate against NCCL's between nodes), the sketch's bytes win.
+    assert dn.choose("auto", toy, byte_weight=2000)[0] == "sketch"
     assert options["sketch"].multiply_adds < options["rows"].multiply_adds  # ResNet-18 at 224 x 224: the sketch is also the cheaper work
     with pytest.raises(ValueError, match="per-channel"):
         dn.choose("sketch", options, per_channel=True)
