@@ -337,6 +337,47 @@ def time_queries(root: Path, repeats: int) -> dict[str, tuple[float, ...]]:
     return {name: timed(call, repeats) for name, call in queries(root).items()}
 
 
+APP = BENCHMARKS.parent / "app" / "streamlit_app.py"
+
+
+def app_views(root: Path, rounds: int) -> dict[bool, dict[str, float]]:
+    """The app's first view (AppTest, nothing cached: Streamlit's cache, the catalog's verdicts and the
+    partial aggregates cleared) and a rerun of the same page, with and without the partial aggregates,
+    interleaved (their order alternating each round): medians of wall and process CPU seconds. The
+    writer of a live run is another process, so the CPU figures leave it out."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    os.environ[analysis.catalog.RUNS_ROOT_ENV] = str(root)
+    # A new AppTest scans every installed package's metadata for Streamlit components at its first run (913
+    # metadata files here, seconds of CPU); a server does that once, when it starts. One scan, reused by
+    # every page measured (a private attribute of AppTest), so that the figures are the page's own.
+    warm = AppTest.from_file(str(APP), default_timeout=600)
+    warm.run()
+    components = getattr(warm, "_bidi_component_manager", None)
+    samples: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
+    for index in range(rounds):
+        for enabled in (True, False) if index % 2 == 0 else (False, True):
+            partials.ENABLED = enabled
+            try:
+                st.cache_data.clear()
+                analysis.catalog._cache.clear()
+                partials._cache.clear()
+                page = AppTest.from_file(str(APP), default_timeout=600)
+                if components is not None:
+                    page._bidi_component_manager = components
+                for label in ("first view", "rerun"):
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    page.run()
+                    if page.exception:
+                        raise RuntimeError([e.value for e in page.exception])
+                    samples[enabled].setdefault(f"{label} wall", []).append(time.perf_counter() - wall)
+                    samples[enabled].setdefault(f"{label} cpu", []).append(time.process_time() - cpu)
+            finally:
+                partials.ENABLED = True
+    return {enabled: {name: statistics.median(values) for name, values in figures.items()} for enabled, figures in samples.items()}
+
+
 def live_files(path: Path) -> int:
     return sum(len(schema.live_part_files(os.listdir(d))[0]) for d in (path / schema.METRICS_DIR).glob("rank=*"))
 
@@ -416,12 +457,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--slow-steps", type=int, default=100_000, help="steps of the slow-writer runs (backlog bound, and without it)")
     parser.add_argument("--skip-raw", action="store_true", help="leave out the run without compaction (its queries are the slow ones)")
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--app-rounds", type=int, default=0, help="also time the app's first view and a rerun, with and without the cache (AppTest)")
     parser.add_argument("--records", type=Path, default=None, help="where the writer's figures go (default: printed only)")
     args = parser.parse_args(argv)
     started_all = time.perf_counter()
     rows = args.steps * args.tasks
     query_tables: list[tuple[str, dict[str, tuple[float, ...]], str]] = []
     records: dict[str, Any] = {}
+    app_tables: list[tuple[str, dict[bool, dict[str, float]], str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         # 1. live: a child writes at default settings and goes on appending while the queries run.
@@ -436,6 +479,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             caught_up, _ = writer.wait_compacted(COMPACT_ABOVE_FILES)
             files_before = live_files(writer.path)
             figures = time_queries(live_root, args.repeats)
+            if args.app_rounds:
+                app_tables.append(("live", app_views(live_root, args.app_rounds), f"{live_files(writer.path)} live part files at the end"))
             files_after = live_files(writer.path)
             query_tables.append(
                 (
@@ -457,6 +502,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         closed_root = base / "closed"
         closed = record_in_process(closed_root, args.steps, args.tasks)
         query_tables.append(("closed (default settings)", time_queries(closed_root, args.repeats), f"{closed['files']} part files"))
+        if args.app_rounds:
+            app_tables.append(("closed", app_views(closed_root, args.app_rounds), f"{closed['files']} part files"))
         records["closed"] = closed
 
         # 3. no compaction, then gradnorm compact.
@@ -507,7 +554,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         records["float_widths"] = float_width_costs(20_000, args.tasks)
     records["total_seconds"] = time.perf_counter() - started_all
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    publish(query_report(when, args, rows, query_tables), args.markdown)
+    publish(query_report(when, args, rows, query_tables) + app_report(args, app_tables), args.markdown)
     publish(records_report(when, args, rows, records), args.records)
     return 0
 
@@ -535,6 +582,26 @@ def query_report(when: str, args: argparse.Namespace, rows: int, tables: list[tu
             + " |"
         )
     lines += ["", *[f"- {label}: {note}" for label, _, note in tables]]
+    return "\n".join(lines) + "\n"
+
+
+def app_report(args: argparse.Namespace, tables: list[tuple[str, dict[bool, dict[str, float]], str]]) -> str:
+    if not tables:
+        return ""
+    lines = [
+        "",
+        f"The app's first view (AppTest, Streamlit's cache, the catalog's verdicts and the partial aggregates cleared; Streamlit's "
+        "scan of the installed packages for components done once beforehand, as a server does at its start) and a rerun of the "
+        f"same page, with the partial aggregates and without, interleaved; medians of {args.app_rounds} rounds. Seconds: wall / CPU of "
+        "this process. A live run's files change between the two runs, so the rerun misses Streamlit's cache and queries again. Target: "
+        "the first view < 3 s.",
+        "",
+        "| run | cached: first view | cached: rerun | uncached: first view | uncached: rerun | files |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, figures, note in tables:
+        cells = [f"{figures[e][f'{v} wall']:.2f} / {figures[e][f'{v} cpu']:.2f}" for e in (True, False) for v in ("first view", "rerun")]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {note} |")
     return "\n".join(lines) + "\n"
 
 

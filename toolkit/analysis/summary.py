@@ -68,7 +68,7 @@ def _cached_per_task(run: RunFiles, params: dict[str, Any]) -> pd.DataFrame:
     read = partials.edge_query(
         run,
         edges,
-        ("step", "split", "task", *partials.SUMMARY.columns),
+        ("step", "split", "task", "weight", "loss_ratio"),
         """SELECT task, (step >= $tail)::BIGINT AS bucket, count(weight) AS an, sum(weight) AS asum, count(loss_ratio) AS rn, sum(loss_ratio) AS rs
            FROM metrics WHERE split = $split AND step BETWEEN $start AND $end GROUP BY task, bucket""",
         params,

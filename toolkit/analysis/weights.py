@@ -115,7 +115,7 @@ def _cached_batches(run: RunFiles, window: Optional[Sequence[Optional[int]]], bu
     inside = inside.rename(columns={"bucket": "batch"})
     whole = partials.group_sums(inside, ["task", "batch"], {"n": ("wn", "wn"), "s": ("ws", "wn"), "ss": ("wss", "wn")})
     params = {"split": schema.TRAIN, "start": start, "end": end, "batches": BATCHES}
-    read = partials.edge_query(run, edges, ("step", "split", "task", *partials.WEIGHTS.columns), _BATCHES_BODY, params)
+    read = partials.edge_query(run, edges, ("step", "split", "task", "balancer_weight", "weight", "present"), _BATCHES_BODY, params)
     both = pd.concat([frame for frame in (whole, read) if len(frame)], ignore_index=True) if len(whole) or len(read) else whole
     if both.empty:
         return pd.DataFrame(columns=["task", "batch", "n", "s", "ss"]), (start, end)
