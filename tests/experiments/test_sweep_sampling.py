@@ -93,6 +93,10 @@ def test_sweep_command_with_mixture_sampling(tmp_path, capsys):
     assert -1.0 <= low <= high <= 1.0
     printed = capsys.readouterr().out
     assert "Dirichlet" in printed and "bootstrap 95% interval" in printed
+    near = [p for p in figures["points"] if p["draw"] == "dirichlet-1000"]
+    better = sum(p["test_loss"] < figures["gradnorm_test_loss"] for p in near)
+    assert f"| dirichlet-1000 | 2 | {min(p['distance'] for p in near):.3f} to {max(p['distance'] for p in near):.3f} |" in printed
+    assert f"| {better} of 2 |" in printed.split("| dirichlet-1000 | 2 |", 1)[1].splitlines()[0]
     # the same report rebuilt from the recorded runs alone (what a sweep stopped early still leaves)
     (tmp_path / "runs" / "sweep-T3-static-003" / "run.json").unlink()  # as if the last network had not finished
     again = tmp_path / "again"

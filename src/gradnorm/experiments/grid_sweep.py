@@ -317,6 +317,7 @@ def write_report(result: SweepResult, out_dir: Path) -> list[Path]:
         f"(bootstrap 95% interval {_interval(result.pearson_interval())}), Spearman {result.spearman:.3f} "
         f"({_interval(result.spearman_interval())}); {BOOTSTRAP_RESAMPLES} resamples of the networks.",
         "",
+        *draw_summary(result),
         "| run | draw | static weights | L2 distance | test sum_i L_i/L_i(0) |",
         "|---|---|---|---|---|",
     ]
@@ -333,6 +334,26 @@ def write_report(result: SweepResult, out_dir: Path) -> list[Path]:
     picture = out_dir / "sweep.png"
     figure.save(str(picture), scale_factor=1.5)
     return [markdown, figures, chart, picture]
+
+
+def draw_summary(result: SweepResult) -> list[str]:
+    """Per sampling component (nearest first): networks, distance range, median test loss, and how many beat
+    the GradNorm run; nothing for a sweep with one component."""
+    groups: dict[str, list[SweepPoint]] = {}
+    for point in result.points:
+        groups.setdefault(point.draw, []).append(point)
+    if len(groups) < 2:
+        return []
+    lines = [
+        "| draw | networks | L2 distance (min to max) | test loss, median | better than GradNorm |",
+        "|---|---|---|---|---|",
+    ]
+    for draw, points in sorted(groups.items(), key=lambda item: float(np.median([p.distance for p in item[1]]))):
+        distances = [p.distance for p in points]
+        losses = [p.test_loss for p in points]
+        better = sum(loss < result.gradnorm_test_loss for loss in losses)
+        lines.append(f"| {draw} | {len(points)} | {min(distances):.3f} to {max(distances):.3f} | {float(np.median(losses)):.4f} | {better} of {len(points)} |")
+    return lines + [""]
 
 
 def sweep_chart(result: SweepResult):
