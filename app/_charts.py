@@ -101,7 +101,16 @@ def run_dash_scale(runs: Sequence[str]) -> alt.Scale:
 def _legend(title: str, count: int, **extra) -> alt.Legend:
     """A compact legend on the right, inside the chart's width: two columns past 16 entries (the chart's
     height follows the entries, :func:`legend_height`, so none is cut off)."""
-    settings: dict[str, Any] = {"symbolSize": 80, "labelFontSize": 11, "labelLimit": 150, "rowPadding": 1, "symbolLimit": 0, "orient": "right"} | extra
+    # (symbolOpacity: a faint band layer, drawn first, would otherwise lend the symbols its opacity)
+    settings: dict[str, Any] = {
+        "symbolSize": 80,
+        "labelFontSize": 11,
+        "labelLimit": 150,
+        "rowPadding": 1,
+        "symbolLimit": 0,
+        "orient": "right",
+        "symbolOpacity": 1,
+    } | extra
     return alt.Legend(title=title, columns=2 if count > 16 else 1, **settings)
 
 
@@ -400,10 +409,12 @@ def overfitting_charts(
     log: bool = False,
     tasks: Optional[Sequence[str]] = None,
     width: Width = "container",
+    domain: Optional[Sequence[float]] = None,
 ) -> list[alt.LayerChart]:
     """Top: every task's training (solid) and validation (dashed) loss divided by its first validation
     loss, with a rule in the task's colour where its overfitting starts (``overfitting_onsets``). Bottom:
-    the relative gap (validation - training) / validation of every task."""
+    the relative gap (validation - training) / validation of every task. ``domain``: the y domain of the
+    top chart (shared by several runs' charts)."""
     frame, onsets, tasks, run_id = _drawable(frame), _drawable(onsets), _drawable_names(tasks), drawable(run_id)
     colour = task_scale(tasks if tasks is not None else frame["task"].unique())
     long = overfitting_frame(frame).assign(run_id=run_id)
@@ -414,7 +425,13 @@ def overfitting_charts(
     )
     y_title = "loss / first validation loss"
     long = long.rename(columns={"step": "x"})
-    encoding = dict(x=_x("step", largest=_largest(long)), y=_y("normalised", y_title, log), color=_task_colour(colour), strokeDash=split_dash, detail="split:N")
+    encoding = dict(
+        x=_x("step", largest=_largest(long)),
+        y=_y("normalised", y_title, log, domain=domain),
+        color=_task_colour(colour),
+        strokeDash=split_dash,
+        detail="split:N",
+    )
     tooltip = [
         alt.Tooltip("task:N"),
         alt.Tooltip("split:N"),
@@ -436,7 +453,7 @@ def overfitting_charts(
             )
         )
     losses = alt.layer(*layers).properties(title=f"{run_id}: training vs validation loss per task", width=width, height=legend_height(_count(colour), 2))
-    relative = frame.assign(relative_gap=frame["gap"] / frame["val_loss"].where(frame["val_loss"] != 0))
+    relative = relative_gap(frame)
     gap_zoom = alt.selection_interval(bind="scales", encodings=["x"], name="gap_zoom")
     gaps = (
         alt.Chart(relative)
@@ -455,6 +472,55 @@ def overfitting_charts(
         .add_params(gap_zoom)
     )
     return [losses, alt.layer(gaps).properties(title=f"{run_id}: generalisation gap, relative", width=width, height=legend_height(_count(colour)))]
+
+
+def relative_gap(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (``analysis.overfitting``) with the relative gap (validation - training) / validation."""
+    return frame.assign(relative_gap=frame["gap"] / frame["val_loss"].where(frame["val_loss"] != 0))
+
+
+def overfitting_runs_charts(
+    runs: Mapping[str, tuple[pd.DataFrame, pd.DataFrame]],
+    *,
+    log: bool = False,
+    tasks: Optional[Sequence[str]] = None,
+    width: Width = "container",
+) -> list[alt.LayerChart]:
+    """Several runs' overfitting at once: ``runs[run] = (analysis.overfitting frame, its onsets)``. One
+    losses chart per run (small multiples, one y domain, each with its onset rules), then one chart of the
+    relative gap with every run overlaid (colour = task, dash = run). One run: :func:`overfitting_charts`."""
+    if len(runs) == 1:
+        ((run_id, (frame, onsets)),) = runs.items()
+        return overfitting_charts(frame, onsets, run_id=run_id, log=log, tasks=tasks, width=width)
+    normalised = [overfitting_frame(frame)["normalised"] for frame, _ in runs.values() if len(frame)]
+    domain = _finite_domain(pd.concat(normalised, ignore_index=True), log, False) if normalised else None
+    charts = [overfitting_charts(frame, onsets, run_id=run_id, log=log, tasks=tasks, width=width, domain=domain)[0] for run_id, (frame, onsets) in runs.items()]
+    names = [drawable(r) for r in runs]
+    gaps = pd.concat([_drawable(relative_gap(frame)).assign(run_id=drawable(run_id)) for run_id, (frame, _) in runs.items()], ignore_index=True)
+    named = _drawable_names(tasks)
+    colour = task_scale(named if named is not None else list(gaps["task"].unique()))
+    zoom = alt.selection_interval(bind="scales", encodings=["x"], name="gaps_zoom")
+    lines = (
+        alt.Chart(gaps[["run_id", "task", "step", "gap", "relative_gap"]])
+        .mark_line(strokeWidth=1.6, clip=True)
+        .encode(
+            x=_x("step", "step", largest=_largest(gaps, "step")),
+            y=alt.Y("relative_gap:Q", title="(validation - training) / validation", axis=alt.Axis(format="~%")),
+            color=_task_colour(colour),
+            strokeDash=_run_dash(names),
+            tooltip=[
+                alt.Tooltip("run_id:N", title="run"),
+                "task:N",
+                alt.Tooltip("step:Q", format=",d"),
+                alt.Tooltip("gap:Q", format=".6~g"),
+                alt.Tooltip("relative_gap:Q", title="relative gap", format=".2%"),
+            ],
+        )
+        .add_params(zoom)
+    )
+    title = f"generalisation gap, relative: {len(names)} runs (dash = run)"
+    charts.append(alt.layer(lines).properties(title=title, width=width, height=legend_height(_count(colour), len(names))))
+    return charts
 
 
 BALANCE_TITLES = {"grad_norm_cv": "spread of G_i (CV across tasks)", "loss_ratio_cv": "spread of loss ratios (CV across tasks)"}

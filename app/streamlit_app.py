@@ -472,23 +472,44 @@ def _smooth_overfitting(frame: pd.DataFrame, weight: float) -> pd.DataFrame:
 
 
 def overfitting_tab(root: str, selected: list[str], controls: Controls, signature: tuple, task_names: list[str]) -> None:
-    run_id = _or(st.selectbox("Run", selected, key="overfitting_run"), selected[0])
-    frame, onsets = data.overfitting(root, run_id, controls.max_points, signature)
-    if controls.tasks is not None:
-        frame = frame[frame["task"].isin(controls.tasks)]
-        onsets = onsets[onsets["task"].isin(controls.tasks)]
-    if controls.step_range is not None and len(frame):
-        frame = frame[frame["step"].between(*controls.step_range)]
-    if frame.empty:
-        st.info(f"Run {run_id} has no validation losses here. Log them with session.log_validation({{task: loss}}) to see the overfitting trend.")
+    chosen = st.multiselect(
+        "Runs shown",
+        selected,
+        default=selected[:3],
+        key="overfitting_runs",
+        help="One losses chart per run on one y axis, then the relative gap of every run overlaid (dash = run)",
+    )
+    shown: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+    tables, without = [], []
+    for run_id in chosen:
+        frame, onsets = data.overfitting(root, run_id, controls.max_points, signature)
+        if controls.tasks is not None:
+            frame = frame[frame["task"].isin(controls.tasks)]
+            onsets = onsets[onsets["task"].isin(controls.tasks)]
+        if controls.step_range is not None and len(frame):
+            frame = frame[frame["step"].between(*controls.step_range)]
+        if frame.empty:
+            without.append(run_id)
+            continue
+        shown[run_id] = (_smooth_overfitting(frame, controls.smoothing), onsets)
+        tables.append(onsets.assign(run=run_id))
+    if without:
+        names = ", ".join(without)
+        st.info(f"Run(s) {_text(names)} have no validation losses here. Log them with session.log_validation({{task: loss}}) to see the overfitting trend.")
+    if not shown:
+        if not chosen:
+            st.info("Choose one or more runs above.")
         return
-    for chart in charts.overfitting_charts(_smooth_overfitting(frame, controls.smoothing), onsets, run_id=run_id, log=controls.log, tasks=task_names):
+    for chart in charts.overfitting_runs_charts(shown, log=controls.log, tasks=task_names):
         _chart(chart)
-    shown = onsets.rename(columns={"gap_slope": "gap slope (loss/step)", "onset_step": "overfitting starts at step", "final_gap": "final gap"})
-    st.dataframe(shown, hide_index=True)
-    overfit = [str(t) for t, s in zip(onsets["task"], onsets["onset_step"]) if not pd.isna(s)]
+    onsets = pd.concat(tables, ignore_index=True)
+    table = onsets[["run", *[c for c in onsets.columns if c != "run"]]].rename(
+        columns={"gap_slope": "gap slope (loss/step)", "onset_step": "overfitting starts at step", "final_gap": "final gap"}
+    )
+    st.dataframe(table, hide_index=True)
+    overfit = [f"{t} ({r})" if len(shown) > 1 else str(t) for r, t, s in zip(onsets["run"], onsets["task"], onsets["onset_step"]) if not pd.isna(s)]
     st.caption(
-        (f"Overfitting: {', '.join(overfit)}. " if overfit else "No task overfits by this rule. ")
+        (f"Overfitting: {_text(', '.join(overfit))}. " if overfit else "No task overfits by this rule. ")
         + "Onset (dotted rule in the task's colour): the validation minimum, when the validation loss ends more than 2% above it and the gap has "
         "widened since. Slope: per step, over the second half of the validation points. The onsets are taken over the whole run, unsmoothed. "
         "The x axis is steps here (validation points)."

@@ -82,7 +82,7 @@ def test_starts_on_the_bundled_runs_and_draws_every_view(monkeypatch):
         mine = rules[rules["run_id"] == run_id].set_index("task")
         assert (mine["average"] - expected.table.set_index("task")["mean"].reindex(mine.index)).abs().max() < 1e-9
         assert (mine["start"].iloc[0], mine["end"].iloc[0]) == (expected.start_step, expected.end_step)
-    for view, charts_expected in (("Compare runs", 1), ("Gradient norms & loss ratios", 5), ("Overfitting", 2), ("Balance", 2), ("Export weights", 0)):
+    for view, charts_expected in (("Compare runs", 1), ("Gradient norms & loss ratios", 5), ("Overfitting", 4), ("Balance", 2), ("Export weights", 0)):
         at.radio(key="view").set_value(view).run()
         no_failure(at)
         assert len(at.get("vega_lite_chart")) == charts_expected, view
@@ -246,7 +246,7 @@ def test_damaged_files_invalid_runs_and_missing_validation_are_explained(monkeyp
     assert any("broken-run" in e.value and "not valid JSON" in e.value for e in at.error)
     assert any("left out" in text.value for text in at.get("text"))
     at.radio(key="view").set_value("Overfitting").run()
-    at.selectbox(key="overfitting_run").set_value("toy-T2-equal").run()
+    at.multiselect(key="overfitting_runs").set_value(["toy-T2-equal"]).run()
     no_failure(at)
     assert any("no validation losses" in i.value for i in at.info)
 

@@ -169,3 +169,38 @@ def test_balance_and_the_norms_view_are_grouped_and_overfitting_says_it_is_not(m
     assert set(drawn["run_id"].astype(str)) == {"gradnorm"} and set(drawn["kind"].astype(str)) == {"G_i (solid)", "target (dashed)"}
     at = _open(monkeypatch, root, {"run": list(SEEDS), "group": "balancer", "view": "Overfitting"})
     assert at.selectbox(key="group").disabled
+
+
+def test_the_overfitting_view_shows_several_runs_on_one_y_axis_with_each_runs_onsets(monkeypatch, tmp_path):
+    """Small multiples: one losses chart per run on a shared y domain, the onsets of each run (the synthetic
+    validation loss turns up, so every task overfits), and the relative gaps of all runs in one chart."""
+    from gradnorm.toolkit import analysis
+
+    chosen = ["qm9-gradnorm-s0", "qm9-gradnorm-s2", "qm9-equal-s1"]
+    root = tmp_path
+    for index, name in enumerate(chosen):  # long enough for the validation loss to turn up (from step ~460)
+        write_run(root, name, steps=800 + 100 * index, per_part=100, meta=run_json(name))
+    at = _open(monkeypatch, root, {"run": chosen, "view": "Overfitting", "smooth": "0"})
+    assert at.multiselect(key="overfitting_runs").value == chosen
+    specs = chart_specs(at)
+    assert len(specs) == len(chosen) + 1
+    domains = []
+    for run_id, (spec, datasets) in zip(chosen, specs):
+        losses = [frame for frame in datasets.values() if "normalised" in frame.columns]
+        (losses,) = losses
+        expected = analysis.overfitting(root, run_id, max_points=500)
+        first = expected.sort_values("step").dropna(subset=["val_loss"]).groupby("task")["val_loss"].first()
+        validation = losses[losses["split"].astype(str) == "validation"]
+        for record in validation.to_dict("records")[:20]:
+            row = expected[(expected["task"] == record["task"]) & (expected["step"] == record["x"])].iloc[0]
+            assert record["normalised"] == pytest.approx(row["val_loss"] / first[record["task"]], rel=1e-12)
+        rules = [frame for frame in datasets.values() if set(frame.columns) == {"task", "x"}]
+        onsets = analysis.overfitting_onsets(root, run_id).dropna(subset=["onset_step"])
+        assert len(onsets) and sorted(rules[0]["x"]) == sorted(onsets["onset_step"].astype(float))
+        domains.append(next(layer["encoding"]["y"]["scale"]["domain"] for layer in spec["layer"] if layer["encoding"]["y"].get("field") == "normalised"))
+    assert domains[0] == domains[1] == domains[2]  # one y axis for every run
+    _, gap_data = specs[-1]
+    (gaps,) = [frame for frame in gap_data.values() if "relative_gap" in frame.columns]
+    assert set(gaps["run_id"].astype(str)) == set(chosen)
+    table = at.dataframe[1].value
+    assert set(table["run"]) == set(chosen)

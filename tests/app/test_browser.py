@@ -270,3 +270,49 @@ def test_a_reload_with_the_url_restores_the_view(repo_app: Served) -> None:
             assert page.url == shown
         finally:
             browser.close()
+
+
+def _drawn_strokes(page) -> list[str]:
+    """The stroke colours of the lines the first chart drew (Vega draws these small datasets as SVG)."""
+    return page.evaluate(
+        f"() => [...new Set([...document.querySelector(\"{CHART}\").querySelectorAll('svg path, svg line')]"
+        ".map(e => e.getAttribute('stroke')).filter(s => s && s.startsWith('#')))]"
+    )
+
+
+def test_the_dark_theme_draws_the_runs_in_the_same_colours_as_the_light_one(repo_app: Served) -> None:
+    """Streamlit's dark theme (embed_options=dark_theme, the same as theme.base = "dark"): the Balance view's
+    run colours are the explicit palette in both themes, and the page behind them is dark."""
+    from gradnorm.app import _charts as charts
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    runs = "&".join(f"run={r}" for r in ("toy-T10-equal", "toy-T10-gradnorm", "toy-T10-static-converged"))
+    console: list[tuple[str, str]] = []
+    drawn: dict[str, tuple[list[str], str]] = {}
+    with playwright_api.sync_playwright() as play:
+        browser = launch(play)
+        try:
+            for theme, options in (("light", ""), ("dark", "&embed_options=dark_theme")):
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.on("console", lambda message: console.append((message.type, message.text)))
+                page.goto(f"{repo_app.server.url}/?embed=true{options}&view=Balance&{runs}", wait_until="domcontentloaded")
+                page.wait_for_selector(DRAWN, timeout=60_000)
+                _settled(page)
+                background = page.evaluate("() => getComputedStyle(document.querySelector('.stApp')).backgroundColor")
+                drawn[theme] = (_drawn_strokes(page), background)
+                page.locator(CHART).first.screenshot(path=str(RESULTS / f"balance-{theme}-chart.png"))
+                page.close()
+        finally:
+            browser.close()
+    (light, light_background), (dark, dark_background) = drawn["light"], drawn["dark"]
+
+    def luminance(rgb: str) -> float:
+        red, green, blue = (int(v) for v in rgb[rgb.index("(") + 1 : rgb.index(")")].split(",")[:3])
+        return 0.2126 * red + 0.7152 * green + 0.0722 * blue
+
+    assert luminance(dark_background) < 60 < 200 < luminance(light_background), (dark_background, light_background)
+    runs_drawn = [colour for colour in light if colour in charts.RUN_COLOURS]
+    assert runs_drawn == charts.RUN_COLOURS[:3]  # one colour per run, the palette's first three, in order
+    assert [colour for colour in dark if colour in charts.RUN_COLOURS] == runs_drawn
+    vega = [text for kind, text in console if kind in ("warning", "error") and ("WARN" in text or "vega" in text.lower())]
+    assert not vega, vega
