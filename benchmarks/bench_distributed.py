@@ -317,8 +317,10 @@ def formula_rows(weight_numel: int, shape, tasks: int, world: int, ddp_numbers: 
 
     options = dn.exchanges(tasks, weight_numel, world, shape=shape, sketch_size=sketch_size)
     ddp = dn.ring_bytes("all_reduce", ddp_numbers, world, 4)
-    route, _ = dn.choose("auto", options)
-    return {"route": route, **{name: e.wire_bytes / ddp for name, e in options.items()}}
+    # auto's choice with the rows on the CPU (gloo) and on an accelerator (NCCL): a byte weighs 20 or 2000 multiply-adds.
+    cpu, _ = dn.choose("auto", options, byte_weight=dn.BYTE_MULTIPLY_ADDS["cpu"])
+    accelerator, _ = dn.choose("auto", options, byte_weight=dn.BYTE_MULTIPLY_ADDS["accelerator"])
+    return {"route": f"{cpu} / {accelerator}", **{name: e.wire_bytes / ddp for name, e in options.items()}}
 
 
 def main() -> None:
@@ -335,7 +337,6 @@ def main() -> None:
         publish(time_section(work, args.time_rounds), args.markdown)
         return
     from gradnorm.hooks import distributed_norms as dn
-    from gradnorm.hooks import gram_norms
 
     load_before = os.getloadavg()
     started = time.time()
@@ -371,18 +372,29 @@ def main() -> None:
             f"| {row['model']} | {row['tasks']} | {row['world']} | {row['mode']} | {row['route']} | {row['collectives']} | {row['payload_numbers']:,} | "
             f"{formula:,} | {row['wire_bytes']:,} | {ddp_sent:,} | {100 * row['wire_bytes'] / ddp_sent:.3f}% |"
         )
-    # Computed world sizes, from the measured shapes (DDP's numbers as measured; W's positions per rank as measured,
-    # and for ResNet-18 also at 224 x 224: 7 x 7 outputs per image).
-    lines += [
+    report = "\n".join(lines) + "\n" + computed_section(measured, args.worlds[0])
+    if not args.skip_time:
+        report += time_section(work, args.time_rounds)
+    report += f"\n({time.time() - started:.0f} s in all.)\n"
+    publish(report, args.markdown)
+
+
+def computed_section(measured: list, world_measured: int) -> str:
+    """World sizes 8 to 256 from the measured shapes (DDP's numbers as measured; W's positions per rank as
+    measured, and for ResNet-18 also at 224 x 224: 7 x 7 outputs per image)."""
+    from gradnorm.hooks import distributed_norms as dn
+    from gradnorm.hooks import gram_norms
+
+    lines = [
         "",
         "Computed from the same formulas (`hooks/distributed_norms.exchanges`, DDP: an all_reduce of its measured gradient numbers), "
         "bytes sent per rank as a share of DDP's, at T = 40 and T = 100; `rows` at the measured positions per rank "
         "(ResNet-18 also at 224 x 224 images, 8 per rank: P = 392).",
         "",
-        "| model | T | ranks | auto's route | gradients | rows | sketch |",
+        "| model | T | ranks | auto's route (CPU / accelerator) | gradients | rows | sketch |",
         "|---|---|---|---|---|---|---|",
     ]
-    by_model = {(r["model"], r["tasks"]): r for r in measured if r["mode"] == "auto" and r["world"] == args.worlds[0]}
+    by_model = {(r["model"], r["tasks"]): r for r in measured if r["mode"] == "auto" and r["world"] == world_measured}
     for (kind, tasks), row in sorted(by_model.items()):
         if tasks not in (40, 100):
             continue
@@ -397,11 +409,7 @@ def main() -> None:
                 lines.append(
                     f"| {label} | {tasks} | {world} | {share['route']} | {100 * share['gradients']:.2f}% | {100 * share['rows']:.2f}% | {100 * share['sketch']:.3f}% |"
                 )
-    report = "\n".join(lines) + "\n"
-    if not args.skip_time:
-        report += time_section(work, args.time_rounds)
-    report += f"\n({time.time() - started:.0f} s in all.)\n"
-    publish(report, args.markdown)
+    return "\n".join(lines) + "\n"
 
 
 def _shape(kind: str, shared: nn.Module):
