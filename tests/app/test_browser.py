@@ -9,6 +9,7 @@ always stopped. Screenshots are kept under the test's tmp dir.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
@@ -226,6 +227,13 @@ def test_every_view_fits_the_window_has_legends_and_draws_without_vega_warnings(
                 page.wait_for_selector(DRAWN, timeout=60_000)
                 for view in VIEWS:
                     page.locator("[data-testid='stMainBlockContainer'] label").filter(has_text=view).first.click()
+                    if view != VIEWS[0]:  # the script of the new view has started (it writes the URL) before the page settles
+                        page.wait_for_url(lambda address, view=view: urlencode({"view": view}) in address, timeout=60_000)
+                    if view != "Export weights":  # and has drawn a chart: on a loaded machine the page may settle in between
+                        page.wait_for_function(
+                            f'() => !document.querySelector(\'[data-testid="stStatusWidget"]\') && document.querySelectorAll("{CHART}").length >= 1',
+                            timeout=60_000,
+                        )
                     _settled(page)
                     if view != "Export weights":
                         assert page.locator(CHART).count() >= 1, view
