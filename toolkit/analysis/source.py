@@ -8,7 +8,8 @@ a column no file of a run has reads as null, a file's own extra columns are neve
 combined by name. File lists and run ids are bound as parameters, never pasted into the SQL text.
 
 If DuckDB still trips on a file the footer check passed (a damaged data page), that file is reported and
-left out, and the query runs again without it; a file that vanished under the query (a compaction
+left out, and the query runs again without it (when DuckDB's error names no file, each file is read on its
+own to find the one that fails); a file that vanished under the query (a compaction
 deleted what it merged) makes the run's files be listed again. Any other DuckDB error reaches the caller
 as an :class:`AnalysisError`, never as DuckDB's own exception.
 """
