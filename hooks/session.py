@@ -800,6 +800,11 @@ class Session:
 
     def _exchange_feed(self, auto_route: Optional[str]) -> str:
         """What hands the distributed meter its rows (run.json's ``distributed_norms.fed_by``)."""
+        if self.accumulate > 1:
+            return (
+                f"not used: accumulate={self.accumulate} sums each task's gradient at W over the micro-batches (one backward per task to W "
+                "in session.loss()) and averages the sums across ranks, T x |W| numbers per optimiser step"
+            )
         per_task = "one backward per task from the losses to W's output in session.loss(), before your backward"
         if self.taps is None:
             return f"{per_task} ({self._heads_search or 'no heads'})"

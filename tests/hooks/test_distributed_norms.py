@@ -661,3 +661,21 @@ def test_a_step_the_taps_never_see_falls_back_to_the_per_task_path(monkeypatch):
     assert taps is None  # dropped at step 3
     torch.testing.assert_close(tapped, general, rtol=1e-9, atol=1e-12)
     assert fed_by.startswith("one backward per task") and "the loss of step 2 was never backpropagated" in fed_by
+
+
+def test_run_json_says_what_feeds_the_exchange(tmp_path):
+    """The taps from step 1 by default; the per-task path with heads=None; nothing of it under accumulate=2."""
+    import gradnorm
+    from gradnorm.toolkit import runs
+
+    feeds = {}
+    for name, options in {"taps": {}, "general": {"heads": None}, "accumulate": {"accumulate": 2}}.items():
+        model, x, y, task_losses = problem("toy")
+        session = gradnorm.attach(model.shared_layer, gradnorm.GradNorm(alpha=0.12), distributed_norms="rows", runs_root=tmp_path, run_name=name, **options)
+        for index in batches(4):
+            session.loss(task_losses(model(x[index]), y[index])).backward()
+        session.close()
+        feeds[name] = runs.read_run_json(tmp_path / name)["distributed_norms"]["fed_by"]
+    assert feeds["taps"].startswith("the heads' taps in your backward from step 1 (output-mask")
+    assert feeds["general"].startswith("one backward per task from the losses to W's output") and "heads=None" in feeds["general"]
+    assert feeds["accumulate"].startswith("not used: accumulate=2")
