@@ -130,11 +130,11 @@ def _count(colour: alt.Scale) -> int:
     return len(colour.domain) if isinstance(colour.domain, list) else 0
 
 
-def _run_dash(runs: Sequence[str], legend: bool = True) -> alt.StrokeDash:
+def _run_dash(runs: Sequence[str], legend: bool = True, title: str = "run (dash)") -> alt.StrokeDash:
     return alt.StrokeDash(
         "run_id:N",
         scale=run_dash_scale(runs),
-        legend=_legend("run (dash)", len(runs), symbolType="stroke", symbolStrokeColor="gray", symbolStrokeWidth=2, symbolSize=300) if legend else None,
+        legend=_legend(title, len(runs), symbolType="stroke", symbolStrokeColor="gray", symbolStrokeWidth=2, symbolSize=300) if legend else None,
     )
 
 
@@ -284,7 +284,8 @@ def metric_charts(
     charts = []
     for index, group in enumerate(groups):
         frame = _lean(series[series["run_id"].isin(group)] if len(series) else series)
-        encoding = dict(x=_x(x, largest=_largest(series)), y=_y("value", y_title, log, zero, domain), color=_task_colour(colour), strokeDash=_run_dash(group))
+        dash = _run_dash(group, title="group (dash)" if "runs" in series.columns else "run (dash)")
+        encoding = dict(x=_x(x, largest=_largest(series)), y=_y("value", y_title, log, zero, domain), color=_task_colour(colour), strokeDash=dash)
         base = alt.Chart(frame)
         grouped = "runs" in frame.columns
         tooltip = _tooltip(y_title, x, [alt.Tooltip("runs:Q", title="runs in group")] if grouped else ())

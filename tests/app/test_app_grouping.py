@@ -119,6 +119,7 @@ def test_the_app_draws_one_line_per_group_with_its_band_and_keeps_the_grouping_i
     ((spec, datasets),) = chart_specs(at)
     marks = [layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"] for layer in spec["layer"]]
     assert marks[0] == "area"  # the band, under the lines
+    assert next(layer["encoding"]["strokeDash"]["legend"]["title"] for layer in spec["layer"] if "strokeDash" in layer["encoding"]) == "group (dash)"
     (drawn,) = [frame for frame in datasets.values() if "band_low" in frame.columns]
     assert set(drawn["run_id"].astype(str)) == {"qm9-gradnorm", "qm9-equal"}
     raw = _raw(root, "balancer_weight")
