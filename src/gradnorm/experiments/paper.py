@@ -263,6 +263,8 @@ _UNICODE = {
     "“": "``",
     "”": "''",
     "\u00a0": "~",
+    "↑": r"$\uparrow$",
+    "°": r"$^\circ$",
 }
 #: Phrases of the results files that are mathematics, typeset as such.
 _MATH_PHRASES = [
@@ -645,6 +647,7 @@ COMPARE_METHODS = {
     "imtl-g": "IMTL-G",
     "aligned-mtl": "Aligned-MTL",
     "gradvac": "GradVac",
+    "dualproj": "DualProj",
 }
 
 
@@ -723,6 +726,48 @@ def penguin_weights(report: Report, results: Results) -> None:
     meta = json.loads((root / run / "run.json").read_text(encoding="utf-8"))
     steps = meta.get("config", {}).get("steps")
     report.put("compare.penguins.w.steps", str(steps) if steps else None)
+
+
+#: The interleaved step-cost tables of ``compare.md`` (``gradnorm compare --cost-only``), by dataset.
+COST_TABLES = (
+    ("toy2", r"^Step cost, interleaved: toy T=2\b"),
+    ("toy10", r"^Step cost, interleaved: toy T=10\b"),
+    ("penguins", r"^Step cost, interleaved: Palmer penguins"),
+    ("qm9", r"^Step cost, interleaved: QM9"),
+    ("scenes", r"^Step cost, interleaved: generated scenes"),
+)
+
+
+def compare_costs(report: Report, results: Results) -> None:
+    """Every method's step cost against equal weights, measured interleaved on the same batches (the
+    training thread's CPU time): GradNorm's, and the dearest method's, per dataset."""
+    dearest: list[tuple[str, float]] = []
+    for short, heading in COST_TABLES:
+        found = results.find("compare.md", heading=heading, columns=("× equal",), first_cell="gradnorm")
+        if found is None:
+            for key in ("gradnorm", "max", "maxname", "methods"):
+                report.put(f"cost.{short}.{key}", None)
+            continue
+        table = found[1]
+        column = table.column("× equal")
+        assert column is not None
+        values = {strip_markup(r[0]): number(r[column]) for r in table.rows}
+        known = {m: v for m, v in values.items() if v is not None}
+        report.put(f"cost.{short}.gradnorm", fmt(known.get("gradnorm"), 2, RATIO))
+        top = max(known, key=lambda m: known[m]) if known else None
+        report.put(f"cost.{short}.max", fmt(known[top], 2, RATIO) if top else None)
+        report.put(f"cost.{short}.maxname", COMPARE_METHODS.get(top, tex(top)) if top else None)
+        report.put(f"cost.{short}.methods", str(len(known)))
+        if top:
+            dearest.append((top, known[top]))
+    names = {m for m, _ in dearest}
+    if len(dearest) == len(COST_TABLES) and len(names) == 1:
+        name = names.pop()
+        report.put("cost.dearest", COMPARE_METHODS.get(name, tex(name)) + " on every one (" + ", ".join(fmt(v, 2, RATIO) or "" for _, v in dearest) + ")")
+    elif dearest:
+        report.put("cost.dearest", ", ".join(f"{COMPARE_METHODS.get(m, tex(m))} {fmt(v, 2, RATIO)}" for m, v in dearest))
+    else:
+        report.put("cost.dearest", None)
 
 
 def compare_summary(report: Report, results: Results) -> None:
@@ -1268,11 +1313,20 @@ def analysis_speed(report: Report, results: Results) -> None:
         report.put("ana.closed.list", cold("list_runs", closed))
         report.put("ana.live.weights", warm("weight_average", live))
         report.put("ana.live.series", warm("metric_series, one task", live))
-        nocompact = table.column("no compaction (one file")
-        report.put("ana.nocompact.weights", warm("weight_average", nocompact))
+        # The newest run may not repeat the uncompacted layout: take it from the newest table that has it.
+        uncompacted = results.find(file, columns=("query", "no compaction (one file"), first_cell="weight_average")
+        if uncompacted is not None:
+            row = uncompacted[1].row("weight_average", exact=False)
+            column = uncompacted[1].column("no compaction (one file")
+            values = numbers_in(row[column]) if row is not None and column is not None else []
+            report.put("ana.nocompact.weights", fmt(values[1], 2, r"\,s") if len(values) > 1 else None)
+        else:
+            report.put("ana.nocompact.weights", None)
         report.fragments["tab_analysis.tex"] = render_table(
             table,
-            "The analysis on a run of $10^6$ steps $\\times$ 10 tasks ($10^7$ rows) written through the recorder: cold (first call) / warm (median of repeats) seconds. "
+            "The analysis on a run of $10^6$ steps $\\times$ 10 tasks ($10^7$ rows) written through the recorder; each cell: "
+            + (tex(table.header[1].split(":", 1)[1].strip()) if ":" in table.header[1] else "cold (first call) / warm (median of repeats) seconds")
+            + " (cold: the first call; warm: the median of repeats; uncached: the same query scanning every file; CPU: the process's CPU seconds). "
             + tex(machine(section.title))
             + ".",
             "tab:analysis",
@@ -1287,10 +1341,24 @@ def analysis_speed(report: Report, results: Results) -> None:
     if app:
         t = app[1]
         report.put("app.closed", fmt(number(t.cell("closed", "first view", exact=False)), 2, r"\,s"))
-        report.put("app.live", fmt(number(t.cell("live", "first view", exact=False)), 2, r"\,s"))
-        report.put("app.nocompact", fmt(number(t.cell("no compaction", "first view", exact=False)), 1, r"\,s"))
+        uncompacted = results.find("app.md", columns=("layout", "first view"), first_cell="no compaction")
+        report.put("app.nocompact", fmt(number(uncompacted[1].cell("no compaction", "first view", exact=False)), 1, r"\,s") if uncompacted else None)
+        # The live run's first view in a fresh process: the newest side-by-side run (bench_analysis
+        # --app-rounds, wall / CPU seconds) where there is one, else bench_app's newest table.
+        side = results.find("analysis.md", columns=("run", "cached: first view"), first_cell="live")
+        cells = numbers_in(side[1].cell("live", "cached: first view", exact=False)) if side else []
+        if len(cells) > 1 and side is not None:
+            report.put("app.live", fmt(cells[0], 2, r"\,s"))
+            report.put("app.live.cpu", fmt(cells[1], 2, r"\,s"))
+            load = re.search(r"Load average at the end: ([\d.]+)", side[0].text)
+            report.put("app.live.load", f"{load.group(1)} at its end" if load else None)
+        else:
+            report.put("app.live", fmt(number(t.cell("live", "first view", exact=False)), 2, r"\,s"))
+            report.put("app.live.cpu", None)
+            load = re.search(r"load average was ([\d.]+)[-–]([\d.]+)", app[0].text)
+            report.put("app.live.load", f"{load.group(1)}--{load.group(2)}" if load else None)
     else:
-        for key in ("closed", "live", "nocompact"):
+        for key in ("closed", "live", "nocompact", "live.load", "live.cpu"):
             report.put(f"app.{key}", None)
 
 
@@ -1323,23 +1391,88 @@ def targets(report: Report, results: Results) -> None:
 
 
 def sweep(report: Report, results: Results) -> None:
-    """Paper 5.3: random static weights against GradNorm's E_t[w_i] (the sweep's JSON files)."""
-    for tasks in (2, 10):
+    """Paper 5.3: random static weights against GradNorm's E_t[w_i] (the sweep's JSON files, T=2, 3, 10).
+
+    Besides the whole sweep's figures (with the bootstrap intervals where the JSON has them), a mixture
+    sweep is split by sampling component: the component nearest E_t[w_i] (smallest median distance), the
+    uniform draws, and the Dirichlet draws alone, whose correlation and interval are recomputed here from
+    the points with the sweep's own statistic and seed."""
+    from gradnorm.experiments.grid_sweep import BOOTSTRAP_RESAMPLES, bootstrap_interval, pearson
+
+    base: tuple[str, ...] = (
+        "networks",
+        "beaten",
+        "pearson",
+        "spearman",
+        "gnloss",
+        "best",
+        "worst",
+        "steps",
+        "pearson.ci",
+        "spearman.ci",
+        "beaten.maxdist",
+        "maxdist",
+    )
+    parts: tuple[str, ...] = ("near.networks", "near.beaten", "near.maxdist", "near.lossmin", "near.lossmax", "uniform.networks", "uniform.beaten")
+    parts += ("uniform.mindist", "uniform.maxdist", "dirichlet.networks", "dirichlet.pearson", "dirichlet.pearson.ci", "best.distance", "best.draw")
+    for tasks in (2, 3, 10):
         path = results.directory / "sweep" / f"sweep-T{tasks}.json"
+        key = f"sweep.T{tasks}"
         if not path.is_file():
-            for key in ("networks", "beaten", "pearson", "spearman", "gnloss", "best", "worst", "steps"):
-                report.put(f"sweep.T{tasks}.{key}", None)
+            for name in base + (parts if tasks == 10 else ()):
+                report.put(f"{key}.{name}", None)
             continue
         data = json.loads(path.read_text(encoding="utf-8"))
-        losses = [p["test_loss"] for p in data["points"]]
-        report.put(f"sweep.T{tasks}.networks", str(len(losses)))
-        report.put(f"sweep.T{tasks}.beaten", str(data["beaten_by"]))
-        report.put(f"sweep.T{tasks}.pearson", fmt(data["pearson"], 2))
-        report.put(f"sweep.T{tasks}.spearman", fmt(data["spearman"], 2))
-        report.put(f"sweep.T{tasks}.gnloss", fmt(data["gradnorm_test_loss"], 3))
-        report.put(f"sweep.T{tasks}.best", fmt(min(losses), 3))
-        report.put(f"sweep.T{tasks}.worst", fmt(max(losses), 3))
-        report.put(f"sweep.T{tasks}.steps", str(data["steps"]))
+        points = data["points"]
+        losses = [p["test_loss"] for p in points]
+        gn = data["gradnorm_test_loss"]
+
+        def interval(bounds: Optional[Sequence[float]]) -> Optional[str]:
+            if not bounds or len(bounds) != 2 or any(b is None for b in bounds):
+                return None
+            return f"[{fmt(bounds[0], 2)}, {fmt(bounds[1], 2)}]".replace("-", "$-$")
+
+        report.put(f"{key}.networks", str(len(losses)))
+        report.put(f"{key}.beaten", str(data["beaten_by"]))
+        report.put(f"{key}.pearson", fmt(data["pearson"], 2))
+        report.put(f"{key}.spearman", fmt(data["spearman"], 2))
+        report.put(f"{key}.pearson.ci", interval(data.get("pearson_ci95")))
+        report.put(f"{key}.spearman.ci", interval(data.get("spearman_ci95")))
+        report.put(f"{key}.gnloss", fmt(gn, 3))
+        report.put(f"{key}.best", fmt(min(losses), 3))
+        report.put(f"{key}.worst", fmt(max(losses), 3))
+        report.put(f"{key}.steps", str(data["steps"]))
+        beaters = [p["distance"] for p in points if p["test_loss"] < gn]
+        report.put(f"{key}.beaten.maxdist", fmt(max(beaters), 2) if beaters else None)
+        report.put(f"{key}.maxdist", fmt(max(p["distance"] for p in points), 2))
+        if tasks != 10:
+            continue
+        draws: dict[str, list[dict[str, Any]]] = {}
+        for p in points:
+            draws.setdefault(str(p.get("draw", "uniform")), []).append(p)
+        dirichlet = {name: group for name, group in draws.items() if name != "uniform"}
+        near = min(dirichlet.values(), key=lambda g: sorted(p["distance"] for p in g)[len(g) // 2]) if dirichlet else None
+        report.put(f"{key}.near.networks", str(len(near)) if near else None)
+        report.put(f"{key}.near.beaten", str(sum(p["test_loss"] < gn for p in near)) if near else None)
+        report.put(f"{key}.near.maxdist", fmt(max(p["distance"] for p in near), 2) if near else None)
+        report.put(f"{key}.near.lossmin", fmt(min(p["test_loss"] for p in near), 2) if near else None)
+        report.put(f"{key}.near.lossmax", fmt(max(p["test_loss"] for p in near), 2) if near else None)
+        uniform = draws.get("uniform", []) if dirichlet else []
+        report.put(f"{key}.uniform.networks", str(len(uniform)) if uniform else None)
+        report.put(f"{key}.uniform.beaten", str(sum(p["test_loss"] < gn for p in uniform)) if uniform else None)
+        report.put(f"{key}.uniform.mindist", fmt(min(p["distance"] for p in uniform), 2) if uniform else None)
+        report.put(f"{key}.uniform.maxdist", fmt(max(p["distance"] for p in uniform), 2) if uniform else None)
+        # In file order, as the sweep resamples them: the bootstrap's draws depend on the order of the points.
+        pooled = [p for p in points if str(p.get("draw", "uniform")) != "uniform"]
+        x, y = [p["distance"] for p in pooled], [p["test_loss"] for p in pooled]
+        report.put(f"{key}.dirichlet.networks", str(len(pooled)) if pooled else None)
+        report.put(f"{key}.dirichlet.pearson", fmt(pearson(x, y), 2) if len(pooled) >= 3 else None)
+        ci = bootstrap_interval(x, y, pearson, BOOTSTRAP_RESAMPLES, int(data.get("seed", 0))) if len(pooled) >= 3 else None
+        report.put(f"{key}.dirichlet.pearson.ci", interval(ci))
+        best = min(points, key=lambda p: p["test_loss"])
+        report.put(f"{key}.best.distance", fmt(best["distance"], 2) if dirichlet else None)
+        kappa = re.fullmatch(r"dirichlet-([\d.]+)", str(best.get("draw", "")))
+        report.put(f"{key}.best.draw", (f"a Dirichlet draw of concentration $\\kappa={kappa.group(1)}$" if kappa else "a uniform draw") if dirichlet else None)
 
 
 def distributed(report: Report, results: Results) -> None:
@@ -1409,9 +1542,10 @@ def distributed(report: Report, results: Results) -> None:
     rows = list(chosen)
     sentences = []
     if shares_known:
+        smallest = fmt(min(shares_known), 2, r"\,\%")
         sentences.append(
-            f"With {world:.0f} ranks and the default choice of route, GradNorm's own exchange sent at most {report.numbers['ddp.max.share']} of what DDP's gradient all-reduce sent, "
-            f"in every configuration of Table~\\ref{{tab:distributed}} (routes taken: {report.numbers['ddp.routes']})."
+            f"With {world:.0f} ranks and the default choice of route, GradNorm's own exchange sent from {smallest} to {report.numbers['ddp.max.share']} of what DDP's gradient all-reduce sent "
+            f"in the configurations of Table~\\ref{{tab:distributed}} (routes taken: {report.numbers['ddp.routes']})."
         )
     if resnet and (forced is not None or computed_row is not None):
         sentences.append(
@@ -1549,6 +1683,174 @@ def qm9(report: Report, results: Results, published_file: Path) -> None:
     )
 
 
+def ordinal(n: int) -> str:
+    """1 -> '1st', 15 -> '15th'."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _signed(value: Optional[float], digits: int = 1) -> Optional[str]:
+    return None if value is None else f"{value:+.{digits}f}".replace("-", "$-$") + "\\,\\%"
+
+
+def scenes(report: Report, results: Results) -> None:
+    """The encoder-decoder's generated scenes (a section of ``compare.md``): three dense tasks, Delta_m%
+    against equal weights and against single-task networks, where GradNorm ranks."""
+    file = "compare.md"
+    keys: tuple[str, ...] = (
+        "gradnorm",
+        "static",
+        "rank",
+        "methods",
+        "best",
+        "bestname",
+        "worst",
+        "worstname",
+        "single",
+        "vssingle.min",
+        "alpha",
+        "seeds",
+        "steps",
+    )
+    keys += ("gradnorm.miou", "equal.miou", "gradnorm.depth", "equal.depth")
+    found = results.find(file, heading=r"^Generated scenes", columns=("Δm% vs equal",), first_cell="gradnorm")
+    if found is None:
+        report.fragments["tab_scenes.tex"] = not_measured("The methods compared on the generated scenes.", source_note(file, None))
+        for key in keys:
+            report.put(f"scenes.{key}", None)
+        return
+    section, table = found
+    delta, single = table.column("Δm% vs equal"), table.column("Δm% vs single")
+    assert delta is not None
+    values = {strip_markup(r[0]): number(r[delta]) for r in table.rows}
+    methods = {m: v for m, v in values.items() if m != "single-task" and v is not None}
+    ranked = sorted((v, m) for m, v in methods.items())
+    gn = methods.get("gradnorm")
+    report.put("scenes.gradnorm", _signed(gn))
+    report.put("scenes.static", _signed(methods.get("static")))
+    report.put("scenes.rank", ordinal(1 + sum(v < gn for v in methods.values())) if gn is not None else None)
+    report.put("scenes.methods", str(len(methods)))
+    report.put("scenes.best", _signed(ranked[0][0]) if ranked else None)
+    report.put("scenes.bestname", COMPARE_METHODS.get(ranked[0][1], tex(ranked[0][1])) if ranked else None)
+    report.put("scenes.worst", _signed(ranked[-1][0]) if ranked else None)
+    report.put("scenes.worstname", COMPARE_METHODS.get(ranked[-1][1], tex(ranked[-1][1])) if ranked else None)
+    report.put("scenes.single", _signed(values.get("single-task")))
+    vs_single = [number(r[single]) for r in table.rows if single is not None and strip_markup(r[0]) != "single-task"]
+    known = [v for v in vs_single if v is not None]
+    report.put("scenes.vssingle.min", _signed(min(known), 0) if known else None)
+    report.put("scenes.gradnorm.miou", fmt(number(table.cell("gradnorm", "mIoU")), 3))
+    report.put("scenes.equal.miou", fmt(number(table.cell("equal", "mIoU")), 3))
+    report.put("scenes.gradnorm.depth", fmt(number(table.cell("gradnorm", "depth")), 3))
+    report.put("scenes.equal.depth", fmt(number(table.cell("equal", "depth")), 3))
+    alpha = None
+    for candidate in results.sections(file) or []:
+        if candidate.title.startswith("Generated scenes"):
+            match = re.search(r"GradNorm runs at α = ([\d.]+)", candidate.text)
+            alpha = match.group(1) if match else alpha
+    report.put("scenes.alpha", alpha)
+    seeds = re.search(r"Seeds: \[([^\]]*)\]", section.text)
+    report.put("scenes.seeds", str(len(seeds.group(1).split(","))) if seeds else None)
+    steps = re.search(r"(\d+) steps", section.title)
+    report.put("scenes.steps", steps.group(1) if steps else None)
+    header = ["method"] + [wrap_header(h, 12) for h in table.header[1:]]
+    renamed = Table(table.header, [[COMPARE_METHODS.get(strip_markup(r[0]), r[0])] + r[1:] for r in table.rows])
+    body = render_table(
+        renamed,
+        "The generated scenes: a ResNet-style encoder-decoder with three pixel-wise tasks (segmentation, depth, surface normals; "
+        + tex(section.title.split(":")[0].replace("Generated scenes, ", ""))
+        + f"), test metrics and $\\Delta_m\\%$ over the four metrics against the same seed's equal-weights run and against its single-task networks, mean $\\pm$ standard deviation over {report.numbers['scenes.seeds']} seeds; "
+        "lower is better except where marked $\\uparrow$. GradNorm runs at $\\alpha=" + (alpha or "?") + "$ (paper 5.4's NYUv2 value).",
+        "tab:scenes",
+        source_note(file, section),
+        header=header,
+        placement="tbp",
+        size=r"\footnotesize",
+    )
+    for name in COMPARE_METHODS.values():
+        body = body.replace(tex(name), name)
+    report.fragments["tab_scenes.tex"] = body
+
+
+def gradnorm_alpha(report: Report, results: Results) -> None:
+    """``gradnorm_alpha.md``: GradNorm on QM9 at several alpha, each E_t[w_i] retrained; where the best
+    alpha would rank among the QM9 table's methods (``compare.md``)."""
+    file = "gradnorm_alpha.md"
+    keys = ("best", "best.alpha", "best.static", "rank", "methods", "max", "max.alpha", "values")
+    found = results.find(file, columns=("Δm% vs equal",), first_cell="gradnorm a=")
+    if found is None:
+        report.fragments["tab_qm9_alpha.tex"] = not_measured("GradNorm's alpha on QM9.", source_note(file, None))
+        for key in keys:
+            report.put(f"alpha.{key}", None)
+        return
+    section, table = found
+    delta = table.column("Δm% vs equal")
+    assert delta is not None
+    runs: dict[str, dict[str, str]] = {}
+    for row in table.rows:
+        match = re.fullmatch(r"(gradnorm|static) a=([\d.]+)", strip_markup(row[0]))
+        if match:
+            runs.setdefault(match.group(2), {})[match.group(1)] = row[delta]
+    gn: dict[str, float] = {}
+    for a, cells in runs.items():
+        value = number(cells.get("gradnorm"))
+        if value is not None:
+            gn[a] = value
+    if not gn:
+        report.fragments["tab_qm9_alpha.tex"] = not_measured("GradNorm's alpha on QM9.", source_note(file, section))
+        for key in keys:
+            report.put(f"alpha.{key}", None)
+        return
+    best_alpha = min(gn, key=lambda a: gn[a])
+    worst_alpha = max(gn, key=lambda a: gn[a])
+    report.put("alpha.best", _signed(gn[best_alpha]))
+    report.put("alpha.best.alpha", best_alpha)
+    report.put("alpha.best.static", _signed(number(runs[best_alpha].get("static"))))
+    report.put("alpha.max", _signed(gn[worst_alpha]))
+    report.put("alpha.max.alpha", worst_alpha)
+    report.put("alpha.values", ", ".join(sorted(gn, key=float)))
+    qm9_table = results.find("compare.md", heading="QM9", columns=("Δm",), first_cell="gradnorm")
+    if qm9_table is not None:
+        qt = qm9_table[1]
+        qcol = qt.column("Δm")
+        others = [number(r[qcol]) for r in qt.rows if qcol is not None and strip_markup(r[0]) != "gradnorm"]
+        others_known = [v for v in others if v is not None]
+        report.put("alpha.rank", ordinal(1 + sum(v < gn[best_alpha] for v in others_known)))
+        report.put("alpha.methods", str(len(others_known) + 1))
+    else:
+        report.put("alpha.rank", None)
+        report.put("alpha.methods", None)
+    weights = results.find(file, columns=("alpha", "zpve", "u0"))
+    wanted = ("mu", "homo", "zpve", "u0")
+    rows = []
+    for a in sorted(runs, key=float):
+        line = [f"${a}$", tex(runs[a].get("gradnorm", "-")), tex(runs[a].get("static", "-"))]
+        if weights is not None:
+            wt = weights[1]
+            wrow = next((r for r in wt.rows if r[0].strip() == a), None)
+            for name in wanted:
+                column = wt.column(name)
+                line.append(tex(wrow[column]) if wrow is not None and column is not None else "-")
+        rows.append(" & ".join(line) + r" \\")
+    extra = len(wanted) if weights is not None else 0
+    head = "$\\alpha$ & GradNorm $\\Delta_m\\%$ & static $E_t[w_i]$ $\\Delta_m\\%$" + (
+        " & \\multicolumn{4}{c}{GradNorm's $E_t[w_i]$: $\\mu$, HOMO, ZPVE, $U_0$}" if extra else ""
+    )
+    report.fragments["tab_qm9_alpha.tex"] = (
+        "\\begin{table}[t]\n\\centering\\footnotesize\n"
+        "\\caption{GradNorm on the QM9 subset of Table~\\ref{tab:qm9} at several $\\alpha$, each run's $E_t[w_i]$ retrained as static weights: "
+        "$\\Delta_m\\%$ against the same seed's equal-weights run (mean $\\pm$ standard deviation over the seeds), and the run's $E_t[w_i]$ on four of the eleven targets (mean over the seeds). "
+        "$\\alpha$ was chosen on the test set (no validation split), so the best row is an optimistic figure.}\\label{tab:qm9-alpha}\n"
+        "\\begin{adjustbox}{max width=\\linewidth}\n\\begin{tabular}{lrr"
+        + "r" * extra
+        + "}\n\\toprule\n"
+        + head
+        + " \\\\\n\\midrule\n"
+        + "\n".join(rows)
+        + "\n\\bottomrule\n\\end{tabular}\n\\end{adjustbox}\n"
+        + f"\\par\\smallskip{{\\footnotesize Source: {source_note(file, section)}.}}\n\\end{{table}}\n"
+    )
+
+
 def many_tasks(report: Report, results: Results) -> None:
     """``many_tasks.md``: the default attach against equal weights as T grows, on the toy and a dense model."""
     file = "many_tasks.md"
@@ -1637,6 +1939,7 @@ def build(results_dir: Path, runs_dir: Path) -> tuple[Report, list[ToyRun]]:
     toy_reproduction(report, runs)
     compare_tables(report, results)
     compare_summary(report, results)
+    compare_costs(report, results)
     penguin_weights(report, results)
     sweep(report, results)
     step_time(report, results)
@@ -1648,6 +1951,8 @@ def build(results_dir: Path, runs_dir: Path) -> tuple[Report, list[ToyRun]]:
     analysis_speed(report, results)
     distributed(report, results)
     qm9(report, results, repo_root() / "docs" / "report" / "published-delta-m.md")
+    gradnorm_alpha(report, results)
+    scenes(report, results)
     targets(report, results)
     many_tasks(report, results)
     update_every(report, results)
@@ -1735,17 +2040,19 @@ def figures(out_dir: Path, runs: Sequence[ToyRun], runs_dir: Path, results_dir: 
             .properties(width=FIGURE_WIDTH, height=FIGURE_HEIGHT)
         )
         save(lines.facet(column=alt.Column("T:N", title=None, sort=["T=2", "T=10"])).resolve_scale(y="independent"), "toy_test_loss")
-    sweep_files = [results_dir / "sweep" / f"sweep-T{t}.json" for t in (2, 10)]
-    if all(p.is_file() for p in sweep_files):
+    # Paper Figure 4 for every sweep committed: T=2 and T=3 side by side, T=10 (the mixture of draws) below.
+    sweep_files = [path for path in (results_dir / "sweep" / f"sweep-T{t}.json" for t in (2, 3, 10)) if path.is_file()]
+    if sweep_files:
         from gradnorm.experiments.grid_sweep import SweepPoint, SweepResult, sweep_chart
 
         panels = []
         for path in sweep_files:
             data = json.loads(path.read_text(encoding="utf-8"))
             result = SweepResult(data["num_tasks"], data["steps"], data["gradnorm_weights"], data["gradnorm_test_loss"])
-            result.points = [SweepPoint(p["run"], p["weights"], p["distance"], p["test_loss"]) for p in data["points"]]
-            panels.append(sweep_chart(result).properties(width=330, height=220))
-        save(alt.hconcat(*panels), "sweep")
+            result.points = [SweepPoint(p["run"], p["weights"], p["distance"], p["test_loss"], p.get("draw", "uniform")) for p in data["points"]]
+            panels.append(sweep_chart(result).properties(width=FIGURE_WIDTH - 60, height=FIGURE_HEIGHT - 40))
+        rows = [alt.hconcat(*panels[i : i + 2]) for i in range(0, len(panels), 2)]
+        save(alt.vconcat(*rows) if len(rows) > 1 else rows[0], "sweep")
     if scaling_csv.strip():
         import io
 
