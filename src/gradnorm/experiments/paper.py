@@ -698,7 +698,12 @@ def compare_tables(report: Report, results: Results) -> None:
         body = render_table(
             renamed,
             f"Loss-balancing methods on {what}, {steps.group(1) if steps else '?'} steps, mean $\\pm$ standard deviation over {len(seeds.group(1).split(',')) if seeds else '?'} seeds "
-            "(lower is better everywhere). Every method starts from the same network and sees the same batches; ``static'' retrains with the same seed's GradNorm $E_t[w_i]$.",
+            "(lower is better everywhere). Every method starts from the same network and sees the same batches; ``static'' retrains with the same seed's GradNorm $E_t[w_i]$."
+            + (
+                " The step cost is the training runs' own, one run after another under load, which does not resolve the cheaper methods; Section~\\ref{sec:compare} quotes the interleaved figures."
+                if table.column("step cost") is not None
+                else ""
+            ),
             f"tab:compare-{short}",
             source_note(file, section),
             header=header,
