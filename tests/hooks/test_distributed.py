@@ -4,22 +4,16 @@ single-process run on the whole batch; each rank writes its own part files into 
 from __future__ import annotations
 
 import datetime
-import multiprocessing
-import socket
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers.process_group import rank_results, start_ranks
+
 STEPS = 12
 BATCH = 16  # global batch; each of the 2 ranks trains on half of it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batches(num: int):
@@ -109,20 +103,7 @@ def single_process_reference():
 
 @pytest.mark.parametrize("heads", [False, True, "stream"], ids=["auto-rows", "heads-gradients", "heads-stream-gradients"])
 def test_ddp_weights_agree_across_ranks_and_with_one_process(tmp_path, heads):
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    processes = [context.Process(target=worker, args=(r, 2, port, str(tmp_path / "runs"), heads, outs[r])) for r in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-        if process.is_alive():
-            process.kill()
-    errors = [Path(o + ".error").read_text() for o in outs if Path(o + ".error").exists()]
-    assert not errors, errors
-    assert all(p.exitcode == 0 for p in processes)
-    results = [torch.load(o) for o in outs]
+    results = rank_results(*start_ranks(worker, 2, tmp_path, (str(tmp_path / "runs"), heads), timeout=2 * 120))
     torch.testing.assert_close(results[0]["weights"], results[1]["weights"], rtol=0, atol=0)
     torch.testing.assert_close(results[0]["weights"], single_process_reference(), rtol=1e-9, atol=1e-12)
     assert not torch.allclose(results[0]["weights"][-1], torch.ones(3, dtype=torch.float64))  # the weights did move

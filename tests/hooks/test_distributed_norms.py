@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import datetime
 import math
-import multiprocessing
 import os
 import signal
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -22,18 +20,13 @@ import torch
 from torch import nn
 
 from gradnorm.hooks import distributed_norms as dn
+from tests.helpers.process_group import rank_results, start_ranks
 from tests.hooks.test_no_host_sync import OperatorLog
 
 BATCH = 16  # global batch, split into equal shards across the ranks
 GROUP_TIMEOUT_S = 20
 K = 64  # sketch pairs in the bound tests: a small k makes the error visible against the bound
 torch.set_num_threads(1)  # two shared cores: one thread per process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the models ---------------------------------------------------------------------------------------------
@@ -255,21 +248,7 @@ def worker(rank: int, world: int, port: int, root: str, plan: list, out: str) ->
 
 
 def run_group(tmp_path: Path, world: int, plan: list, target=worker, timeout: float = 300.0) -> list:
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
-    processes = [context.Process(target=target, args=(r, world, port, str(tmp_path / "runs"), plan, outs[r])) for r in range(world)]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        process.join(timeout=max(1.0, deadline - time.monotonic()))
-        if process.is_alive():
-            process.kill()
-    errors = [Path(o + ".error").read_text() for o in outs if Path(o + ".error").exists()]
-    assert not errors, errors
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    return [torch.load(o) for o in outs]
+    return rank_results(*start_ranks(target, world, tmp_path, (str(tmp_path / "runs"), plan), timeout))
 
 
 def check_bound(result: dict, k: int) -> None:
@@ -478,16 +457,7 @@ def kill_worker(rank: int, world: int, port: int, root: str, plan: list, out: st
 
 def test_a_killed_rank_fails_the_others_clearly_within_the_timeout_with_every_confirmed_record(tmp_path):
     route = "rows"
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    processes = [context.Process(target=kill_worker, args=(r, 2, port, str(tmp_path / "runs"), [route], outs[r])) for r in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=GROUP_TIMEOUT_S + 60)
-        if process.is_alive():
-            process.kill()
+    processes, outs = start_ranks(kill_worker, 2, tmp_path, (str(tmp_path / "runs"), [route]), timeout=2 * (GROUP_TIMEOUT_S + 60))
     assert processes[1].exitcode == -signal.SIGKILL
     assert not Path(outs[0] + ".error").exists(), Path(outs[0] + ".error").read_text()
     elapsed, message = Path(outs[0] + ".failed").read_text().split("\n", 1)

@@ -16,6 +16,7 @@ from torch import nn
 
 import gradnorm
 from gradnorm.toolkit import analysis, runs, schema
+from tests.helpers.process_group import rank_results, start_ranks
 
 STEPS, CHECKPOINT, KILL_AT, T = 200, 100, 150, 3
 
@@ -357,25 +358,9 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, mode: str, ckpt: st
 
 @pytest.mark.slow
 def test_ddp_ranks_resume_their_partitions_in_the_same_run(tmp_path: Path) -> None:
-    import multiprocessing
-    import socket
-
     def launch(mode: str) -> list[dict[int, list[float]]]:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        outs = [str(tmp_path / f"{mode}-{r}.pt") for r in range(2)]
-        context = multiprocessing.get_context("spawn")
-        processes = [context.Process(target=_ddp_worker, args=(r, 2, port, str(tmp_path / "runs"), mode, str(tmp_path / "ddp.pt"), outs[r])) for r in range(2)]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join(timeout=120)
-            if process.is_alive():
-                process.kill()
-        errors = [Path(o + ".error").read_text() for o in outs if Path(o + ".error").exists()]
-        assert not errors, errors
-        return [torch.load(o) for o in outs]
+        args = (str(tmp_path / "runs"), mode, str(tmp_path / "ddp.pt"))
+        return rank_results(*start_ranks(_ddp_worker, 2, tmp_path, args, timeout=2 * 120, prefix=f"{mode}-"))
 
     full = launch("full")
     launch("first")
