@@ -381,6 +381,21 @@ def source_note(file: str, section: Optional[Section]) -> str:
     return where
 
 
+def booktabs(caption: str, label: str, spec: str, head: str, body: Sequence[str], source: str, *, placement: str = "t", size: str = r"\small") -> str:
+    """A booktabs table float (``caption`` and every cell already LaTeX), scaled down to the text width only
+    where it would not fit, with its source under it."""
+    return (
+        f"\\begin{{table}}[{placement}]\n\\centering{size}\n\\caption{{{caption}}}\\label{{{label}}}\n"
+        "\\begin{adjustbox}{max width=\\linewidth}\n"
+        f"\\begin{{tabular}}{{{spec}}}\n\\toprule\n"
+        + head
+        + " \\\\\n\\midrule\n"
+        + "\n".join(body)
+        + "\n\\bottomrule\n\\end{tabular}\n\\end{adjustbox}\n"
+        + f"\\par\\smallskip{{\\footnotesize Source: {source}.}}\n\\end{{table}}\n"
+    )
+
+
 def render_table(
     table: Table,
     caption: str,
@@ -430,16 +445,7 @@ def render_table(
     longest = max((len(strip_markup(cells[0])) for cells in table.rows if cells), default=0)
     first_column = r">{\raggedright\arraybackslash}p{0.28\linewidth}" if longest > 34 and len(columns) > 3 else "l"
     spec = align or (first_column + "r" * (len(columns) - 1))
-    return (
-        f"\\begin{{table}}[{placement}]\n\\centering{size}\n\\caption{{{caption}}}\\label{{{label}}}\n"
-        "\\begin{adjustbox}{max width=\\linewidth}\n"
-        f"\\begin{{tabular}}{{{spec}}}\n\\toprule\n"
-        + head_text
-        + " \\\\\n\\midrule\n"
-        + "\n".join(body)
-        + "\n\\bottomrule\n\\end{tabular}\n\\end{adjustbox}\n"
-        + f"\\par\\smallskip{{\\footnotesize Source: {source}.}}\n\\end{{table}}\n"
-    )
+    return booktabs(caption, label, spec, head_text, body, source, placement=placement, size=size)
 
 
 def wrap_header(text: str, width: int = 16) -> str:
@@ -601,18 +607,17 @@ def toy_reproduction(report: Report, runs: Sequence[ToyRun]) -> None:
         report.put("toy.T2.lossratio", power_of_ten(max(initial) / min(initial)))
     else:
         report.put("toy.T2.lossratio", None)
-    report.fragments["tab_toy.tex"] = (
-        "\\begin{table}[t]\n\\centering\\small\n"
-        "\\caption{The toy problem of paper section~4, one seed, "
-        + (gradnorm_steps(runs))
+    caption = (
+        "The toy problem of paper section~4, one seed, "
+        + gradnorm_steps(runs)
         + " steps: task-normalised test loss $\\sum_i L_i(\\text{test})/L_i(\\text{test, init})$ at the last step (lower is better) and the weights each run trained with, $E_t[w_i]$ over steps "
         + (f"{gradnorm.window[0]}--{gradnorm.window[1]}" if gradnorm else NOT_MEASURED)
-        + ". The retrained network uses GradNorm's $E_t[w_i]$ as static weights (paper 5.2).}\\label{tab:toy}\n"
-        "\\begin{adjustbox}{max width=\\linewidth}\n\\begin{tabular}{rlrl}\n\\toprule\n"
-        "$T$ & weighting & test loss & $E_t[w_i]$ \\\\\n\\midrule\n" + "\n".join(rows) + "\n\\bottomrule\n\\end{tabular}\n\\end{adjustbox}\n"
-        "\\par\\smallskip{\\footnotesize Source: the recorded runs in \\texttt{sample_runs/} (\\texttt{gradnorm demo}), read with \\texttt{gradnorm.toolkit.analysis}.}\n"
-        "\\end{table}\n"
-    ).replace("sample_runs/", "sample\\_runs/")
+        + ". The retrained network uses GradNorm's $E_t[w_i]$ as static weights (paper 5.2)."
+    )
+    source = "the recorded runs in \\texttt{sample_runs/} (\\texttt{gradnorm demo}), read with \\texttt{gradnorm.toolkit.analysis}"
+    report.fragments["tab_toy.tex"] = booktabs(caption, "tab:toy", "rlrl", "$T$ & weighting & test loss & $E_t[w_i]$", rows, source).replace(
+        "sample_runs/", "sample\\_runs/"
+    )
 
 
 def gradnorm_steps(runs: Sequence[ToyRun]) -> str:
@@ -810,21 +815,17 @@ def compare_summary(report: Report, results: Results) -> None:
     toy_steps = next((m.group(1) for sec in sections if sec.title.startswith("Toy") for m in [re.search(r"(\d+) steps", sec.title)] if m), "?")
     penguin_steps = next((m.group(1) for sec in sections if "penguins" in sec.title for m in [re.search(r"(\d+) steps", sec.title)] if m), "?")
     steps = f"the toy runs {toy_steps} steps and the penguin runs {penguin_steps}"
-    report.fragments["tab_compare_summary.tex"] = (
-        "\\begin{table}[t]\n\\centering\\footnotesize\n\\caption{Loss-balancing methods compared: the task-normalised test loss $\\sum_i L_i/L_i(0)$ on the toy problem at $T=2$ and $T=10$ and on the Palmer penguins, "
+    report.fragments["tab_compare_summary.tex"] = booktabs(
+        "Loss-balancing methods compared: the task-normalised test loss $\\sum_i L_i/L_i(0)$ on the toy problem at $T=2$ and $T=10$ and on the Palmer penguins, "
         f"and the penguins' body-mass error; mean $\\pm$ standard deviation over {len(seeds.group(1).split(',')) if seeds else '?'} seeds ({steps}); lower is better. "
         "Every method starts from the same network and sees the same batches; ``static'' retrains with the same seed's GradNorm $E_t[w_i]$. "
-        "Appendix~\\ref{app:compare} has every column.}\\label{tab:compare}\n"
-        "\\begin{adjustbox}{max width=\\linewidth}\n\\begin{tabular}{l"
-        + "r" * len(columns)
-        + "}\n\\toprule\n"
-        + " & ".join(header)
-        + " \\\\\n\\midrule\n"
-        + "\n".join(body)
-        + "\n\\bottomrule\n\\end{tabular}\n\\end{adjustbox}\n"
-        + "\\par\\smallskip{\\footnotesize Source: "
-        + "; ".join(source_note(file, sec) for sec in sections)
-        + ".}\n\\end{table}\n"
+        "Appendix~\\ref{app:compare} has every column.",
+        "tab:compare",
+        "l" + "r" * len(columns),
+        " & ".join(header),
+        body,
+        "; ".join(source_note(file, sec) for sec in sections),
+        size=r"\footnotesize",
     )
 
 
@@ -1185,21 +1186,8 @@ def combined_real_models(blocks: Sequence[tuple[Section, Table, str]], source: s
         "(the equal step: " + "; ".join(equal_ms) + "); the variants are named as in the results file, which describes each. "
         "Norms at $W$: " + notes + "."
     )
-    return (
-        "\\begin{table}[t]\n\\centering\\footnotesize\n\\caption{" + caption + "}\\label{tab:real}\n"
-        "\\begin{adjustbox}{max width=\\linewidth}\n\\begin{tabular}{l"
-        + "rr" * len(blocks)
-        + "}\n\\toprule\n"
-        + " & ".join(top)
-        + " \\\\\n"
-        + rules
-        + "\n"
-        + " & ".join(second)
-        + " \\\\\n\\midrule\n"
-        + "\n".join(body)
-        + "\n\\bottomrule\n\\end{tabular}\n\\end{adjustbox}\n"
-        + f"\\par\\smallskip{{\\footnotesize Source: {source}.}}\n\\end{{table}}\n"
-    )
+    head = " & ".join(top) + " \\\\\n" + rules + "\n" + " & ".join(second)
+    return booktabs(caption, "tab:real", "l" + "rr" * len(blocks), head, body, source, size=r"\footnotesize")
 
 
 def records(report: Report, results: Results) -> None:
@@ -1840,19 +1828,16 @@ def gradnorm_alpha(report: Report, results: Results) -> None:
     head = "$\\alpha$ & GradNorm $\\Delta_m\\%$ & static $E_t[w_i]$ $\\Delta_m\\%$" + (
         " & \\multicolumn{4}{c}{GradNorm's $E_t[w_i]$: $\\mu$, HOMO, ZPVE, $U_0$}" if extra else ""
     )
-    report.fragments["tab_qm9_alpha.tex"] = (
-        "\\begin{table}[t]\n\\centering\\footnotesize\n"
-        "\\caption{GradNorm on the QM9 subset of Table~\\ref{tab:qm9} at several $\\alpha$, each run's $E_t[w_i]$ retrained as static weights: "
+    report.fragments["tab_qm9_alpha.tex"] = booktabs(
+        "GradNorm on the QM9 subset of Table~\\ref{tab:qm9} at several $\\alpha$, each run's $E_t[w_i]$ retrained as static weights: "
         "$\\Delta_m\\%$ against the same seed's equal-weights run (mean $\\pm$ standard deviation over the seeds), and the run's $E_t[w_i]$ on four of the eleven targets (mean over the seeds). "
-        "$\\alpha$ was chosen on the test set (no validation split), so the best row is an optimistic figure.}\\label{tab:qm9-alpha}\n"
-        "\\begin{adjustbox}{max width=\\linewidth}\n\\begin{tabular}{lrr"
-        + "r" * extra
-        + "}\n\\toprule\n"
-        + head
-        + " \\\\\n\\midrule\n"
-        + "\n".join(rows)
-        + "\n\\bottomrule\n\\end{tabular}\n\\end{adjustbox}\n"
-        + f"\\par\\smallskip{{\\footnotesize Source: {source_note(file, section)}.}}\n\\end{{table}}\n"
+        "$\\alpha$ was chosen on the test set (no validation split), so the best row is an optimistic figure.",
+        "tab:qm9-alpha",
+        "lrr" + "r" * extra,
+        head,
+        rows,
+        source_note(file, section),
+        size=r"\footnotesize",
     )
 
 
