@@ -13,8 +13,8 @@ losses to ``self.gradnorm.loss`` and return the result::
 The run is closed as ``finished`` at the end of fitting and as ``failed`` when fitting raises.
 
 With a ``runs_root`` and a logger on the Trainer, the recorded per-task quantities (``gradnorm/weight/<task>``,
-``gradnorm/grad_norm/<task>``, ...) also go to the Trainer's logger through ``pl_module.log_dict``, at the
-Trainer's logging steps (``log_every_n_steps``). The values come from the recorder's writer (host floats,
+``gradnorm/grad_norm/<task>``, ...) also go to each of the Trainer's loggers (``logger.log_metrics``), at the
+Trainer's logging steps (``log_every_n_steps``) and under the step Lightning logs them at. The values come from the recorder's writer (host floats,
 toolkit/forwarding.py): the training thread reads nothing back from the device for them. The recorder then
 flushes every ``log_every_n_steps`` steps (unless ``flush_every=`` is given), and a row reaches the logger
 after its flush, one or two logging steps late, so each logged row carries ``gradnorm/step``, the step it
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union, cast
-
-import torch
 
 from gradnorm.toolkit import runs
 from gradnorm.toolkit.balancers import Balancer
@@ -115,16 +113,19 @@ class GradNormCallback(pl.Callback):
             self._loaded_state = state
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Only at the Trainer's logging steps (the check log_dict's values meet right after this hook), so
+        # Only at the Trainer's logging steps (the test its own logged values meet right after this hook), so
         # the steps between cost nothing; the values are host floats from the recorder's writer.
         if self.logged_rows is None or not _logs_now(trainer):
             return
         row = self.logged_rows.take()
         if row is not None:
-            # As CPU tensors: Lightning keeps a logged tensor's state on its device, where a Python float would
-            # be copied to the module's device and read back at the logging step (a wait on a GPU).
-            values = {key: torch.tensor(value) for key, value in row.items()}
-            pl_module.log_dict(values, on_step=True, on_epoch=False, logger=True, prog_bar=False, batch_size=1)
+            # Straight to the loggers, not through pl_module.log_dict: Lightning keeps a step metric's last value
+            # and logs it again at every later logging step until it is logged anew, so a logging step at which
+            # the writer had no row yet (it lags on a loaded machine) would repeat the previous row under a new
+            # step. The values are host floats: nothing is read back from the device.
+            step = _logging_step(trainer)
+            for logger in trainer.loggers:
+                logger.log_metrics(row, step=step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.session is not None:
@@ -138,6 +139,12 @@ class GradNormCallback(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.session is not None:
             self.session.close(runs.INTERRUPTED if isinstance(exception, KeyboardInterrupt) else runs.FAILED)
+
+
+def _logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning gives the metrics it logs after this batch (optimizer steps taken before it)."""
+    batches_that_stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
+    return int(batches_that_stepped) if batches_that_stepped is not None else max(trainer.global_step - 1, 0)
 
 
 def _logs_now(trainer: pl.Trainer) -> bool:

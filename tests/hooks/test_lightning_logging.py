@@ -118,6 +118,30 @@ def test_tensorboard_logger_gets_the_per_task_weights(tmp_path: Path) -> None:
     assert all(not math.isnan(e.value) and e.value == 0.0 for e in events.Scalars("gradnorm/skipped"))
 
 
+def test_a_logging_step_without_a_new_row_logs_nothing_rather_than_the_last_row_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A writer that lags (a loaded machine) has no row at some logging steps. Lightning keeps a step
+    # metric's last value and logs it again at its next logging step, so rows given to self.log would be
+    # repeated under a new step; the callback must log each recorded step once.
+    from gradnorm.toolkit.forwarding import LoggerRows
+
+    taken = {"calls": 0}
+    original_take = LoggerRows.take
+
+    def lagging_take(self: LoggerRows) -> Any:
+        taken["calls"] += 1
+        return None if taken["calls"] % 2 == 0 else original_take(self)
+
+    monkeypatch.setattr(LoggerRows, "take", lagging_take)
+    logger = pl.loggers.CSVLogger(tmp_path / "logs", name="toy")
+    fit(tmp_path, logger, "lagging-run")
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as handle:
+        ours = [row for row in csv.DictReader(handle) if row.get("gradnorm/weight/task0")]
+    recorded_steps = [int(float(row["gradnorm/step"])) for row in ours]
+    assert taken["calls"] == STEPS // EVERY and len(ours) >= 2
+    assert recorded_steps == list(range(0, EVERY * len(ours), EVERY)), "each recorded step logged once, in order"
+    assert len({row["step"] for row in ours}) == len(ours)
+
+
 def test_without_a_logger_or_records_nothing_is_forwarded(tmp_path: Path) -> None:
     callback = fit(tmp_path, False, "no-logger")
     assert callback.logged_rows is None
