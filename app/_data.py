@@ -19,6 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from gradnorm.toolkit import analysis, schema
+from gradnorm.toolkit.analysis import partials
 
 
 def _stat_entry(digest: Any, path: str) -> None:
@@ -50,6 +51,13 @@ def run_signature(run_dir: Path) -> str:
                 digest.update(f"{rank_dir.name}/{entry.name}=".encode("utf-8", "surrogateescape"))
                 _stat_entry(digest, entry.path)
     return digest.hexdigest()
+
+
+def sum_long_runs_in_background() -> None:
+    """A page answers a fresh server's first queries on a long run with the plain query and has the
+    per-file sums computed in the background for its reruns (toolkit/analysis/partials.py): the app is
+    the long-lived reader that pays for them once."""
+    partials.fill_in_background(True)
 
 
 def runs_signature(root: str, run_ids: Sequence[str]) -> tuple:

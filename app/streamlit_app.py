@@ -740,6 +740,7 @@ def write_url(root: str, selected: list[str], view: str, controls: Controls) -> 
 
 def main(argv: Sequence[str]) -> None:
     st.set_page_config(page_title="GradNorm runs", layout="wide")
+    data.sum_long_runs_in_background()
     st.html(NO_DIMMING)
     opened = url_state()
     st.title("GradNorm runs")

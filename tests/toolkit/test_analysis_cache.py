@@ -9,9 +9,11 @@ directly (an independent computation), and against the same query with the cache
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -224,3 +226,89 @@ def test_a_damaged_data_page_behind_an_intact_footer_is_left_out_by_the_cached_q
     check_against_files(tmp_path, run_path)
     assert (average.start_step, average.end_step) == (analysis.weight_average(tmp_path, RUN).start_step, analysis.weight_average(tmp_path, RUN).end_step)
     np.testing.assert_allclose(analysis.weight_average(tmp_path, RUN).table["mean"], average.table["mean"], rtol=1e-12)
+
+
+def test_in_background_mode_a_cold_call_answers_with_the_plain_query_and_the_next_one_from_the_sums(tmp_path, monkeypatch):
+    # The app's mode: a call that meets more unsummed rows than SYNC_FILL_ROWS answers without the cache
+    # and the files are summed on the background thread; a call after that is answered from the sums.
+    monkeypatch.setattr(partials, "SYNC_FILL_ROWS", 100)
+    monkeypatch.setattr(partials, "_background", False)
+    run_path = runs.create_run(tmp_path, RUN, {"tasks": TASKS, "balancer": {"name": "gradnorm"}, "mode": "balance"})
+    rec = Recorder(run_path, TASKS, flush_every=50, compact=False)
+    scenarios._record_steps(rec, range(0, 400), TASKS)
+    rec.close()
+    computed: list[tuple[int, str]] = []
+    real_compute = partials._compute
+
+    def counting_compute(parts, family, cursor=None):
+        computed.append((len(parts), threading.current_thread().name))
+        return real_compute(parts, family, cursor)
+
+    monkeypatch.setattr(partials, "_compute", counting_compute)
+    partials.fill_in_background(True)
+    try:
+        cold = analysis.weight_average(tmp_path, RUN).table
+        cold_summary = analysis.summary(tmp_path, RUN)
+        assert partials.wait_for_background(60)
+        # Summed once, on the background thread, though two calls met the files unsummed.
+        assert [name.startswith("gradnorm-partials") for _, name in computed] == [True]
+        assert computed[0][0] == len(list((run_path / schema.METRICS_DIR / "rank=0").glob("part-*.parquet")))
+        computed.clear()
+        warm = analysis.weight_average(tmp_path, RUN).table
+        warm_summary = analysis.summary(tmp_path, RUN)
+        assert computed == []  # answered from the sums
+    finally:
+        partials.fill_in_background(False)
+    assert warm["n"].tolist() == cold["n"].tolist()
+    np.testing.assert_allclose(warm["mean"], cold["mean"], rtol=1e-12)
+    np.testing.assert_allclose(warm_summary["applied_weight_mean"], cold_summary["applied_weight_mean"], rtol=1e-12)
+    check_against_files(tmp_path, run_path)  # and both equal pyarrow's reading of the files
+
+
+def test_without_background_mode_the_first_call_sums_the_files_itself(tmp_path, monkeypatch):
+    monkeypatch.setattr(partials, "SYNC_FILL_ROWS", 100)
+    run_path = runs.create_run(tmp_path, RUN, {"tasks": TASKS, "balancer": {"name": "gradnorm"}, "mode": "balance"})
+    rec = Recorder(run_path, TASKS, flush_every=50, compact=False)
+    scenarios._record_steps(rec, range(0, 200), TASKS)
+    rec.close()
+    monkeypatch.setattr(partials, "_background", False)  # a one-shot command's default (the app's pages, run earlier in this process, turn it on)
+    analysis.weight_average(tmp_path, RUN)
+    assert any(key[1] == partials.WEIGHTS.name for key in partials._cache)
+
+
+def test_a_merged_files_sums_come_from_the_files_it_replaced_and_equal_a_scan_of_it(tmp_path, monkeypatch):
+    # A live run is compacted while it is read: each merged file the reader has not seen is summed from the
+    # cached sums of the files it replaced (no scan), and those sums equal a scan of the merged file.
+    run_path = runs.create_run(tmp_path, RUN, {"tasks": TASKS, "balancer": {"name": "gradnorm"}, "mode": "balance"})
+    rec = recorder(run_path)
+    composed: list[tuple[object, pd.DataFrame]] = []
+    real = partials._composed
+
+    def watching(part, family):
+        frame = real(part, family)
+        if frame is not None:
+            composed.append((part, frame))
+        return frame
+
+    monkeypatch.setattr(partials, "_composed", watching)
+    step = 0
+    for _ in range(12):
+        scenarios._record_steps(rec, range(step, step + 40), TASKS)
+        step += 40
+        rec.wait()
+        check_against_files(tmp_path, run_path)
+    rec.close()
+    check_against_files(tmp_path, run_path)
+    assert len(composed) >= 3, "no merged file was summed from its originals"
+    keys = ["split", "task", "block"]
+    compared: list[object] = []
+    for part, frame in composed:
+        if not Path(part.path).exists():
+            continue  # merged again since, and deleted
+        compared.append(part)
+        (scanned,) = partials._compute([part], partials.ALL).values()
+        mine, theirs = frame.sort_values(keys).reset_index(drop=True), scanned.sort_values(keys).reset_index(drop=True)
+        assert mine[keys].equals(theirs[keys])
+        for column in mine.columns.difference(keys):
+            np.testing.assert_allclose(mine[column].to_numpy(dtype=float), theirs[column].to_numpy(dtype=float), rtol=1e-12, equal_nan=True, err_msg=column)
+    assert compared, "every merged file was merged again: nothing compared"

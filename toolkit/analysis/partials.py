@@ -17,11 +17,21 @@ costs the new files, at most two blocks per edge and a sum over the cached block
 of the run; the figures equal the uncached query's (the counts exactly, the sums up to the order of
 floating-point addition). A run resumed by a later process (run.json ``attempts``) has rows that a later
 attempt supersedes across files; it is queried without the cache.
+
+Summing a file costs more than one query of it (ten aggregates per block against one per query), so a
+long-lived reader, the app, calls :func:`fill_in_background`: a call that meets more than
+``SYNC_FILL_ROWS`` rows it has not summed (a fresh process on a long run) is answered by the uncached
+query at once, and those files are summed on one background thread with one DuckDB thread at a lower
+priority, for the calls after it. A one-shot command sums them in its first call, which its next query
+then reuses.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -46,6 +56,12 @@ FILES_PER_SCAN = 64
 ENABLED = True
 #: Times the cached path lists a run's files again when one vanished under it (a compaction's delete).
 RESCANS = 3
+#: Rows of files not summed yet that a call sums itself when filling in the background is on; past that
+#: it answers with the uncached query and the files are summed in the background. A live page's rerun
+#: meets the few files written since the last one (5 s at 2,000 steps/s x 10 tasks: 100,000 rows).
+SYNC_FILL_ROWS = 500_000
+#: The background thread's niceness above the process's (Linux: per thread), so the page's own queries go first.
+BACKGROUND_NICENESS = 10
 
 _W = "coalesce(balancer_weight, weight)"
 _PRESENT = "coalesce(present, TRUE)"
@@ -80,8 +96,13 @@ WEIGHTS = SUMMARY = BALANCE = ALL
 BEFORE, AFTER = -1, 2**62
 KEY_COLUMNS = ["file", "split", "task", "block", "rows", "lo", "hi"]
 
-_cache: dict[tuple[str, str], tuple[tuple[int, ...], pd.DataFrame]] = {}
+#: (path, family) -> ((size, mtime_ns, inode, BLOCK_STEPS), the file's sums, the rows its footer counts)
+_cache: dict[tuple[str, str], tuple[tuple[int, ...], pd.DataFrame, int]] = {}
 _lock = threading.Lock()
+_background = False
+_executor: Optional[ThreadPoolExecutor] = None
+_filling: dict[tuple[str, str], tuple[int, ...]] = {}  # (path, family) -> key, of the files being summed
+_background_database: Optional[duckdb.DuckDBPyConnection] = None
 
 
 class Uncacheable(Exception):
@@ -110,7 +131,7 @@ def _file_column(parts: Sequence[PartInfo]) -> str:
 _VALID = f"step BETWEEN {-MAX_ABS_STEP} AND {MAX_ABS_STEP} AND split IS NOT NULL AND task IS NOT NULL"
 
 
-def _compute(parts: Sequence[PartInfo], family: Family) -> dict[str, pd.DataFrame]:
+def _compute(parts: Sequence[PartInfo], family: Family, cursor: Any = None) -> dict[str, pd.DataFrame]:
     """The family's per-block sums of each of ``parts`` (one scan per layout), by path."""
     layouts: dict[str, list[PartInfo]] = {}
     for part in parts:
@@ -138,14 +159,14 @@ def _compute(parts: Sequence[PartInfo], family: Family) -> dict[str, pd.DataFram
         f"SELECT file, split, task, floor(step / {BLOCK_STEPS})::BIGINT AS block, count(*) AS rows, min(step) AS lo, max(step) AS hi, "
         f"{aggregates} FROM metrics GROUP BY file, split, task, block"
     )
-    frame = _run(sql, params)
+    frame = _run(sql, params, cursor)
     found = {str(path): group.drop(columns="file").reset_index(drop=True) for path, group in frame.groupby("file", sort=False)}
     empty = frame.iloc[0:0].drop(columns="file")
     return {part.path: found.get(part.path, empty) for part in parts}
 
 
-def _run(sql: str, params: Mapping[str, Any]) -> pd.DataFrame:
-    cursor = _cursor()
+def _run(sql: str, params: Mapping[str, Any], opened: Any = None) -> pd.DataFrame:
+    cursor = opened() if opened is not None else _cursor()
     try:
         return cursor.execute(sql, dict(params)).df()
     finally:
@@ -166,18 +187,203 @@ def block_sums(run: RunFiles, family: Family) -> pd.DataFrame:
                 frames.append(None)
                 missing.append(part)
     if missing:
+        # A compaction's merged file holds exactly the rows of the files it replaced: its sums are theirs.
+        composed = {part.path: frame for part in missing if (frame := _composed(part, family)) is not None}
+        if composed:
+            _store([part for part in missing if part.path in composed], family, composed)
+            frames = [composed.get(part.path) if frame is None else frame for part, frame in zip(parts, frames)]
+            missing = [part for part in missing if part.path not in composed]
+    if missing and _background and sum(part.rows for part in missing) > SYNC_FILL_ROWS:
+        _fill_later(missing, family)
+        raise Uncacheable(f"the per-file sums of {len(missing)} file(s) of {run.run_id!r} are being computed in the background")
+    if missing:
         computed = _compute(missing, family)
-        with _lock:
-            if len(_cache) + len(computed) > MAX_CACHED_FILES:
-                _cache.clear()
-            for part in missing:
-                _cache[(part.path, family.name)] = ((*part.key, BLOCK_STEPS), computed[part.path])
+        _store(missing, family, computed)
         frames = [computed[part.path] if frame is None else frame for part, frame in zip(parts, frames)]
     _forget_replaced(run, parts, family)
     pieces = [frame.assign(file=index) for index, frame in enumerate(frames) if frame is not None and len(frame)]
     if not pieces:
         return pd.DataFrame(columns=KEY_COLUMNS + [name for name, _ in family.aggregates])
     return pd.concat(pieces, ignore_index=True)
+
+
+def _store(parts: Sequence[PartInfo], family: Family, computed: Mapping[str, pd.DataFrame]) -> None:
+    with _lock:
+        if len(_cache) + len(computed) > MAX_CACHED_FILES:
+            _cache.clear()
+        for part in parts:
+            _cache[(part.path, family.name)] = ((*part.key, BLOCK_STEPS), computed[part.path], part.rows)
+
+
+# -- a merged file's sums from the files it replaced ------------------------------------------------------
+#: How each per-block figure of the family combines over files: a count or a sum adds (a sum only over the
+#: files with rows for it, NULL where none has), the first and last step take the min and max, and the last
+#: loss ratio is the one at the largest of the files' last steps.
+_COMBINE: dict[str, tuple[str, Optional[str]]] = {
+    "rows": ("count", None),
+    "lo": ("min", None),
+    "hi": ("max", None),
+    "wn": ("count", None),
+    "ws": ("sum", "wn"),
+    "wss": ("sum", "wn"),
+    "an": ("count", None),
+    "asum": ("sum", "an"),
+    "rn": ("count", None),
+    "rs": ("sum", "rn"),
+    "skipped": ("count", None),
+    "rstep": ("max", None),
+    "rlast": ("at_max", "rstep"),
+}
+
+
+def _composed(part: PartInfo, family: Family) -> Optional[pd.DataFrame]:
+    """The sums of ``part`` from the cached sums of files its name's sequence range covers, when they tile
+    that range and hold its footer's row count (a compaction merges whole adjacent files, rows unchanged:
+    toolkit/recorder.py ``merge_part_files``); None otherwise (it is then read)."""
+    covering = schema.part_file_range(Path(part.path).name)
+    names = [name for name, _ in family.aggregates]
+    if covering is None or covering[0] == covering[1] or part.key == (0, 0, 0) or set(names) - _COMBINE.keys():
+        return None
+    folder = str(Path(part.path).parent)
+    inner: dict[int, list[tuple[int, pd.DataFrame, int]]] = {}
+    with _lock:
+        for (path, family_name), (key, frame, rows) in _cache.items():
+            if family_name != family.name or key[-1] != BLOCK_STEPS or path == part.path or str(Path(path).parent) != folder:
+                continue
+            found = schema.part_file_range(Path(path).name)
+            if found is not None and covering[0] <= found[0] and found[1] <= covering[1]:
+                inner.setdefault(found[0], []).append((found[1], frame, rows))
+    tiles: list[tuple[pd.DataFrame, int]] = []
+    cursor = covering[0]
+    while cursor <= covering[1]:
+        if cursor not in inner:
+            return None
+        last, frame, rows = max(inner[cursor], key=lambda entry: entry[0])
+        tiles.append((frame, rows))
+        cursor = last + 1
+    if sum(rows for _, rows in tiles) != part.rows:
+        return None
+    frames = [frame for frame, _ in tiles if len(frame)]
+    if not frames:
+        return tiles[0][0].iloc[0:0].copy()
+    combined = _combine(frames, ["split", "task", "block"], names)
+    if part.first_step is not None and part.last_step is not None and not combined.empty:
+        if (int(combined["lo"].min()), int(combined["hi"].max())) != (part.first_step, part.last_step):
+            return None  # the footer's steps are not the tiles': read the file
+    return combined
+
+
+def _combine(frames: Sequence[pd.DataFrame], keys: list[str], names: Sequence[str]) -> pd.DataFrame:
+    both = pd.concat(frames, ignore_index=True)
+    codes, uniques = pd.MultiIndex.from_frame(both[keys]).factorize()
+    result = pd.MultiIndex.from_tuples(list(uniques), names=keys).to_frame(index=False)
+    groups = len(uniques)
+    for column in ["rows", "lo", "hi", *names]:
+        rule, count = _COMBINE[column]
+        values = both[column].to_numpy(dtype=np.float64, na_value=np.nan)
+        if rule == "count":
+            combined: Any = np.bincount(codes, weights=values, minlength=groups).astype(np.int64)
+        elif rule == "sum":
+            assert count is not None
+            has = both[count].to_numpy(dtype=np.float64) > 0
+            # NaN or infinity in a file's sum stays in the total, as SQL's sum keeps it.
+            combined = np.bincount(codes, weights=np.where(has, values, 0.0), minlength=groups)
+            combined = np.where(np.bincount(codes, weights=has.astype(np.float64), minlength=groups) > 0, combined, np.nan)
+        elif rule in ("min", "max"):
+            by_code = pd.Series(values).groupby(codes)
+            combined = (by_code.min() if rule == "min" else by_code.max()).reindex(range(groups)).to_numpy()
+        else:  # at_max: the value at the largest ``count`` column
+            assert count is not None
+            at = pd.DataFrame({"code": codes, "at": both[count].to_numpy(dtype=np.float64, na_value=np.nan), "value": values}).dropna(subset=["at"])
+            chosen = at.loc[at.groupby("code")["at"].idxmax()] if len(at) else at
+            combined = np.full(groups, np.nan)
+            combined[chosen["code"].to_numpy(dtype=np.int64)] = chosen["value"].to_numpy()
+        result[column] = _like(combined, both[column].dtype)
+    return result
+
+
+def _like(values: np.ndarray, dtype: Any) -> Any:
+    """``values`` in the dtype the scanned frames have for that column, where it holds them (no NULL)."""
+    try:
+        if pd.api.types.is_integer_dtype(dtype) and not np.isnan(np.asarray(values, dtype=np.float64)).any():
+            return np.asarray(values).astype(dtype)
+        return pd.array(values, dtype=dtype) if pd.api.types.is_extension_array_dtype(dtype) else np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        return values
+
+
+# -- summing in the background (a long-lived reader) --------------------------------------------------
+def fill_in_background(enabled: bool = True) -> None:
+    """Sum large sets of files not seen yet on a background thread, answering meanwhile with the uncached
+    query (see the module's docstring). For a process that queries the same runs again and again (the
+    app); off by default, as a one-shot command is better served by summing in its first call."""
+    global _background
+    _background = enabled
+
+
+def wait_for_background(timeout: float = 60.0) -> bool:
+    """Wait until the background summing queued so far has run; False if that took longer than ``timeout``."""
+    with _lock:
+        executor = _executor
+    if executor is None:
+        return True
+    try:
+        # One worker: a task submitted now runs after every task queued before it.
+        executor.submit(lambda: None).result(timeout=timeout)
+    except FutureTimeout:
+        return False
+    return True
+
+
+def _fill_later(parts: Sequence[PartInfo], family: Family) -> None:
+    global _executor
+    with _lock:
+        todo = [part for part in parts if _filling.get((part.path, family.name)) != part.key]
+        if not todo:
+            return
+        for part in todo:
+            _filling[(part.path, family.name)] = part.key
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradnorm-partials")
+        executor = _executor
+    executor.submit(_fill, todo, family)
+
+
+def _fill(parts: Sequence[PartInfo], family: Family) -> None:
+    _lower_this_threads_priority()
+    try:
+        _store(parts, family, _compute(parts, family, _background_cursor))
+    except (duckdb.Error, OSError):
+        pass  # a file merged away meanwhile, or damaged: the next call sums what is there, or the uncached query reports it
+    finally:
+        with _lock:
+            for part in parts:
+                if _filling.get((part.path, family.name)) == part.key:
+                    del _filling[(part.path, family.name)]
+
+
+def _background_cursor() -> duckdb.DuckDBPyConnection:
+    """A cursor of a second in-memory database with one thread: DuckDB then runs the query on the calling
+    thread (the background one, whose priority is lowered) instead of its worker pool, which the page's
+    queries use."""
+    global _background_database
+    with _lock:
+        if _background_database is None:
+            _background_database = duckdb.connect(config={"threads": 1})
+        return _background_database.cursor()
+
+
+def _lower_this_threads_priority() -> None:
+    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return
+    try:
+        # On Linux a thread id names that thread alone to setpriority; elsewhere this may be the process,
+        # which is why it is tried only where PRIO_PROCESS with a thread id is per thread.
+        if os.uname().sysname == "Linux":
+            current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), current + BACKGROUND_NICENESS)
+    except OSError:
+        pass
 
 
 def _forget_replaced(run: RunFiles, parts: Sequence[PartInfo], family: Family) -> None:
