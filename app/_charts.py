@@ -27,6 +27,7 @@ import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 PANEL_HEIGHT = 260
@@ -194,8 +195,8 @@ def _interactive(base: alt.Chart, encoding: dict, tooltip: list, name: str) -> l
     one per point (15,000 on the bundled runs' first chart, 3 runs x 10 tasks x 500 points)."""
     zoom = alt.selection_interval(bind="scales", encodings=["x"], name=f"{name}_zoom")
     hover = alt.selection_point(name=f"{name}_hover", fields=["x"], nearest=True, on="pointerover", clear="pointerout", empty=False)
-    lines = base.mark_line(strokeWidth=1.6, clip=True).encode(**encoding).add_params(zoom)
     data = base.data if isinstance(base.data, pd.DataFrame) else pd.DataFrame()
+    lines = base.mark_line(**_per_point_lean(data, encoding)).encode(**encoding, order=alt.value(0)).add_params(zoom)
     first = _first_x(data)
     store = f"{name}_hover_store"
     shown = f"(length(data('{store}')) && vlSelectionTest('{store}', datum))"
@@ -210,6 +211,26 @@ def _interactive(base: alt.Chart, encoding: dict, tooltip: list, name: str) -> l
         .add_params(hover)
     )
     return [lines, points, rule]
+
+
+def _per_point_lean(frame: pd.DataFrame, encoding: dict) -> dict[str, Any]:
+    """The line mark's settings, with no per-point test that the frame shows it does not need.
+
+    Streamlit embeds Vega without ``eval``: every expression Vega evaluates per point runs through its
+    expression interpreter, and a line has one point per row (15,000 on the bundled runs' first chart).
+    Vega-Lite gives each line point a ``defined`` test (x and y valid and finite, so that a gap breaks the
+    line); where pandas finds every x and y finite there is nothing for it to find (``invalid=None``: no
+    test). The ``order`` channel the caller sets to a constant does the same for the ``toNumber(x)`` that
+    Vega-Lite otherwise computes for every row of a line's data before sorting it by x (the x column is
+    already numbers; the line is still drawn in x order)."""
+    settings: dict[str, Any] = {"strokeWidth": 1.6, "clip": True}
+    y = encoding["y"].to_dict().get("field")
+    columns = [c for c in ("x", y) if isinstance(c, str)]
+    if len(frame) and all(c in frame.columns for c in columns):
+        values = frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+        if np.isfinite(values).all():
+            settings["invalid"] = None
+    return settings
 
 
 def _first_x(frame: pd.DataFrame) -> Optional[float]:
@@ -575,3 +596,62 @@ def delta_chart(per_task: pd.DataFrame, baseline: str, *, runs: Sequence[str], w
     zero = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="gray").encode(x="zero:Q")
     rows = max(1, frame["task"].nunique() if len(frame) else 1)
     return alt.layer(bars, zero).properties(width=width, height=min(900, max(120, rows * max(1, len(others)) * 14 + 40)))
+
+
+def steps_domain(frames: Sequence[pd.DataFrame], field: str = "step") -> Optional[tuple[float, float]]:
+    """The smallest and largest finite ``field`` over ``frames``: one x domain for several runs' charts
+    (None where there is no range to share)."""
+    values = [pd.to_numeric(frame[field], errors="coerce") for frame in frames if field in frame.columns and len(frame)]
+    if not values:
+        return None
+    joined = pd.concat(values, ignore_index=True)
+    joined = joined[joined.notna() & (joined.abs() != float("inf"))]
+    if joined.empty or not float(joined.max()) > float(joined.min()):
+        return None
+    return float(joined.min()), float(joined.max())
+
+
+def with_x_domain(built: Sequence[Any], domain: Optional[Sequence[float]]) -> list[Any]:
+    """Copies of ``built`` (charts, layered or not) with ``domain`` as the x scale's domain of every layer
+    that encodes x, so that charts drawn one under the other share their steps axis (each is its own Vega
+    view, in Streamlit and in the report, so their zooms cannot be bound together: the domain is what they
+    share; a zoom still works in each). ``None``: the charts as they are."""
+    if domain is None:
+        return list(built)
+    low, high = (float(v) for v in domain)
+
+    def fix(chart: Any) -> None:
+        if isinstance(chart, alt.LayerChart):
+            for layer in chart.layer:
+                fix(layer)
+            return
+        encoding = getattr(chart, "encoding", alt.Undefined)
+        x = getattr(encoding, "x", alt.Undefined) if encoding is not alt.Undefined else alt.Undefined
+        if x is alt.Undefined:
+            return
+        if isinstance(x, alt.X) and isinstance(x.scale, alt.Scale):
+            x.scale.domain = [low, high]
+        else:
+            x.scale = alt.Scale(domain=[low, high], nice=False)
+
+    found = []
+    for chart in built:
+        copied = chart.copy(deep=True)
+        fix(copied)
+        found.append(copied)
+    return found
+
+
+def group_delta_chart(per_task: pd.DataFrame, baseline: str, *, groups: Sequence[str], width: Width = "container") -> alt.LayerChart:
+    """:func:`delta_chart` of groups (``analysis.grouped_comparison``'s ``per_task``: each group's mean
+    change against the baseline group), its legend titled "group" and at least 24 px per bar, so that every
+    task's label has room when there are only a few groups."""
+    chart = delta_chart(per_task.rename(columns={"group": "run_id"}), baseline, runs=groups, width=width)
+    colour = chart.layer[0].encoding.color
+    legend = colour["legend"]  # (the attribute is Altair's setter; the item is the value)
+    if isinstance(legend, alt.Legend):
+        legend["title"] = "group"
+    tasks = int(per_task["task"].nunique()) if len(per_task) else 1
+    others = max(1, len([g for g in groups if g != baseline]))
+    chart.height = min(900, max(int(chart.height), tasks * others * 24 + 50))
+    return chart

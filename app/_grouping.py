@@ -10,6 +10,10 @@ Runs of one group rarely share their exact x positions (different lengths, wall 
 group's runs are put on one grid first: ``points`` equal-width buckets over the group's x range; a run's
 points in one bucket are averaged, then the runs are combined bucket by bucket. A bucket where only some of
 the runs have a value is drawn from those, and ``runs`` says how many.
+
+The Compare runs view and ``gradnorm report --group`` show a grouped comparison
+(``gradnorm.toolkit.analysis.grouped_comparison``) through :func:`comparison_tables`: one row per group,
+each cell the group's mean with its spread (the band chosen here) and how many runs it is over.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+
+from gradnorm.toolkit.analysis import GroupedComparison
+
+from ._charts import natural_key
 
 #: Group keys the page offers besides the run.json config fields (``config:<dotted.field>``).
 NONE, BALANCER, NAME = "none", "balancer", "name"
@@ -157,3 +165,79 @@ def label(key: str) -> str:
     if key == NAME:
         return "name without seed suffix"
     return key[len(CONFIG_PREFIX) :] if key.startswith(CONFIG_PREFIX) else key
+
+
+def spread_text(mean: float, std: float, low: float, high: float, runs: int, band: str, number: str = "{:.5g}") -> str:
+    """A group's cell: its mean, the spread the band names (``± std`` or ``[min, max]``; none: nothing) and
+    ``n=`` its runs; a dash where the mean is missing."""
+    if band not in BANDS:
+        raise ValueError(f"unknown band {band!r}: expected one of {', '.join(BANDS)}")
+    if mean is None or not np.isfinite(mean):
+        return "–"
+    text = number.format(mean)
+    if runs > 1 and band == "std":
+        text += f" ± {std:.2g}"
+    elif runs > 1 and band == "minmax":
+        text += f" [{number.format(low)}, {number.format(high)}]"
+    return f"{text} (n={runs})"
+
+
+def comparison_tables(result: GroupedComparison, band: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The grouped comparison as text tables to show, and where their better cells are.
+
+    (summary, summary_best, per_task, per_task_best): ``summary`` one row per group (group, runs, Delta_m%
+    against the baseline group with its spread across the group's runs, the task-normalised loss likewise,
+    tasks compared); ``per_task`` one row per group, one column per task (natural order), each cell the
+    group's mean loss with its spread and n. The ``_best`` frames are booleans of the same shape: the lowest
+    Delta_m% and task-normalised loss, the lowest mean of each task."""
+    delta_title = f"Delta_m% vs {result.baseline}"
+    per_group = result.per_group
+    summary = pd.DataFrame(
+        {
+            "group": per_group["group"].astype(str),
+            "runs": [
+                f"{int(r)}" if int(r) == int(v) else f"{int(v)} of {int(r)} validated" for r, v in zip(per_group["runs"], per_group["runs_with_validation"])
+            ],
+            delta_title: [
+                spread_text(m, s, lo, hi, int(n), band, "{:+.2f}")
+                for m, s, lo, hi, n in zip(
+                    per_group["delta_m_pct"], per_group["delta_m_std"], per_group["delta_m_low"], per_group["delta_m_high"], per_group["runs_with_validation"]
+                )
+            ],
+            "task-normalised loss": [
+                spread_text(m, s, lo, hi, int(n), band, "{:.4f}")
+                for m, s, lo, hi, n in zip(
+                    per_group["task_normalised_loss"],
+                    per_group["task_normalised_std"],
+                    per_group["task_normalised_low"],
+                    per_group["task_normalised_high"],
+                    per_group["task_normalised_runs"],
+                )
+            ],
+            "tasks compared": per_group["tasks_compared"].astype(int),
+        }
+    )
+    summary_best = pd.DataFrame(False, index=summary.index, columns=summary.columns)
+    summary_best[delta_title] = per_group["best_delta"].to_numpy(dtype=bool)
+    summary_best["task-normalised loss"] = per_group["best_normalised"].to_numpy(dtype=bool)
+    groups = list(result.groups)
+    tasks = sorted({str(t) for t in result.per_task["task"]}, key=natural_key)
+    cells = {(str(r["group"]), str(r["task"])): r for r in result.per_task.to_dict("records")}
+    per_task = pd.DataFrame(
+        {
+            task: [
+                spread_text(
+                    cells[(g, task)]["mean"], cells[(g, task)]["std"], cells[(g, task)]["low"], cells[(g, task)]["high"], int(cells[(g, task)]["runs"]), band
+                )
+                if (g, task) in cells
+                else "–"
+                for g in groups
+            ]
+            for task in tasks
+        },
+        index=pd.Index(groups, name="group"),
+    )
+    per_task_best = pd.DataFrame(
+        {task: [bool(cells[(g, task)]["best"]) if (g, task) in cells else False for g in groups] for task in tasks}, index=per_task.index
+    )
+    return summary, summary_best, per_task, per_task_best

@@ -5,7 +5,12 @@ The Vega, Vega-Lite and Vega-Embed scripts are inlined (``vl-convert``), so the 
 Task names, run names and everything else read from the runs are data: every string that enters the page
 is HTML-escaped, and the chart specification is embedded as JSON in a ``<script type="application/json">``
 element with ``<``, ``>`` and ``&`` written as ``\\u`` escapes, read with ``JSON.parse``. A name such as
-``</script><script>...`` therefore never ends an element or runs, and is drawn as text.
+``</script><script>...`` therefore never ends an element or runs, and is drawn as text; so is a group
+name (``--group config:<field>`` takes it from run.json).
+
+With a grouping (``write_report(..., group="name")``, ``gradnorm report --group name``) the comparison is per
+group (``analysis.grouped_comparison``, as the app's Compare runs view): each group's mean validation loss
+per task with its spread and run count, and Delta_m% against the baseline group.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import altair as alt
 import pandas as pd
 
 from gradnorm.toolkit import analysis
+from gradnorm.toolkit.analysis import catalog
 
 from . import _charts as charts
+from . import _grouping as grouping
 from . import _verdicts as verdicts
 
 MAX_POINTS = 500
@@ -43,9 +50,10 @@ STYLE = (
 WIDTH = 820
 
 
-def build_charts(root: PathLike, run_ids: Sequence[str]) -> list[tuple[str, Chart]]:
-    """(title, chart) in the app's order: weights, gradient norms, loss ratios, balance, overfitting, the
-    change against the baseline; the same builders, palettes and overlays as the app, at a fixed width."""
+def build_charts(root: PathLike, run_ids: Sequence[str], groups: Optional[dict[str, list[str]]] = None) -> list[tuple[str, Chart]]:
+    """(title, chart) in the app's order: weights, gradient norms, loss ratios, balance, overfitting (every
+    run's charts on one steps axis), the change against the baseline (per group with ``groups``); the same
+    builders, palettes and overlays as the app, at a fixed width."""
     run_ids = list(run_ids)
     averages: dict[str, pd.DataFrame] = {}
     windows: dict[str, tuple[int, int]] = {}
@@ -73,19 +81,31 @@ def build_charts(root: PathLike, run_ids: Sequence[str]) -> list[tuple[str, Char
     if len(balance):
         for chart in charts.balance_charts(balance, runs=run_ids, width=WIDTH):
             found.append((f"Balance across tasks: {chart.title}", chart))
-    for run_id in run_ids:
-        frame = analysis.overfitting(root, run_id)
+    overfitting = {run_id: analysis.overfitting(root, run_id) for run_id in run_ids}
+    built_overfitting: list[Chart] = []
+    for run_id, frame in overfitting.items():
         if len(frame):
-            built = charts.overfitting_charts(frame, analysis.overfitting_onsets(root, run_id), run_id=run_id, tasks=tasks, width=WIDTH)
-            found.extend((f"Overfitting: {chart.title}", chart) for chart in built)
+            built_overfitting.extend(charts.overfitting_charts(frame, analysis.overfitting_onsets(root, run_id), run_id=run_id, tasks=tasks, width=WIDTH))
+    # One steps axis for every run's overfitting charts, so that their onsets line up down the page.
+    domain = charts.steps_domain([frame for frame in overfitting.values() if len(frame)])
+    found.extend((f"Overfitting: {chart.title}", chart) for chart in charts.with_x_domain(built_overfitting, domain))
     comparison = _comparison(root, run_ids)
     if comparison is not None and len(run_ids) > 1 and len(comparison.per_task):
-        found.append(
-            (
-                f"Change of the final validation loss against {comparison.baseline} (%)",
-                charts.delta_chart(comparison.per_task, comparison.baseline, runs=run_ids, width=WIDTH),
+        if groups:
+            result = _grouped(comparison, groups)
+            found.append(
+                (
+                    f"Change of each group's mean final validation loss against {result.baseline} (%)",
+                    charts.group_delta_chart(result.per_task, result.baseline, groups=list(groups), width=WIDTH),
+                )
             )
-        )
+        else:
+            found.append(
+                (
+                    f"Change of the final validation loss against {comparison.baseline} (%)",
+                    charts.delta_chart(comparison.per_task, comparison.baseline, runs=run_ids, width=WIDTH),
+                )
+            )
     # Each builder's own title moves to the report's caption line above it.
     for index, (title, titled) in enumerate(found):
         untitled: Chart = titled.copy()
@@ -108,12 +128,76 @@ def _comparison(root: PathLike, run_ids: Sequence[str]) -> Optional[analysis.Com
         return None
 
 
-def comparison_section(root: PathLike, run_ids: Sequence[str]) -> str:
+def report_groups(root: PathLike, run_ids: Sequence[str], key: str) -> dict[str, list[str]]:
+    """The groups of ``run_ids`` under the grouping ``key`` (``balancer``, ``name``, ``config:<field>``; see
+    :mod:`gradnorm.app._grouping`), as the app forms them; empty for ``none``. A config field that no run
+    has is refused, with the fields that do differ between these runs."""
+    if key == grouping.NONE:
+        return {}
+    listing = analysis.list_runs(root, only=list(run_ids))
+    balancers = dict(zip(listing["run_id"], listing["balancer"]))
+    metas = {run_id: dict(catalog.load_run_files(root, run_id).meta) for run_id in run_ids}
+    if key.startswith(grouping.CONFIG_PREFIX):
+        field = key[len(grouping.CONFIG_PREFIX) :]
+        known = {name for meta in metas.values() for name in grouping.flatten({"config": meta.get("config") or {}, "balancer": meta.get("balancer") or {}})}
+        if field not in known:
+            differing = ", ".join(grouping.config_fields(metas)) or "none"
+            raise ValueError(f"no run has the config field {field!r} to group by (fields that differ between these runs: {differing})")
+    return grouping.groups(list(run_ids), key, balancers, metas)
+
+
+def _grouped(comparison: analysis.Comparison, groups: dict[str, list[str]]) -> analysis.GroupedComparison:
+    """The comparison per group, against the group of the comparison's baseline run."""
+    home = next(name for name, runs in groups.items() if comparison.baseline in runs)
+    return analysis.grouped_comparison(comparison.per_task, groups, baseline=home, metric=comparison.metric)
+
+
+def _table(frame: pd.DataFrame, best: pd.DataFrame, index: bool) -> str:
+    """``frame`` (text cells) as an HTML table, every header and cell escaped, the ``best`` cells marked."""
+    head = ("<th>" + html.escape(str(frame.index.name or "")) + "</th>" if index else "") + "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = ""
+    for position, (label, row) in enumerate(frame.iterrows()):
+        cells = "".join(
+            f'<td class="best">{html.escape(str(value))}</td>' if bool(best.iloc[position, column]) else f"<td>{html.escape(str(value))}</td>"
+            for column, value in enumerate(row)
+        )
+        body += "<tr>" + (f"<th>{html.escape(str(label))}</th>" if index else "") + cells + "</tr>"
+    return f'<table class="comparison"><tr>{head}</tr>{body}</table>'
+
+
+def grouped_comparison_section(comparison: analysis.Comparison, groups: dict[str, list[str]], band: str) -> str:
+    """ "Did balancing help?" per group: Delta_m% against the baseline group and the task-normalised loss
+    with their spread across each group's runs, and each group's mean final validation loss per task with
+    its spread (``band``: ``std``, ``minmax`` or ``none``) and run count; the better cells in bold, the
+    gaps (a task or validation split a group's runs lack) as notes."""
+    result = _grouped(comparison, groups)
+    summary, summary_best, table, table_best = grouping.comparison_tables(result, band)
+    spread = {"std": "mean ± std (population) across the group's runs", "minmax": "mean [min, max] across the group's runs", "none": "mean"}[band]
+    members = "; ".join(f"{html.escape(name)}: {html.escape(', '.join(runs))}" for name, runs in groups.items())
+    notes = "".join(f"<li>{html.escape(note)}</li>" for note in result.notes)
+    return (
+        f"<h2>Did balancing help?</h2><p>Per group against the group {html.escape(result.baseline)}, on each task's final validation loss; "
+        f"each cell: {html.escape(spread)}, n = runs. Delta_m% = (1/T) sum_i (mean_group,i - mean_baseline,i) / mean_baseline,i x 100 "
+        "(lower is better; negative beats the baseline), its spread across the group's runs, each against the baseline group's means. "
+        "Task-normalised loss: each run's sum over tasks of the final validation loss over the initial test loss (paper section 4), across the group's "
+        "runs that validated every task. Best cell in bold.</p>"
+        f"<p>Groups: {members}.</p>"
+        + _table(summary, summary_best, index=False)
+        + "<p>Final validation loss per task and group:</p>"
+        + _table(table, table_best, index=True)
+        + (f'<ul class="problems">{notes}</ul>' if notes else "")
+    )
+
+
+def comparison_section(root: PathLike, run_ids: Sequence[str], groups: Optional[dict[str, list[str]]] = None, band: str = "std") -> str:
     """ "Did balancing help?": Delta_m% and the task-normalised loss per run, the final validation loss
-    per task and run, the better (lowest) cell of each row in bold."""
+    per task and run, the better (lowest) cell of each row in bold; per group with ``groups``
+    (:func:`grouped_comparison_section`)."""
     comparison = _comparison(root, run_ids)
     if comparison is None or comparison.per_task.empty:
         return "<p>No validation losses were logged: no comparison.</p>"
+    if groups:
+        return grouped_comparison_section(comparison, groups, band)
     best_delta = comparison.per_run["delta_m_pct"].min()
     best_norm = comparison.per_run["task_normalised_loss"].min()
 
@@ -206,19 +290,27 @@ def _run_section(root: PathLike, run_id: str, row: dict[str, Any]) -> str:
 
 
 def _titled(chart: Chart, title: str) -> dict[str, Any]:
-    return chart.properties(title=title).configure_title(anchor="start").to_dict()
+    # Altair refuses more than 5,000 rows per dataset by default, a guard for notebooks; the charts are
+    # already downsampled (MAX_POINTS per series), and nine runs x three tasks go past it.
+    with alt.data_transformers.enable("default", max_rows=None):
+        return chart.properties(title=title).configure_title(anchor="start").to_dict()
 
 
-def write_report(root: PathLike, run_ids: Sequence[str], out_path: PathLike) -> Path:
-    """Write the report for ``run_ids`` under ``root`` to ``out_path``."""
+def write_report(root: PathLike, run_ids: Sequence[str], out_path: PathLike, *, group: str = grouping.NONE, band: str = "std") -> Path:
+    """Write the report for ``run_ids`` under ``root`` to ``out_path``; with ``group`` (a grouping key:
+    ``balancer``, ``name``, ``config:<field>``) its comparison is per group, each figure's spread the
+    ``band`` (``std``, ``minmax`` or ``none``) across the group's runs."""
     run_ids = [str(r) for r in run_ids]
     if not run_ids:
         raise ValueError("name at least one run to report on")
+    if band not in grouping.BANDS:
+        raise ValueError(f"unknown band {band!r}: expected one of {', '.join(grouping.BANDS)}")
     for run_id in run_ids:
         analysis.weight_average(root, run_id)  # an unknown or empty run is refused before anything is built
-    built = build_charts(root, run_ids)
+    groups = report_groups(root, run_ids, group)
+    built = build_charts(root, run_ids, groups)
     listing = {row["run_id"]: row for row in analysis.list_runs(root, only=run_ids).to_dict("records")}
-    sections = "".join(_run_section(root, run_id, listing.get(run_id, {})) for run_id in run_ids) + comparison_section(root, run_ids)
+    sections = "".join(_run_section(root, run_id, listing.get(run_id, {})) for run_id in run_ids) + comparison_section(root, run_ids, groups, band)
     # One embed per chart (each chart's zoom and hover signals are its own; a concatenation would merge
     # them); the colours are the app's explicit palettes, so a task or a run keeps its colour throughout.
     spec = [_titled(chart, title) for title, chart in built]

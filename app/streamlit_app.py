@@ -61,7 +61,7 @@ VIEWS = ["Weights", "Compare runs", "Gradient norms & loss ratios", "Overfitting
 #: Which sidebar controls each view uses; the others are shown disabled there, with the reason.
 USES = {
     "Weights": {"smoothing", "x", "log", "steps", "tasks", "points", "group"},
-    "Compare runs": {"tasks"},
+    "Compare runs": {"tasks", "group"},
     "Gradient norms & loss ratios": {"smoothing", "x", "log", "steps", "tasks", "points", "group"},
     "Overfitting": {"smoothing", "log", "steps", "tasks", "points"},
     "Balance": {"smoothing", "log", "steps", "points", "group"},
@@ -500,7 +500,10 @@ def overfitting_tab(root: str, selected: list[str], controls: Controls, signatur
         if not chosen:
             st.info("Choose one or more runs above.")
         return
-    for chart in charts.overfitting_runs_charts(shown, log=controls.log, tasks=task_names):
+    # One steps axis for every chart (the runs' losses and the gaps), so that onsets line up down the page:
+    # the step range asked for, else the steps of all the runs shown.
+    domain = controls.step_range or charts.steps_domain([frame for frame, _ in shown.values()])
+    for chart in charts.with_x_domain(charts.overfitting_runs_charts(shown, log=controls.log, tasks=task_names), domain):
         _chart(chart)
     onsets = pd.concat(tables, ignore_index=True)
     table = onsets[["run", *[c for c in onsets.columns if c != "run"]]].rename(
@@ -512,7 +515,7 @@ def overfitting_tab(root: str, selected: list[str], controls: Controls, signatur
         (f"Overfitting: {_text(', '.join(overfit))}. " if overfit else "No task overfits by this rule. ")
         + "Onset (dotted rule in the task's colour): the validation minimum, when the validation loss ends more than 2% above it and the gap has "
         "widened since. Slope: per step, over the second half of the validation points. The onsets are taken over the whole run, unsmoothed. "
-        "The x axis is steps here (validation points)."
+        "The x axis is steps here (validation points), one steps range for every chart so that onsets line up; drag or scroll zooms one chart."
     )
 
 
@@ -577,12 +580,29 @@ def compare_tab(root: str, listing: pd.DataFrame, selected: list[str], controls:
     if len(selected) < 2:
         st.info("Choose two or more runs in the sidebar to compare them (for example equal weights and GradNorm).")
     left, right = st.columns(2)
-    baseline = _or(
-        left.selectbox(
-            "Baseline run", selected, index=_default_baseline(listing, selected, opened.baseline), key="baseline", help="Delta_m% is against this run"
-        ),
-        selected[0],
-    )
+    grouped = controls.grouped("Compare runs")
+    default = selected[_default_baseline(listing, selected, opened.baseline)]
+    baseline_group = ""
+    if grouped:  # the baseline becomes a group: by default the one of the default baseline run
+        names = list(controls.members)
+        home = next((name for name, runs in controls.members.items() if default in runs), names[0])
+        wanted = opened.baseline if opened.baseline in names else home
+        baseline_group = _or(
+            left.selectbox(
+                "Baseline group",
+                names,
+                index=names.index(wanted),
+                key="baseline_group",
+                help="Delta_m% is against this group's mean validation losses",
+            ),
+            home,
+        )
+        baseline = default  # (the per-run figures are taken against it, then regrouped)
+    else:
+        baseline = _or(
+            left.selectbox("Baseline run", selected, index=selected.index(default), key="baseline", help="Delta_m% is against this run"),
+            selected[0],
+        )
     metric = _or(
         right.radio("Validation loss", ["final", "best"], horizontal=True, key="compare_metric", help="The last validation point, or the lowest"), "final"
     )
@@ -592,6 +612,9 @@ def compare_tab(root: str, listing: pd.DataFrame, selected: list[str], controls:
         per_run = _per_run_over(per_task, selected)
     if per_task.empty:
         st.info("None of these runs logged validation losses: nothing to compare. Log them with session.log_validation({task: loss}).")
+        return
+    if grouped:
+        _compare_groups(per_task, baseline_group, metric, controls)
         return
     balancers = dict(zip(listing["run_id"], listing["balancer"]))
     summary = per_run.assign(balancer=per_run["run_id"].map(balancers))[["run_id", "balancer", "delta_m_pct", "task_normalised_loss", "tasks_compared"]]
@@ -634,6 +657,50 @@ def compare_tab(root: str, listing: pd.DataFrame, selected: list[str], controls:
         "Delta_m% = (1/T) sum_i (M_run,i - M_baseline,i) / M_baseline,i x 100 over the tasks both runs validated (losses: lower is better, so negative "
         "beats the baseline). Task-normalised loss: sum over tasks of the final validation loss divided by the initial test loss (paper section 4; "
         "the run's recorded initial test losses, else its first validation loss)."
+    )
+
+
+GOOD_CELL = "background-color: rgba(46, 160, 67, 0.28); font-weight: bold"
+
+
+def _marked(best: pd.DataFrame) -> pd.DataFrame:
+    """Styles from a boolean frame of the better cells."""
+    return best.apply(lambda column: [GOOD_CELL if flag else "" for flag in column])
+
+
+def _compare_groups(per_task: pd.DataFrame, baseline: str, metric: str, controls: Controls) -> None:
+    """The comparison per group (seeds of one configuration together) against the ``baseline`` group: the
+    figures are the library's (``analysis.grouped_comparison``), the page only draws them."""
+    names = list(controls.members)
+    result = analysis.grouped_comparison(per_task, controls.members, baseline=baseline, metric=metric)
+    band = controls.band
+    summary, summary_best, table, table_best = grouping.comparison_tables(result, band)
+    spread = {"std": "mean ± std (population) across the group's runs", "minmax": "mean [min, max] across the group's runs", "none": "mean"}[band]
+    st.markdown(
+        f"**Did balancing help?** Each group against **{_text(baseline)}**, on the {metric} validation loss of each task "
+        f"(grouped by {_text(grouping.label(controls.group))}; each cell: {spread}, n = runs)"
+    )
+    st.dataframe(summary.style.apply(lambda _: _marked(summary_best), axis=None), hide_index=True, width="stretch")
+    winner = result.per_group.dropna(subset=["delta_m_pct"]).sort_values("delta_m_pct")
+    if len(winner) > 1:
+        top = winner.iloc[0]
+        verdict = (
+            f"Best: **{_text(str(top['group']))}**, {top['delta_m_pct']:+.2f}% against {_text(baseline)} over {int(top['tasks_compared'])} task(s)."
+            if top["group"] != baseline and top["delta_m_pct"] < 0
+            else f"No group beats **{_text(baseline)}** on average."
+        )
+        st.markdown(verdict)
+    st.markdown(f"**{metric.capitalize()} validation loss per task and group** (lowest mean marked)")
+    st.dataframe(table.style.apply(lambda _: _marked(table_best), axis=None), width="stretch")
+    for note in result.notes:
+        st.info(_text(note))
+    if len(names) > 1:
+        _chart(charts.group_delta_chart(result.per_task, baseline, groups=names))
+    st.caption(
+        "Delta_m% of a group = (1/T) sum_i (mean_group,i - mean_baseline,i) / mean_baseline,i x 100 over the tasks both groups validated; its spread is "
+        "across the group's runs, each against the baseline group's means. Task-normalised loss: each run's sum over tasks of the final validation "
+        "loss over the initial test loss (paper section 4), then across the group's runs that validated every task. The bars: each group's mean against "
+        "the baseline group's."
     )
 
 

@@ -12,7 +12,7 @@ Every function takes a runs root (a folder of run directories) first; ``default_
 from gradnorm.toolkit.runs import RUNNING, RunError
 
 from .catalog import FINISHED_ROWS_LOST, INVALID, RunsRoot, bundled_runs_root, default_runs_root, list_runs, problems, resolve_runs_root, run_ids
-from .comparison import Comparison, compare_runs, validation_losses
+from .comparison import Comparison, GroupedComparison, compare_runs, grouped_comparison, validation_losses
 from .export import export_weights
 from .overfitting import overfitting, overfitting_onsets
 from .series import balance_series, balance_summary, metric_series
@@ -23,6 +23,8 @@ from .weights import WeightAverage, weight_average
 __all__ = [
     "AnalysisError",
     "Comparison",
+    "GroupedComparison",
+    "grouped_comparison",
     "FINISHED_ROWS_LOST",
     "INVALID",
     "RUNNING",
