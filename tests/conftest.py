@@ -3,6 +3,10 @@
 Hypothesis runs derandomised by default, so the suite gives the same verdict on every machine and CI run;
 ``HYPOTHESIS_PROFILE=explore`` draws fresh random examples, many more of them, to hunt for new failures
 (a failure found that way becomes an explicit ``@example``).
+
+Neither profile has a deadline or the too-slow health check: no test here is about how long one example
+takes, and on a loaded CI machine an example that exceeds a deadline once and not on its replay makes
+Hypothesis report the test as flaky. A test that must not hang bounds its call itself (test_fuzz_runs).
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
-settings.register_profile("default", derandomize=True, print_blob=True)
-settings.register_profile("explore", derandomize=False, max_examples=2000, print_blob=True)
+UNTIMED = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("default", derandomize=True, print_blob=True, **UNTIMED)
+settings.register_profile("explore", derandomize=False, max_examples=2000, print_blob=True, **UNTIMED)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 

@@ -153,8 +153,9 @@ def kill_scenario(root: Path, flush_every: int = 10, min_parts: int = 4, timeout
     }
 
 
-def _record_steps(rec: Recorder, steps: range, tasks: list[str]) -> None:
-    """Feed ``rec`` real balancer records (GradNorm on synthetic losses and norms)."""
+def _record_steps(rec: Recorder, steps: range, tasks: list[str], after: Optional[Callable[[int], None]] = None) -> None:
+    """Feed ``rec`` real balancer records (GradNorm on synthetic losses and norms); ``after(step)`` is
+    called once each step is recorded (a test paces the writing against a reader with it)."""
     balancer = GradNorm(alpha=0.5)
     balancer.bind(tasks, torch.device("cpu"), torch.float64)
     gen = torch.Generator().manual_seed(0)
@@ -163,6 +164,8 @@ def _record_steps(rec: Recorder, steps: range, tasks: list[str]) -> None:
         norms = torch.rand(len(tasks), generator=gen, dtype=torch.float64) + 0.1
         matrix, defined = stats_matrix(balancer.update(losses, norms), len(tasks))
         rec.record(step, matrix, defined)
+        if after is not None:
+            after(step)
 
 
 class FailingWrites:

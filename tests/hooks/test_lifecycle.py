@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import threading
-import time
 import warnings
 import weakref
 
@@ -24,6 +23,7 @@ from gradnorm.hooks import taps as taps_module
 from gradnorm.toolkit import runs
 from gradnorm.toolkit.balancers import GradNorm, PCGrad
 from tests.helpers import faults as scenarios
+from tests.helpers import waiting
 
 MODULE_HOOK_DICTS = (
     "_forward_hooks",
@@ -245,9 +245,7 @@ def test_a_session_finalised_on_its_recorders_writer_thread_still_closes_its_run
 
     recorder._beat = beat_then_finalise
     recorder.flush()  # the writer wakes, writes, beats
-    deadline = time.monotonic() + 30
-    while runs.read_run_json(tmp_path / "on-writer")["status"] == runs.RUNNING and time.monotonic() < deadline:
-        time.sleep(0.02)
+    waiting.wait_until(lambda: runs.read_run_json(tmp_path / "on-writer")["status"] != runs.RUNNING, "the run closed from its writer thread")
     assert ran_on == [recorder._thread.name]
     meta = runs.read_run_json(tmp_path / "on-writer")
     assert meta["status"] == runs.INTERRUPTED and meta["rows_written"] == 4 * 2

@@ -25,6 +25,7 @@ from gradnorm.toolkit import runs, schema
 from gradnorm.toolkit.balancers import EqualWeights, GradNorm
 from gradnorm.toolkit.recorder import Recorder
 from tests.helpers import faults as scenarios
+from tests.helpers import waiting
 
 
 def _two_task_model(seed: int = 0):
@@ -159,7 +160,8 @@ def test_unwritable_run_json_does_not_stop_training_and_the_close_still_lands(tm
         monkeypatch.setattr(runs, "write_json_atomic", refuse)
         scenarios._record_steps(rec, range(20), ["a", "b"])
         rec.wait()
-        time.sleep(0.1)
+        # the idle writer beats every 0.02 s; a loaded machine may take a while to run it
+        waiting.wait_until(lambda: rec.heartbeat_errors >= 1, "a heartbeat that fails to write run.json")
         rec.close()
     monkeypatch.undo()
     assert rec.heartbeat_errors >= 1
@@ -228,7 +230,7 @@ def test_a_second_live_process_writing_the_same_run_is_refused(tmp_path):
 def test_the_heartbeat_advances_while_the_writer_lives_and_stops_at_close(tmp_path):
     run_path = runs.create_run(tmp_path, "beat", {"tasks": ["a", "b"]})
     rec = Recorder(run_path, ["a", "b"], flush_every=5, heartbeat_interval=0.05)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + waiting.PATIENCE
     first = None
     while time.monotonic() < deadline:
         beat = runs.read_run_json(run_path).get("heartbeat")
@@ -297,10 +299,16 @@ def test_a_reader_never_sees_half_a_part_file(tmp_path):
             except BaseException as exc:  # noqa: BLE001 - the assertion below reports it
                 errors.append(exc)
 
+    def keep_pace(step: int) -> None:
+        # the writing goes on past every 50th step once the reader has read once more, so reads overlap the writes
+        # however the threads are scheduled
+        if step % 50 == 49:
+            waiting.at_least(lambda: len(seen) + len(errors), (step + 1) // 50, "the reader's next read", alive=reader.is_alive)
+
     reader = threading.Thread(target=read_forever)
     reader.start()
     try:
-        scenarios._record_steps(rec, range(300), tasks)
+        scenarios._record_steps(rec, range(300), tasks, after=keep_pace)
         rec.close()
     finally:
         stop.set()
@@ -333,14 +341,13 @@ def test_a_rank_other_than_0_that_stops_beating_marks_the_run_interrupted(tmp_pa
     from gradnorm.toolkit import analysis
 
     run_path = runs.create_run(tmp_path, "ddp", {"tasks": ["a", "b"]})
+    started = time.time()
     rank0 = Recorder(run_path, ["a", "b"], rank=0, heartbeat_interval=0.05)
     rank1 = Recorder(run_path, ["a", "b"], rank=1, heartbeat_interval=0.05)
     rank_file = run_path / schema.METRICS_DIR / schema.rank_dir_name(1) / runs.RANK_FILE
-    deadline = time.time() + 5
-    while not rank_file.exists() and time.time() < deadline:
-        time.sleep(0.02)
+    waiting.wait_until(rank_file.exists, "rank 1's first beat")
     beat = json.loads(rank_file.read_text())
-    assert beat["status"] == "running" and beat["rank"] == 1 and beat["heartbeat"] > time.time() - 5
+    assert beat["status"] == "running" and beat["rank"] == 1 and started <= beat["heartbeat"] <= time.time()
     listed = analysis.list_runs(tmp_path)
     assert listed["status"].iloc[0] == "running" and listed["problems"].iloc[0] == []
     # An hour later rank 0 still beats but rank 1's last beat is an hour old: rank 1 died.

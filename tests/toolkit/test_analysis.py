@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradnorm.toolkit import analysis
+from gradnorm.toolkit.recorder import Recorder
+from tests.helpers import waiting
 from tests.helpers.runs import record_run
 
 
@@ -150,9 +152,18 @@ def test_a_damaged_part_file_is_reported_and_left_out(tmp_path):
     assert listing["problems"].iloc[0] == found
 
 
-def test_a_run_read_while_it_is_written(tmp_path):
+def test_a_run_read_while_it_is_written(tmp_path, monkeypatch):
     errors: list[BaseException] = []
     done = threading.Event()
+    seen = []
+    real_write = Recorder._write_table
+
+    def write_then_let_a_read_happen(recorder: Recorder, table) -> None:
+        real_write(recorder, table)
+        # after each of the first part files the writer goes on once the reader has read once more, so reads
+        # overlap the writing however the threads are scheduled (the training thread waits once the backlog is full)
+        if recorder.part_files_written <= 3:
+            waiting.at_least(lambda: len(seen), recorder.part_files_written, "the next read of the live run")
 
     def write() -> None:
         try:
@@ -162,9 +173,9 @@ def test_a_run_read_while_it_is_written(tmp_path):
         finally:
             done.set()
 
+    monkeypatch.setattr(Recorder, "_write_table", write_then_let_a_read_happen)
     writer = threading.Thread(target=write)
     writer.start()
-    seen = []
     while not done.is_set():
         if (tmp_path / "live" / "run.json").exists():
             series = analysis.metric_series(tmp_path, "live", "weight", max_points=50)

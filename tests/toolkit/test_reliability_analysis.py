@@ -18,6 +18,7 @@ import pytest
 from gradnorm.toolkit import analysis, runs, schema
 from gradnorm.toolkit.recorder import Recorder
 from tests.helpers import faults as scenarios
+from tests.helpers import waiting
 
 TASKS = ["a", "b"]
 
@@ -201,10 +202,16 @@ def test_the_analysis_reads_a_live_run_without_errors_or_half_files(tmp_path):
             except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
                 errors.append(exc)
 
+    def keep_pace(step: int) -> None:
+        # every 50 steps the reader reads once more before the writing goes on: reads overlap the writes
+        # however the threads are scheduled
+        if step % 50 == 49:
+            waiting.at_least(lambda: len(counts) + len(errors), (step + 1) // 50, "the reader's next read", alive=reader.is_alive)
+
     reader = threading.Thread(target=read_forever)
     reader.start()
     try:
-        scenarios._record_steps(rec, range(150), TASKS)
+        scenarios._record_steps(rec, range(150), TASKS, after=keep_pace)
         rec.close()
     finally:
         stop.set()
