@@ -113,3 +113,18 @@ def test_bad_groupings_are_refused_with_a_message(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "no run has the config field 'config.lr' to group by (fields that differ between these runs: config.tag)" in error
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_chart_past_altairs_row_limit_is_embedded_whole():
+    """Nine runs x three tasks of downsampled series pass Altair's default 5,000 rows per dataset (a
+    notebook guard): the report embeds them all, as the app does."""
+    import altair as alt
+    import pandas as pd
+
+    from gradnorm.app.report import _titled
+
+    spec = _titled(alt.Chart(pd.DataFrame({"x": range(6000)})).mark_point().encode(x="x:Q"), "many points")
+    (values,) = spec["datasets"].values()
+    assert len(values) == 6000 and spec["title"] == "many points"
+    with pytest.raises(alt.MaxRowsError):  # the process's own setting is left as it was
+        alt.Chart(pd.DataFrame({"x": range(6000)})).mark_point().encode(x="x:Q").to_dict()
