@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 STREAMLIT = Path(sys.executable).with_name("streamlit")
 if not STREAMLIT.exists() and shutil.which("streamlit"):
     STREAMLIT = Path(str(shutil.which("streamlit")))
-START_TIMEOUT = 90.0
+START_TIMEOUT = 180.0  # returns as soon as the server answers; a loaded machine may take long to import Streamlit
 STOP_TIMEOUT = 15.0
 
 

@@ -166,7 +166,10 @@ def test_exporting_unconverged_weights_warns_with_the_drift(monkeypatch):
     assert not at.warning  # static weights do not drift
 
 
-def _live_root(tmp_path: Path) -> Path:
+def _live_root(tmp_path: Path, monkeypatch) -> Path:
+    # The run stays live however long the app takes to start on a loaded machine (the default staleness
+    # limit is 120 s); a day is still far less than the ten days test_a_run_whose_writer_died moves the clock.
+    monkeypatch.setenv(runs.STALE_AFTER_ENV, str(24 * 3600))
     live = tmp_path / "toy-T2-gradnorm"
     shutil.copytree(SAMPLE / "toy-T2-gradnorm", live)
     runs.update_run_json(live, status=runs.RUNNING)
@@ -175,7 +178,7 @@ def _live_root(tmp_path: Path) -> Path:
 
 
 def test_live_mode_refreshes_together_and_stops_when_the_run_ends(monkeypatch, tmp_path):
-    live = _live_root(tmp_path)
+    live = _live_root(tmp_path, monkeypatch)
     at = start(monkeypatch, tmp_path)
     clean(at)
     assert any("refreshing every" in c.value for c in at.caption)
@@ -223,7 +226,7 @@ def test_the_default_selection_never_hides_the_gradnorm_run(monkeypatch, tmp_pat
 
 
 def test_a_run_whose_writer_died_stops_the_polling(monkeypatch, tmp_path):
-    live = _live_root(tmp_path)
+    live = _live_root(tmp_path, monkeypatch)
     at = start(monkeypatch, tmp_path)
     assert any("refreshing every" in c.value for c in at.caption)
     # no heartbeat for longer than the staleness limit, and no file changed: the run is interrupted

@@ -16,6 +16,9 @@ import pytest
 from tests.app.conftest import USER_MARKER, Served
 
 CHROMIUM = Path("/usr/bin/chromium")
+#: How long a wait for something on the page may take before the test fails: each wait returns as soon as
+#: its element or condition is there, so only a page that never draws costs this, not a loaded machine.
+WAIT_MS = 120_000
 BROWSER_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -47,9 +50,9 @@ def first_view(served: Served, screenshot: Path) -> str:
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(served.server.url, wait_until="domcontentloaded")
-            page.wait_for_selector("[data-testid='stVegaLiteChart'] canvas, [data-testid='stVegaLiteChart'] svg", timeout=60_000)
+            page.wait_for_selector("[data-testid='stVegaLiteChart'] canvas, [data-testid='stVegaLiteChart'] svg", timeout=WAIT_MS)
             # Streamlit marks the app as running while the script runs; wait until it is done.
-            page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
+            page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=WAIT_MS)
             assert page.locator("[data-testid='stVegaLiteChart']").count() >= 1
             assert page.locator("[data-testid='stException']").count() == 0
             assert not errors, errors
@@ -91,7 +94,7 @@ def test_the_report_opens_offline_and_draws(tmp_path):
             errors = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(report.as_uri())
-            page.wait_for_selector("canvas, svg.marks", timeout=30_000)
+            page.wait_for_selector("canvas, svg.marks", timeout=WAIT_MS)
             assert not errors, errors
             assert "toy-T2-gradnorm" in page.inner_text("body")
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
@@ -127,7 +130,7 @@ def test_a_report_on_hostile_names_runs_no_script_and_draws_them_as_text(tmp_pat
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
             page.goto(report.as_uri())
-            page.wait_for_selector("#charts canvas, #charts svg.marks", timeout=30_000)
+            page.wait_for_selector("#charts canvas, #charts svg.marks", timeout=WAIT_MS)
             page.wait_for_timeout(500)  # any injected handler (img onerror) would have run by now
             assert page.evaluate("() => window.__pwned") is None
             assert dialogs == [] and errors == []
@@ -183,10 +186,10 @@ def _chart_specs(payload) -> list[dict]:
 def _settled(page) -> None:
     """Wait until the script has finished and every chart on the page has drawn."""
     page.wait_for_timeout(300)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=WAIT_MS)
     page.wait_for_function(
         f"() => [...document.querySelectorAll(\"{CHART}\")].every(c => c.querySelector('canvas, svg'))",
-        timeout=60_000,
+        timeout=WAIT_MS,
     )
     page.wait_for_timeout(300)
 
@@ -224,15 +227,15 @@ def test_every_view_fits_the_window_has_legends_and_draws_without_vega_warnings(
                 page.on("console", lambda message: console.append((message.type, message.text)))
                 page.on("websocket", lambda socket: socket.on("framereceived", lambda payload: specs.extend(_chart_specs(payload))))
                 page.goto(repo_app.server.url, wait_until="domcontentloaded")
-                page.wait_for_selector(DRAWN, timeout=60_000)
+                page.wait_for_selector(DRAWN, timeout=WAIT_MS)
                 for view in VIEWS:
                     page.locator("[data-testid='stMainBlockContainer'] label").filter(has_text=view).first.click()
                     if view != VIEWS[0]:  # the script of the new view has started (it writes the URL) before the page settles
-                        page.wait_for_url(lambda address, view=view: urlencode({"view": view}) in address, timeout=60_000)
+                        page.wait_for_url(lambda address, view=view: urlencode({"view": view}) in address, timeout=WAIT_MS)
                     if view != "Export weights":  # and has drawn a chart: on a loaded machine the page may settle in between
                         page.wait_for_function(
                             f'() => !document.querySelector(\'[data-testid="stStatusWidget"]\') && document.querySelectorAll("{CHART}").length >= 1',
-                            timeout=60_000,
+                            timeout=WAIT_MS,
                         )
                     _settled(page)
                     if view != "Export weights":
@@ -258,14 +261,17 @@ def test_a_reload_with_the_url_restores_the_view(repo_app: Served) -> None:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(f"{repo_app.server.url}/?run=toy-T2-equal&run=toy-T2-gradnorm&view=Balance&log=1", wait_until="domcontentloaded")
-            page.wait_for_selector(DRAWN, timeout=60_000)
+            page.wait_for_selector(DRAWN, timeout=WAIT_MS)
             _settled(page)
             page.locator("[data-testid='stMainBlockContainer'] label").filter(has_text="Compare runs").first.click()
+            # the new view's script has started (it writes the URL) before the page counts as settled: on a loaded
+            # machine it may start after _settled's first look, which would then see the old view
+            page.wait_for_url(lambda address: urlencode({"view": "Compare runs"}) in address, timeout=WAIT_MS)
             _settled(page)
             assert "view=Compare+runs" in page.url or "view=Compare%20runs" in page.url, page.url
             shown = page.url
             page.reload(wait_until="domcontentloaded")
-            page.wait_for_selector(DRAWN, timeout=60_000)
+            page.wait_for_selector(DRAWN, timeout=WAIT_MS)
             _settled(page)
             checked = page.evaluate(
                 "() => [...document.querySelectorAll('[data-testid=stMainBlockContainer] [role=radiogroup] input:checked')]"
@@ -304,7 +310,7 @@ def test_the_dark_theme_draws_the_runs_in_the_same_colours_as_the_light_one(repo
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 page.on("console", lambda message: console.append((message.type, message.text)))
                 page.goto(f"{repo_app.server.url}/?embed=true{options}&view=Balance&{runs}", wait_until="domcontentloaded")
-                page.wait_for_selector(DRAWN, timeout=60_000)
+                page.wait_for_selector(DRAWN, timeout=WAIT_MS)
                 _settled(page)
                 background = page.evaluate("() => getComputedStyle(document.querySelector('.stApp')).backgroundColor")
                 drawn[theme] = (_drawn_strokes(page), background)
