@@ -27,6 +27,7 @@ import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 PANEL_HEIGHT = 260
@@ -194,8 +195,8 @@ def _interactive(base: alt.Chart, encoding: dict, tooltip: list, name: str) -> l
     one per point (15,000 on the bundled runs' first chart, 3 runs x 10 tasks x 500 points)."""
     zoom = alt.selection_interval(bind="scales", encodings=["x"], name=f"{name}_zoom")
     hover = alt.selection_point(name=f"{name}_hover", fields=["x"], nearest=True, on="pointerover", clear="pointerout", empty=False)
-    lines = base.mark_line(strokeWidth=1.6, clip=True).encode(**encoding).add_params(zoom)
     data = base.data if isinstance(base.data, pd.DataFrame) else pd.DataFrame()
+    lines = base.mark_line(**_per_point_lean(data, encoding)).encode(**encoding, order=alt.value(0)).add_params(zoom)
     first = _first_x(data)
     store = f"{name}_hover_store"
     shown = f"(length(data('{store}')) && vlSelectionTest('{store}', datum))"
@@ -210,6 +211,26 @@ def _interactive(base: alt.Chart, encoding: dict, tooltip: list, name: str) -> l
         .add_params(hover)
     )
     return [lines, points, rule]
+
+
+def _per_point_lean(frame: pd.DataFrame, encoding: dict) -> dict[str, Any]:
+    """The line mark's settings, with no per-point test that the frame shows it does not need.
+
+    Streamlit embeds Vega without ``eval``: every expression Vega evaluates per point runs through its
+    expression interpreter, and a line has one point per row (15,000 on the bundled runs' first chart).
+    Vega-Lite gives each line point a ``defined`` test (x and y valid and finite, so that a gap breaks the
+    line); where pandas finds every x and y finite there is nothing for it to find (``invalid=None``: no
+    test). The ``order`` channel the caller sets to a constant does the same for the ``toNumber(x)`` that
+    Vega-Lite otherwise computes for every row of a line's data before sorting it by x (the x column is
+    already numbers; the line is still drawn in x order)."""
+    settings: dict[str, Any] = {"strokeWidth": 1.6, "clip": True}
+    y = encoding["y"].to_dict().get("field")
+    columns = [c for c in ("x", y) if isinstance(c, str)]
+    if len(frame) and all(c in frame.columns for c in columns):
+        values = frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+        if np.isfinite(values).all():
+            settings["invalid"] = None
+    return settings
 
 
 def _first_x(frame: pd.DataFrame) -> Optional[float]:
