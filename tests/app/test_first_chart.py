@@ -64,3 +64,17 @@ def test_every_view_that_draws_lines_through_the_hover_layers_gets_the_lean_line
         lines = _lines(chart.to_dict())
         assert lines["mark"]["invalid"] is None and lines["encoding"]["order"] == {"value": 0}
     assert "invalid" not in _lines(loss_cv.to_dict())["mark"]  # a NaN in this one: the gap stays a gap
+
+
+def test_the_first_chart_benchmark_sends_each_frame_once_as_the_app_does():
+    """``bench_app.py --first-chart`` serves the chart's own datasets: the lines, points and rule layers
+    share one frame, which must arrive once (Streamlit names a dataset by its content), not once per layer."""
+    from benchmarks import bench_app
+
+    frame = _series([1.0, 1.2, 0.9, 1.1])
+    average = pd.DataFrame({"task": ["a", "b"], "mean": [1.05, 1.05]})
+    spec, frames = bench_app._spec_and_data(charts, (frame, {"r1": average}, {"r1": (10, 30)}), {"runs": ["r1", "r2"]})
+    names = [layer["data"]["name"] for layer in spec["layer"]]
+    assert len(names) == 4 and len(set(names[:3])) == 1 and names[3] != names[0]
+    assert sorted(frames) == sorted(set(names))
+    assert len(frames[names[0]]) == len(frame) and len(frames[names[3]]) == len(average)
