@@ -758,7 +758,9 @@ def _first_gradnorm(selected: list[str]) -> int:
 def render(root: str, listing: pd.DataFrame, selected: list[str], controls: Controls, opened: url.UrlState, view: str) -> None:
     signature = data.runs_signature(root, selected)
     task_names = sorted({t for tasks in listing[listing["run_id"].isin(selected)]["tasks"] for t in tasks}, key=charts.natural_key)
-    headline(root, listing, selected, signature, {r: name for name, runs in controls.members.items() for r in runs})
+    # The headline's table sits above the view but is filled after it: Streamlit sends each element as the
+    # script reaches it, so the view's first chart is drawn before the balance figures of every run are queried.
+    headline_slot = st.container()
     sections = {
         "Weights": lambda: weights_tab(root, selected, controls, signature, task_names),
         "Compare runs": lambda: compare_tab(root, listing, selected, controls, signature, opened),
@@ -777,6 +779,8 @@ def render(root: str, listing: pd.DataFrame, selected: list[str], controls: Cont
         st.warning(str(exc))
     except Exception as exc:  # a page, never a traceback; the tests fail on any st.error they did not expect
         st.error(f"The {chosen} view could not be drawn: {type(exc).__name__}: {_text(str(exc))}")
+    with headline_slot:
+        headline(root, listing, selected, signature, {r: name for name, runs in controls.members.items() for r in runs})
 
 
 def current_view(opened: url.UrlState) -> str:
