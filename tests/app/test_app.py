@@ -59,6 +59,20 @@ def no_failure(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
 
 
+def opened_with(monkeypatch, params: dict, root: Path = SAMPLE) -> AppTest:
+    """The app opened on a URL with ``params`` (a reload or a shared link)."""
+    monkeypatch.setenv("GRADNORM_RUNS_ROOT", str(root))
+    monkeypatch.setattr(sys, "argv", [str(APP)])
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.query_params.update(params)
+    return at.run()
+
+
+def clean(at: AppTest) -> None:
+    no_failure(at)
+    assert not at.error, [e.value for e in at.error]
+
+
 def test_starts_on_the_bundled_runs_and_draws_every_view(monkeypatch):
     at = start(monkeypatch)
     no_failure(at)

@@ -3,7 +3,6 @@ key and the band in the URL. Figures checked against the part files read directl
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 from gradnorm.app import _grouping as grouping
 from gradnorm.app import _state as url
 from gradnorm.toolkit import schema
-from tests.app.test_app import APP, chart_specs, no_failure
+from tests.app.test_app import chart_specs, clean, no_failure, opened_with
 from tests.helpers.synthetic_runs import run_json, write_run
 
 SEEDS = {"qm9-gradnorm-s0": 40, "qm9-gradnorm-s1": 50, "qm9-gradnorm-s2": 60, "qm9-equal-s0": 40, "qm9-equal-s1": 50}
@@ -102,13 +101,8 @@ def _raw(root: Path, metric: str) -> pd.DataFrame:
 
 
 def _open(monkeypatch, root: Path, params: dict) -> AppTest:
-    monkeypatch.setenv("GRADNORM_RUNS_ROOT", str(root))
-    monkeypatch.setattr(sys, "argv", [str(APP)])
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.query_params.update(params)
-    at.run()
-    no_failure(at)
-    assert not at.error, [e.value for e in at.error]
+    at = opened_with(monkeypatch, params, root)
+    clean(at)
     return at
 
 

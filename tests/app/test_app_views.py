@@ -7,34 +7,18 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from gradnorm.app import _data as data
 from gradnorm.app import _state as url
 from gradnorm.app import _verdicts as verdicts
 from gradnorm.toolkit import analysis, runs
-from tests.app.test_app import APP, SAMPLE, chart_specs, frames_with, no_failure, start
+from tests.app.test_app import SAMPLE, chart_specs, clean, frames_with, opened_with, start
 
 T2 = ["toy-T2-equal", "toy-T2-gradnorm", "toy-T2-static-converged"]
-
-
-def opened_with(monkeypatch, params: dict, root: Path = SAMPLE) -> AppTest:
-    """The app opened on a URL with ``params`` (a reload or a shared link)."""
-    monkeypatch.setenv("GRADNORM_RUNS_ROOT", str(root))
-    monkeypatch.setattr(sys, "argv", [str(APP)])
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.query_params.update(params)
-    return at.run()
-
-
-def clean(at: AppTest) -> None:
-    no_failure(at)
-    assert not at.error, [e.value for e in at.error]
 
 
 def test_the_comparison_view_shows_delta_m_against_the_chosen_baseline(monkeypatch):

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import re
 import statistics
-import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from gradnorm.app import _grouping as grouping
-from gradnorm.toolkit import schema
-from tests.app.test_app import APP, chart_specs, no_failure
-from tests.helpers.synthetic_runs import run_json, write_run
+from tests.app.test_app import chart_specs, clean, no_failure, opened_with
+from tests.helpers.synthetic_runs import final_validation_losses, run_json, write_run
 
 #: run -> steps; qm9-gradnorm-s2 validates task a only.
 SEEDS = {"qm9-equal-s0": 40, "qm9-equal-s1": 60, "qm9-gradnorm-s0": 50, "qm9-gradnorm-s1": 70, "qm9-gradnorm-s2": 90}
@@ -31,25 +28,12 @@ def _root(root: Path) -> Path:
 
 
 def _final(root: Path) -> dict[tuple[str, str], float]:
-    """(run, task) -> its last validation loss, from the part files."""
-    last: dict[tuple[str, str], tuple[int, float]] = {}
-    for name in SEEDS:
-        for part in sorted((root / name / schema.METRICS_DIR).glob("*/part-*.parquet")):
-            for row in pq.read_table(part, columns=["step", "split", "task", "loss"]).to_pylist():
-                key = (name, row["task"])
-                if row["split"] == schema.VALIDATION and (key not in last or row["step"] > last[key][0]):
-                    last[key] = (row["step"], row["loss"])
-    return {key: loss for key, (_, loss) in last.items()}
+    return final_validation_losses(root, list(SEEDS))
 
 
 def _open(monkeypatch, root: Path, params: dict) -> AppTest:
-    monkeypatch.setenv("GRADNORM_RUNS_ROOT", str(root))
-    monkeypatch.setattr(sys, "argv", [str(APP)])
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.query_params.update(params)
-    at.run()
-    no_failure(at)
-    assert not at.error, [e.value for e in at.error]
+    at = opened_with(monkeypatch, params, root)
+    clean(at)
     return at
 
 

@@ -7,11 +7,9 @@ import html.parser
 import statistics
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from gradnorm.toolkit import schema
-from tests.helpers.synthetic_runs import run_json, write_run
+from tests.helpers.synthetic_runs import final_validation_losses, run_json, write_run
 
 #: A config value that would end the page's script element or open markup if pasted in unescaped.
 HOSTILE = '</script><script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
@@ -62,14 +60,7 @@ def _root(root: Path) -> Path:
 
 
 def _final(root: Path) -> dict[tuple[str, str], float]:
-    last: dict[tuple[str, str], tuple[int, float]] = {}
-    for name in RUNS:
-        for part in sorted((root / name / schema.METRICS_DIR).glob("*/part-*.parquet")):
-            for row in pq.read_table(part, columns=["step", "split", "task", "loss"]).to_pylist():
-                key = (name, row["task"])
-                if row["split"] == schema.VALIDATION and (key not in last or row["step"] > last[key][0]):
-                    last[key] = (row["step"], row["loss"])
-    return {key: loss for key, (_, loss) in last.items()}
+    return final_validation_losses(root, list(RUNS))
 
 
 def test_the_report_compares_groups_and_carries_a_hostile_group_name_as_text(tmp_path):

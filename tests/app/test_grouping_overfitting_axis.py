@@ -5,15 +5,13 @@ chosen, is that axis."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from streamlit.testing.v1 import AppTest
 
 from gradnorm.app import _charts as charts
 from gradnorm.toolkit import schema
-from tests.app.test_app import APP, chart_specs, no_failure
+from tests.app.test_app import chart_specs, no_failure, opened_with
 from tests.helpers.synthetic_runs import run_json, write_run
 
 RUNS = {"short-s0": 200, "mid-s0": 400, "long-s0": 700}
@@ -35,11 +33,7 @@ def _validation_steps(root: Path) -> list[int]:
 def test_the_overfitting_charts_of_several_runs_share_one_steps_domain(monkeypatch, tmp_path):
     for name, steps in RUNS.items():
         write_run(tmp_path, name, steps=steps, per_part=100, meta=run_json(name))
-    monkeypatch.setenv("GRADNORM_RUNS_ROOT", str(tmp_path))
-    monkeypatch.setattr(sys, "argv", [str(APP)])
-    at = AppTest.from_file(str(APP), default_timeout=120)
-    at.query_params.update({"run": list(RUNS), "view": "Overfitting", "smooth": "0"})
-    at.run()
+    at = opened_with(monkeypatch, {"run": list(RUNS), "view": "Overfitting", "smooth": "0"}, tmp_path)
     no_failure(at)
     specs = chart_specs(at)
     assert len(specs) == len(RUNS) + 1  # one losses chart per run, then the gaps

@@ -161,3 +161,15 @@ def every_answer(root: Path, run_id: str) -> dict[str, object]:
         "overfitting": records(analysis.overfitting(root, run_id)),
         "onsets": records(analysis.overfitting_onsets(root, run_id)),
     }
+
+
+def final_validation_losses(root: Path, run_ids: Sequence[str]) -> dict[tuple[str, str], float]:
+    """(run, task) -> its last validation loss, read from the part files with pyarrow."""
+    last: dict[tuple[str, str], tuple[int, float]] = {}
+    for name in run_ids:
+        for part in sorted((root / name / schema.METRICS_DIR).glob("*/part-*.parquet")):
+            for row in pq.read_table(part, columns=["step", "split", "task", "loss"]).to_pylist():
+                key = (name, row["task"])
+                if row["split"] == schema.VALIDATION and (key not in last or row["step"] > last[key][0]):
+                    last[key] = (row["step"], row["loss"])
+    return {key: loss for key, (_, loss) in last.items()}
