@@ -266,6 +266,12 @@ def _spec_and_data(charts_module, args: tuple, kwargs: dict) -> tuple[dict, dict
     return spec, frames
 
 
+def cell(values: list[float]) -> str:
+    """A results-table cell: the median (the upper of the two middle values) and the range."""
+    ordered = sorted(values)
+    return f"{ordered[len(ordered) // 2]:.2f} ({ordered[0]:.2f}-{ordered[-1]:.2f})"
+
+
 def first_chart_main(args: argparse.Namespace) -> int:
     """The first chart alone in a minimal page, as ``app/_charts.py`` builds it now and at ``--first-chart
     REF``, and a 50-point line (the floor), interleaved on one warm server."""
@@ -331,10 +337,6 @@ def first_chart_main(args: argparse.Namespace) -> int:
         "|---|---|---|---|---|---|---|",
     ]
 
-    def cell(values: list[float]) -> str:
-        ordered = sorted(values)
-        return f"{ordered[len(ordered) // 2]:.2f} ({ordered[0]:.2f}-{ordered[-1]:.2f})"
-
     for version, label in versions.items():
         got = found[version]
         loads = [row[-1] for row in got]
@@ -381,10 +383,6 @@ def browser_main(args: argparse.Namespace) -> int:
         "| runs | cold: title | cold: first chart | cold: settled | cold: Chromium CPU | warm: title | warm: first chart | warm: settled | warm: Chromium CPU | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def cell(values: list[float]) -> str:
-        ordered = sorted(values)
-        return f"{ordered[len(ordered) // 2]:.2f} ({ordered[0]:.2f}-{ordered[-1]:.2f})"
 
     for label, kinds in found.items():
         loads = [row[-1] for kind in kinds.values() for row in kind]
