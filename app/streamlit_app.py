@@ -639,13 +639,7 @@ def compare_tab(root: str, listing: pd.DataFrame, selected: list[str], controls:
     )
     winner = per_run.dropna(subset=["delta_m_pct"]).sort_values("delta_m_pct")
     if len(winner) and len(selected) > 1:
-        top = winner.iloc[0]
-        verdict = (
-            f"Best: **{_text(str(top['run_id']))}**, {top['delta_m_pct']:+.2f}% against {_text(baseline)} over {int(top['tasks_compared'])} task(s)."
-            if top["run_id"] != baseline and top["delta_m_pct"] < 0
-            else f"No run beats **{_text(baseline)}** on average."
-        )
-        st.markdown(verdict)
+        st.markdown(_best_against(winner, "run_id", baseline, "run"))
     column = "final_val_loss" if metric == "final" else "best_val_loss"
     wide = per_task.pivot(index="task", columns="run_id", values=column).reindex(columns=[r for r in selected if r in set(per_task["run_id"])])
     wide = wide.reindex(sorted(wide.index, key=charts.natural_key))
@@ -658,6 +652,14 @@ def compare_tab(root: str, listing: pd.DataFrame, selected: list[str], controls:
         "beats the baseline). Task-normalised loss: sum over tasks of the final validation loss divided by the initial test loss (paper section 4; "
         "the run's recorded initial test losses, else its first validation loss)."
     )
+
+
+def _best_against(ranked: pd.DataFrame, name_column: str, baseline: str, noun: str) -> str:
+    """The verdict line under a comparison: the first of ``ranked`` (sorted by Delta_m%) if it beats ``baseline``."""
+    top = ranked.iloc[0]
+    if top[name_column] != baseline and top["delta_m_pct"] < 0:
+        return f"Best: **{_text(str(top[name_column]))}**, {top['delta_m_pct']:+.2f}% against {_text(baseline)} over {int(top['tasks_compared'])} task(s)."
+    return f"No {noun} beats **{_text(baseline)}** on average."
 
 
 GOOD_CELL = "background-color: rgba(46, 160, 67, 0.28); font-weight: bold"
@@ -683,13 +685,7 @@ def _compare_groups(per_task: pd.DataFrame, baseline: str, metric: str, controls
     st.dataframe(summary.style.apply(lambda _: _marked(summary_best), axis=None), hide_index=True, width="stretch")
     winner = result.per_group.dropna(subset=["delta_m_pct"]).sort_values("delta_m_pct")
     if len(winner) > 1:
-        top = winner.iloc[0]
-        verdict = (
-            f"Best: **{_text(str(top['group']))}**, {top['delta_m_pct']:+.2f}% against {_text(baseline)} over {int(top['tasks_compared'])} task(s)."
-            if top["group"] != baseline and top["delta_m_pct"] < 0
-            else f"No group beats **{_text(baseline)}** on average."
-        )
-        st.markdown(verdict)
+        st.markdown(_best_against(winner, "group", baseline, "group"))
     st.markdown(f"**{metric.capitalize()} validation loss per task and group** (lowest mean marked)")
     st.dataframe(table.style.apply(lambda _: _marked(table_best), axis=None), width="stretch")
     for note in result.notes:
