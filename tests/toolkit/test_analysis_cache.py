@@ -284,8 +284,8 @@ def test_a_merged_files_sums_come_from_the_files_it_replaced_and_equal_a_scan_of
     composed: list[tuple[object, pd.DataFrame]] = []
     real = partials._composed
 
-    def watching(part, family):
-        frame = real(part, family)
+    def watching(part, family, cached):
+        frame = real(part, family, cached)
         if frame is not None:
             composed.append((part, frame))
         return frame

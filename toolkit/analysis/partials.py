@@ -188,7 +188,8 @@ def block_sums(run: RunFiles, family: Family) -> pd.DataFrame:
                 missing.append(part)
     if missing:
         # A compaction's merged file holds exactly the rows of the files it replaced: its sums are theirs.
-        composed = {part.path: frame for part in missing if (frame := _composed(part, family)) is not None}
+        tiles = _cached_tiles(family)
+        composed = {part.path: frame for part in missing if (frame := _composed(part, family, tiles)) is not None}
         if composed:
             _store([part for part in missing if part.path in composed], family, composed)
             frames = [composed.get(part.path) if frame is None else frame for part, frame in zip(parts, frames)]
@@ -236,7 +237,23 @@ _COMBINE: dict[str, tuple[str, Optional[str]]] = {
 }
 
 
-def _composed(part: PartInfo, family: Family) -> Optional[pd.DataFrame]:
+#: folder -> first sequence -> (last sequence, sums, footer rows, path) of each cached file of one family
+_Tiles = dict[str, dict[int, list[tuple[int, pd.DataFrame, int, str]]]]
+
+
+def _cached_tiles(family: Family) -> _Tiles:
+    """The family's cached files by folder and by the first sequence their names cover (one pass over
+    the cache for every file a call composes)."""
+    tiles: _Tiles = {}
+    with _lock:
+        for (path, family_name), (key, frame, rows) in _cache.items():
+            found = schema.part_file_range(Path(path).name)
+            if family_name == family.name and key[-1] == BLOCK_STEPS and found is not None:
+                tiles.setdefault(str(Path(path).parent), {}).setdefault(found[0], []).append((found[1], frame, rows, path))
+    return tiles
+
+
+def _composed(part: PartInfo, family: Family, cached: _Tiles) -> Optional[pd.DataFrame]:
     """The sums of ``part`` from the cached sums of files its name's sequence range covers, when they tile
     that range and hold its footer's row count (a compaction merges whole adjacent files, rows unchanged:
     toolkit/recorder.py ``merge_part_files``); None otherwise (it is then read)."""
@@ -244,15 +261,13 @@ def _composed(part: PartInfo, family: Family) -> Optional[pd.DataFrame]:
     names = [name for name, _ in family.aggregates]
     if covering is None or covering[0] == covering[1] or part.key == (0, 0, 0) or set(names) - _COMBINE.keys():
         return None
-    folder = str(Path(part.path).parent)
-    inner: dict[int, list[tuple[int, pd.DataFrame, int]]] = {}
-    with _lock:
-        for (path, family_name), (key, frame, rows) in _cache.items():
-            if family_name != family.name or key[-1] != BLOCK_STEPS or path == part.path or str(Path(path).parent) != folder:
-                continue
-            found = schema.part_file_range(Path(path).name)
-            if found is not None and covering[0] <= found[0] and found[1] <= covering[1]:
-                inner.setdefault(found[0], []).append((found[1], frame, rows))
+    by_first = cached.get(str(Path(part.path).parent), {})
+    inner = {
+        first: [(last, frame, rows) for last, frame, rows, path in entries if last <= covering[1] and path != part.path]
+        for first, entries in by_first.items()
+        if covering[0] <= first <= covering[1]
+    }
+    inner = {first: entries for first, entries in inner.items() if entries}
     tiles: list[tuple[pd.DataFrame, int]] = []
     cursor = covering[0]
     while cursor <= covering[1]:
