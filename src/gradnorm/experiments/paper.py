@@ -357,6 +357,11 @@ class Report:
     fragments: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
 
+    def put_missing(self, prefix: str, keys: Sequence[str]) -> None:
+        """Each ``prefix.key`` as not measured (a results file, or the section the numbers come from, is absent)."""
+        for key in keys:
+            self.put(f"{prefix}.{key}", None)
+
     def put(self, key: str, value: Optional[str]) -> None:
         if not re.fullmatch(r"[A-Za-z0-9.\-]+", key):
             raise ValueError(f"number key {key!r}: use letters, digits, '.' and '-'")
@@ -968,8 +973,7 @@ def dense(report: Report, results: Results) -> None:
                 dense_memory = (section, table)
     if found is None:
         report.fragments["tab_dense.tex"] = not_measured("The step time on the dense scenes.", source_note(file, None))
-        for key in ("floor", "gradnorm", "heads", "headsrecord", "mem.heads", "mem.gradnorm", "equal.ms"):
-            report.put(f"dense.{key}", None)
+        report.put_missing("dense", ("floor", "gradnorm", "heads", "headsrecord", "mem.heads", "mem.gradnorm", "equal.ms"))
         return
     section, table = found
     report.put("dense.equal.ms", fmt(number(table.cell("equal", "ms")), 0, r"\,ms"))
@@ -1016,21 +1020,23 @@ def real_models(report: Report, results: Results) -> None:
         report.put("real.T100.defaultroute", "")
         report.put("real.T100.floorgram", None)
         report.put("real.T100.floorgram.mem", None)
-        for key in (
-            "T100.default",
-            "T100.gram",
-            "T100.general",
-            "T100.floorweights",
-            "T100.mem.default",
-            "T100.mem.gram",
-            "bert.default",
-            "bert.gram",
-            "T100.gram.madds",
-            "T100.direct.madds",
-            "T3.default",
-            "T40.gram",
-        ):
-            report.put(f"real.{key}", None)
+        report.put_missing(
+            "real",
+            (
+                "T100.default",
+                "T100.gram",
+                "T100.general",
+                "T100.floorweights",
+                "T100.mem.default",
+                "T100.mem.gram",
+                "bert.default",
+                "bert.gram",
+                "T100.gram.madds",
+                "T100.direct.madds",
+                "T3.default",
+                "T40.gram",
+            ),
+        )
         return
     head = group[0]
     smoke = "smoke" in head.title.lower()
@@ -1201,8 +1207,7 @@ def records(report: Report, results: Results) -> None:
         report.put("rec.bytes.pyarrow", fmt(number(t.cell("pyarrow defaults", "bytes per row", exact=False)), 1, r"\,B"))
         report.put("rec.bytes.oneflush", fmt(number(t.cell("now: the recorder's encoding, one file", "bytes per row", exact=False)), 1, r"\,B"))
     else:
-        for key in ("compacted", "pyarrow", "oneflush"):
-            report.put(f"rec.bytes.{key}", None)
+        report.put_missing("rec.bytes", ("compacted", "pyarrow", "oneflush"))
     if throughput:
         t = throughput[1]
         report.put("rec.rows.default", fmt(number(t.cell("default, closed", "rows/s", exact=False)), 0, thousands=True))
@@ -1228,8 +1233,7 @@ def records(report: Report, results: Results) -> None:
         report.put("rec.kill.bound", lost.group(2) if lost else None)
         report.put("rec.kill.steps", after.group(1).replace(",", "{,}") if after else None)
     else:
-        for key in ("lost", "bound", "steps"):
-            report.put(f"rec.kill.{key}", None)
+        report.put_missing("rec.kill", ("lost", "bound", "steps"))
     if row_cost:
         report.fragments["tab_records.tex"] = render_table(
             row_cost[1],
@@ -1262,8 +1266,7 @@ def reliability(report: Report, results: Results) -> None:
         report.put("rel.random.bound", fmt(max(b for _, b in pairs), 0) if pairs else None)
         report.put("rel.random.within", str(sum(a <= b for a, b in pairs)) if pairs else None)
     else:
-        for key in ("kills", "maxlost", "bound", "within"):
-            report.put(f"rel.random.{key}", None)
+        report.put_missing("rel.random", ("kills", "maxlost", "bound", "within"))
     merge = results.find(file, heading="compaction", columns=("killed", "rows read back"))
     if merge:
         table = merge[1]
@@ -1328,8 +1331,7 @@ def analysis_speed(report: Report, results: Results) -> None:
             size=r"\footnotesize",
         )
     else:
-        for key in ("closed.weights", "closed.series", "closed.list", "live.weights", "live.series", "nocompact.weights"):
-            report.put(f"ana.{key}", None)
+        report.put_missing("ana", ("closed.weights", "closed.series", "closed.list", "live.weights", "live.series", "nocompact.weights"))
         report.fragments["tab_analysis.tex"] = not_measured("The analysis' query times.", source_note(file, None))
     if app:
         t = app[1]
@@ -1351,8 +1353,7 @@ def analysis_speed(report: Report, results: Results) -> None:
             load = re.search(r"load average was ([\d.]+)[-–]([\d.]+)", app[0].text)
             report.put("app.live.load", f"{load.group(1)}--{load.group(2)}" if load else None)
     else:
-        for key in ("closed", "live", "nocompact", "live.load", "live.cpu"):
-            report.put(f"app.{key}", None)
+        report.put_missing("app", ("closed", "live", "nocompact", "live.load", "live.cpu"))
 
 
 def short_layout(header: str) -> str:
@@ -1478,8 +1479,7 @@ def distributed(report: Report, results: Results) -> None:
     keys = ("ranks", "routes", "toy.T10", "resnet18.T100", "resnet18.T100.route", "resnet18.T100.gradients", "resnet18.T100.gradients.ranks", "max.share")
     if found is None:
         generic_section(report, results, file, "tab_distributed.tex", "Bytes communicated per step under DDP", "tab:distributed")
-        for key in keys:
-            report.put(f"ddp.{key}", None)
+        report.put_missing("ddp", keys)
         return
     section, table = found
     col = {name: table.column(name) for name in needed}
@@ -1709,8 +1709,7 @@ def scenes(report: Report, results: Results) -> None:
     found = results.find(file, heading=r"^Generated scenes", columns=("Δm% vs equal",), first_cell="gradnorm")
     if found is None:
         report.fragments["tab_scenes.tex"] = not_measured("The methods compared on the generated scenes.", source_note(file, None))
-        for key in keys:
-            report.put(f"scenes.{key}", None)
+        report.put_missing("scenes", keys)
         return
     section, table = found
     delta, single = table.column("Δm% vs equal"), table.column("Δm% vs single")
@@ -1772,8 +1771,7 @@ def gradnorm_alpha(report: Report, results: Results) -> None:
     found = results.find(file, columns=("Δm% vs equal",), first_cell="gradnorm a=")
     if found is None:
         report.fragments["tab_qm9_alpha.tex"] = not_measured("GradNorm's alpha on QM9.", source_note(file, None))
-        for key in keys:
-            report.put(f"alpha.{key}", None)
+        report.put_missing("alpha", keys)
         return
     section, table = found
     delta = table.column("Δm% vs equal")
@@ -1790,8 +1788,7 @@ def gradnorm_alpha(report: Report, results: Results) -> None:
             gn[a] = value
     if not gn:
         report.fragments["tab_qm9_alpha.tex"] = not_measured("GradNorm's alpha on QM9.", source_note(file, section))
-        for key in keys:
-            report.put(f"alpha.{key}", None)
+        report.put_missing("alpha", keys)
         return
     best_alpha = min(gn, key=lambda a: gn[a])
     worst_alpha = max(gn, key=lambda a: gn[a])
