@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +264,40 @@ def test_in_background_mode_a_cold_call_answers_with_the_plain_query_and_the_nex
     np.testing.assert_allclose(warm["mean"], cold["mean"], rtol=1e-12)
     np.testing.assert_allclose(warm_summary["applied_weight_mean"], cold_summary["applied_weight_mean"], rtol=1e-12)
     check_against_files(tmp_path, run_path)  # and both equal pyarrow's reading of the files
+
+
+def test_the_background_summing_waits_until_the_readers_own_queries_have_been_idle(tmp_path, monkeypatch):
+    # A page's first view queries in a burst: the summing its first call queued must not take the cores
+    # from the queries after it, so it starts only once no query has run for BACKGROUND_QUIET_SECONDS.
+    from gradnorm.toolkit.analysis import source
+
+    monkeypatch.setattr(partials, "SYNC_FILL_ROWS", 100)
+    monkeypatch.setattr(partials, "BACKGROUND_QUIET_SECONDS", 0.3)
+    monkeypatch.setattr(partials, "_background", False)
+    run_path = runs.create_run(tmp_path, RUN, {"tasks": TASKS, "balancer": {"name": "gradnorm"}, "mode": "balance"})
+    rec = Recorder(run_path, TASKS, flush_every=50, compact=False)
+    scenarios._record_steps(rec, range(0, 400), TASKS)
+    rec.close()
+    started: list[float] = []
+    real_compute = partials._compute
+
+    def noting_compute(parts, family, cursor=None):
+        if threading.current_thread().name.startswith("gradnorm-partials"):
+            started.append(time.monotonic())
+        return real_compute(parts, family, cursor)
+
+    monkeypatch.setattr(partials, "_compute", noting_compute)
+    partials.fill_in_background(True)
+    try:
+        with source._querying():  # a query of the page still running
+            analysis.weight_average(tmp_path, RUN)  # queues the summing, answers with the plain query
+            time.sleep(1.0)
+            assert started == []  # not while a query runs
+            ended = time.monotonic()
+        assert partials.wait_for_background(60)
+    finally:
+        partials.fill_in_background(False)
+    assert len(started) == 1 and started[0] >= ended + 0.3 - 0.05
 
 
 def test_without_background_mode_the_first_call_sums_the_files_itself(tmp_path, monkeypatch):

@@ -22,7 +22,8 @@ Summing a file costs more than one query of it (ten aggregates per block against
 long-lived reader, the app, calls :func:`fill_in_background`: a call that meets more than
 ``SYNC_FILL_ROWS`` rows it has not summed (a fresh process on a long run) is answered by the uncached
 query at once, and those files are summed on one background thread with one DuckDB thread at a lower
-priority, for the calls after it. A one-shot command sums them in its first call, which its next query
+priority, for the calls after it, once the process's own queries have paused (a page's queries come in a
+burst; the summing then runs between its refreshes). A one-shot command sums them in its first call, which its next query
 then reuses.
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ import pandas as pd
 from gradnorm.toolkit import schema
 
 from .catalog import MAX_ABS_STEP, PartInfo, RunFiles
-from .source import _column, _cursor
+from .source import _column, _cursor, _querying, seconds_since_last_query
 
 #: Steps per block. The cached frame of a 1 M-step x 10-task run holds about 10,000 rows; a block read
 #: again at an edge costs at most one row group of a compacted file (131,072 rows).
@@ -62,6 +64,11 @@ RESCANS = 3
 SYNC_FILL_ROWS = 500_000
 #: The background thread's niceness above the process's (Linux: per thread), so the page's own queries go first.
 BACKGROUND_NICENESS = 10
+#: The background summing starts once the process's own queries have been idle this long (a page's
+#: queries come in a burst: the summing then runs between its refreshes, not during its first view),
+#: or after ``BACKGROUND_MAX_DEFER`` seconds whatever the queries do.
+BACKGROUND_QUIET_SECONDS = 0.5
+BACKGROUND_MAX_DEFER = 30.0
 
 _W = "coalesce(balancer_weight, weight)"
 _PRESENT = "coalesce(present, TRUE)"
@@ -168,7 +175,10 @@ def _compute(parts: Sequence[PartInfo], family: Family, cursor: Any = None) -> d
 def _run(sql: str, params: Mapping[str, Any], opened: Any = None) -> pd.DataFrame:
     cursor = opened() if opened is not None else _cursor()
     try:
-        return cursor.execute(sql, dict(params)).df()
+        if opened is not None:  # the background summing's own scan: not a query it should wait for
+            return cursor.execute(sql, dict(params)).df()
+        with _querying():
+            return cursor.execute(sql, dict(params)).df()
     finally:
         cursor.close()
 
@@ -366,6 +376,7 @@ def _fill_later(parts: Sequence[PartInfo], family: Family) -> None:
 
 def _fill(parts: Sequence[PartInfo], family: Family) -> None:
     _lower_this_threads_priority()
+    _wait_for_quiet()
     try:
         _store(parts, family, _compute(parts, family, _background_cursor))
     except (duckdb.Error, OSError):
@@ -375,6 +386,15 @@ def _fill(parts: Sequence[PartInfo], family: Family) -> None:
             for part in parts:
                 if _filling.get((part.path, family.name)) == part.key:
                     del _filling[(part.path, family.name)]
+
+
+def _wait_for_quiet() -> None:
+    deadline = time.monotonic() + BACKGROUND_MAX_DEFER
+    while time.monotonic() < deadline:
+        idle = seconds_since_last_query()
+        if idle >= BACKGROUND_QUIET_SECONDS:
+            return
+        time.sleep(max(0.02, BACKGROUND_QUIET_SECONDS - idle))
 
 
 def _background_cursor() -> duckdb.DuckDBPyConnection:

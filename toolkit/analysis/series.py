@@ -115,31 +115,70 @@ def balance_series(root: PathLike, run_ids: Union[str, Sequence[str]], *, max_po
     return _balance(resolve_runs(root, [run_ids] if isinstance(run_ids, str) else run_ids), max_points)
 
 
-def _balance(run_list: Sequence[RunFiles], max_points: int, only: Optional[tuple[int, int, float, float]] = None) -> pd.DataFrame:
-    """:func:`balance_series`' query; with ``only`` = (b1, b2, s1, s2) just the buckets numbered up to b1
-    or from b2 on, whose rows lie at steps up to s1 or from s2 on (a range DuckDB prunes row groups by)."""
-    params: dict[str, Any] = {"points": max_points}
+#: Per (run, task, bucket): the first step and the mean G_i and loss ratio (the spreads are taken across tasks).
+_PER_TASK = "min(step) AS step, avg(grad_norm) AS g, avg(loss_ratio) AS r"
+#: Per (run, task, bucket) as well, for :func:`balance_summary` in the same scan: the last step with a loss
+#: ratio and that ratio, and the steps whose weight update was skipped.
+_LAST = (
+    "max(step) FILTER (WHERE loss_ratio IS NOT NULL) AS rstep, arg_max(loss_ratio, step) FILTER (WHERE loss_ratio IS NOT NULL) AS rlast, "
+    "count(*) FILTER (WHERE step_update_skipped) AS skipped"
+)
+_SPREADS = """run_id, min(step) AS step,
+               stddev_pop(g) / nullif(avg(g), 0) AS grad_norm_cv,
+               stddev_pop(r) / nullif(avg(r), 0) AS loss_ratio_cv,
+               max(g) / nullif(min(g), 0) AS grad_norm_max_over_min"""
+
+
+def _per_task_cte(run_list: Sequence[RunFiles], max_points: int, params: dict[str, Any], only: Optional[tuple[int, int, float, float]], aggregates: str) -> str:
+    """``, per_task AS (...)``: the training rows grouped by run, task and bucket of steps (at most
+    ``max_points`` per run), with ``aggregates``; ``only`` as in :func:`_balance`."""
+    params["points"] = max_points
     where = _filters(params, schema.TRAIN, None, None)
     having = ""
     if only is not None:
         params.update(b_first=only[0], b_last=only[1], s_first=only[2], s_last=only[3])
         where += " AND (step <= $s_first OR step >= $s_last)"
         having = "HAVING bucket <= $b_first OR bucket >= $b_last"
-    lows, highs = _x_ranges(run_list, "step", None)
-    body = f"""
-        , per_task AS (
+    return f"""
+        , per_task AS MATERIALIZED (
             SELECT run_id, task,
                    CASE WHEN x_hi > x_lo THEN least(floor((step - x_lo) / (x_hi - x_lo) * $points), $points - 1) ELSE 0 END AS bucket,
-                   min(step) AS step, avg(grad_norm) AS g, avg(loss_ratio) AS r
+                   {aggregates}
             FROM metrics WHERE {where} GROUP BY run_id, task, bucket {having}
-        )
-        SELECT run_id, min(step) AS step,
-               stddev_pop(g) / nullif(avg(g), 0) AS grad_norm_cv,
-               stddev_pop(r) / nullif(avg(r), 0) AS loss_ratio_cv,
-               max(g) / nullif(min(g), 0) AS grad_norm_max_over_min
-        FROM per_task GROUP BY run_id, bucket ORDER BY run_id, step
-    """
+        )"""
+
+
+def _balance(run_list: Sequence[RunFiles], max_points: int, only: Optional[tuple[int, int, float, float]] = None) -> pd.DataFrame:
+    """:func:`balance_series`' query; with ``only`` = (b1, b2, s1, s2) just the buckets numbered up to b1
+    or from b2 on, whose rows lie at steps up to s1 or from s2 on (a range DuckDB prunes row groups by)."""
+    params: dict[str, Any] = {}
+    lows, highs = _x_ranges(run_list, "step", None)
+    body = _per_task_cte(run_list, max_points, params, only, _PER_TASK) + f" SELECT {_SPREADS} FROM per_task GROUP BY run_id, bucket ORDER BY run_id, step"
     return query(run_list, body, params, BALANCE_COLUMNS, constants={"x_lo": lows, "x_hi": highs})
+
+
+def _balance_and_last(run: RunFiles, max_points: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`_balance` over the whole run and, from the same scan, each task's last loss ratio and its
+    count of skipped updates (task, final_loss_ratio, skipped): the first view of a long run that the
+    per-file sums do not cover yet reads its rows once for the balance headline, not twice."""
+    params: dict[str, Any] = {}
+    lows, highs = _x_ranges([run], "step", None)
+    body = (
+        _per_task_cte([run], max_points, params, None, f"{_PER_TASK}, {_LAST}")
+        + f"""
+        SELECT 'bucket' AS part, NULL::VARCHAR AS task, {_SPREADS},
+               NULL::DOUBLE AS final_loss_ratio, NULL::BIGINT AS skipped
+        FROM per_task GROUP BY run_id, bucket
+        UNION ALL
+        SELECT 'task', task, run_id, NULL, NULL, NULL, NULL,
+               arg_max(rlast, rstep) FILTER (WHERE rstep IS NOT NULL), sum(skipped)::BIGINT
+        FROM per_task GROUP BY run_id, task"""
+    )
+    columns = ["part", "task", *BALANCE_COLUMNS, "final_loss_ratio", "skipped"]
+    both = query([run], body, params, columns, constants={"x_lo": lows, "x_hi": highs})
+    buckets = both[both["part"] == "bucket"].sort_values("step", kind="stable")[BALANCE_COLUMNS].reset_index(drop=True)
+    last = both[both["part"] == "task"].sort_values("task")[["task", "final_loss_ratio", "skipped"]].reset_index(drop=True)
+    return buckets, last
 
 
 def _edge_buckets(run: RunFiles, points: int, edge: float) -> Optional[tuple[int, tuple[int, int, float, float]]]:
@@ -185,14 +224,18 @@ def balance_summary(root: PathLike, run_id: str, edge: float = 0.1, buckets: int
         raise AnalysisError(f"edge is a fraction of the run in (0, 0.5], got {edge!r}")
     _check_points(buckets)
     run_list = resolve_runs(root, [run_id])
+    (run,) = run_list
     # Only the first and the last ``edge`` of the buckets are averaged: where the cached block sums tell
-    # which buckets hold rows, only those buckets' steps are read (two ranges of row groups).
-    plan = _edge_buckets(run_list[0], buckets, edge) if partials.usable(run_list[0]) else None
+    # which buckets hold rows, only those buckets' steps are read (two ranges of row groups), and the last
+    # ratios and skipped steps come from the sums as well.
+    cached = partials.usable(run)
+    plan = _edge_buckets(run, buckets, edge) if cached else None
     series = _balance(run_list, buckets, plan[1]) if plan is not None else None
     if plan is not None and series is not None and len(series) != 2 * max(1, int(round(edge * plan[0]))):
         series = None  # not the buckets the sums foretold: read them all
-    if series is None or plan is None:
-        series = _balance(run_list, buckets)
+    last = _cached_last(run) if cached and series is not None else None
+    if series is None or plan is None or last is None:
+        series, last = _balance_and_last(run, buckets)
         filled = len(series)
     else:
         filled = plan[0]
@@ -202,16 +245,6 @@ def balance_summary(root: PathLike, run_id: str, edge: float = 0.1, buckets: int
         for column in ("grad_norm_cv", "loss_ratio_cv", "grad_norm_max_over_min"):
             figures[f"{column}_start"] = float(series[column].iloc[:count].mean())
             figures[f"{column}_end"] = float(series[column].iloc[-count:].mean())
-    # One scan for both: steps whose update was skipped, and each task's last loss ratio.
-    last = _cached_last(run_list[0]) if partials.usable(run_list[0]) else None
-    if last is None:
-        last = query(
-            run_list,
-            "SELECT task, arg_max(loss_ratio, step) FILTER (WHERE loss_ratio IS NOT NULL) AS final_loss_ratio, "
-            "count(*) FILTER (WHERE step_update_skipped) AS skipped FROM metrics WHERE split = $split GROUP BY task ORDER BY task",
-            {"split": schema.TRAIN},
-            ["task", "final_loss_ratio", "skipped"],
-        )
     # The flag is repeated on every task's row of a step, so any one task's count is the step count.
     figures["skipped_updates"] = int(last["skipped"].max()) if len(last) else 0
     figures["final_loss_ratio"] = dict(zip(last["task"], last["final_loss_ratio"].astype(float)))
@@ -219,7 +252,7 @@ def balance_summary(root: PathLike, run_id: str, edge: float = 0.1, buckets: int
 
 
 def _cached_last(run: RunFiles) -> Optional[pd.DataFrame]:
-    """The query above from the cached per-file sums (each task's ratio at its last step that has one,
+    """:func:`_balance_and_last`'s (task, final_loss_ratio, skipped) from the cached per-file sums (each task's ratio at its last step that has one,
     the skipped steps counted per file); None when the cache cannot answer."""
     try:
         sums = partials.with_rescans(run, lambda: partials.block_sums(run, partials.BALANCE))

@@ -19,8 +19,10 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import duckdb
 import pandas as pd
@@ -142,6 +144,32 @@ def _cursor() -> duckdb.DuckDBPyConnection:
         return _database.cursor()
 
 
+_queries_running = 0
+_last_query_ended = 0.0
+_activity_lock = threading.Lock()
+
+
+@contextmanager
+def _querying() -> Iterator[None]:
+    """Marks a query running, so that background work can wait for the reader's own queries to end."""
+    global _queries_running, _last_query_ended
+    with _activity_lock:
+        _queries_running += 1
+    try:
+        yield
+    finally:
+        with _activity_lock:
+            _queries_running -= 1
+            _last_query_ended = time.monotonic()
+
+
+def seconds_since_last_query() -> float:
+    """0 while a query runs, else the seconds since the last one ended (background work yields until
+    this is long enough: toolkit/analysis/partials.py)."""
+    with _activity_lock:
+        return 0.0 if _queries_running else time.monotonic() - _last_query_ended
+
+
 def query(
     run_list: Sequence[RunFiles],
     body: str,
@@ -159,7 +187,8 @@ def query(
         sql = f"WITH {cte} {body}"
         cursor = _cursor()
         try:
-            return cursor.execute(sql, bound).df()
+            with _querying():
+                return cursor.execute(sql, bound).df()
         except duckdb.Error as exc:
             recovered = _recover_from(run_list, exc)
             if recovered is None:
