@@ -808,6 +808,12 @@ def write_url(root: str, selected: list[str], view: str, controls: Controls) -> 
 def main(argv: Sequence[str]) -> None:
     st.set_page_config(page_title="GradNorm runs", layout="wide")
     data.sum_long_runs_in_background()
+    # The page is one read: the per-file sums of a long run are computed in the background after it is drawn.
+    with analysis.reading():
+        page(argv)
+
+
+def page(argv: Sequence[str]) -> None:
     st.html(NO_DIMMING)
     opened = url_state()
     st.title("GradNorm runs")
@@ -854,7 +860,8 @@ def live(root: str, listing: pd.DataFrame, usable: list[str], controls: Controls
         if not still or data.root_entries(root) != known:
             st.rerun(scope="app")
         st.caption(f"A run is still being written: refreshing every {LIVE_REFRESH_SECONDS:.0f} s.")
-        render(root, fresh, usable, controls, opened, view)
+        with analysis.reading():
+            render(root, fresh, usable, controls, opened, view)
 
     refresh()
 

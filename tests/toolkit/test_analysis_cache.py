@@ -289,7 +289,7 @@ def test_the_background_summing_waits_until_the_readers_own_queries_have_been_id
     monkeypatch.setattr(partials, "_compute", noting_compute)
     partials.fill_in_background(True)
     try:
-        with source._querying():  # a query of the page still running
+        with source.reading():  # a page still being drawn
             analysis.weight_average(tmp_path, RUN)  # queues the summing, answers with the plain query
             time.sleep(1.0)
             assert started == []  # not while a query runs

@@ -16,7 +16,7 @@ from .comparison import Comparison, GroupedComparison, compare_runs, grouped_com
 from .export import export_weights
 from .overfitting import overfitting, overfitting_onsets
 from .series import balance_series, balance_summary, metric_series
-from .source import AnalysisError
+from .source import AnalysisError, reading
 from .summary import summary
 from .weights import WeightAverage, weight_average
 
@@ -43,6 +43,7 @@ __all__ = [
     "overfitting",
     "overfitting_onsets",
     "problems",
+    "reading",
     "run_ids",
     "summary",
     "validation_losses",

@@ -22,8 +22,8 @@ Summing a file costs more than one query of it (ten aggregates per block against
 long-lived reader, the app, calls :func:`fill_in_background`: a call that meets more than
 ``SYNC_FILL_ROWS`` rows it has not summed (a fresh process on a long run) is answered by the uncached
 query at once, and those files are summed on one background thread with one DuckDB thread at a lower
-priority, for the calls after it, once the process's own queries have paused (a page's queries come in a
-burst; the summing then runs between its refreshes). A one-shot command sums them in its first call, which its next query
+priority, for the calls after it, once the process's own reads have paused (:func:`source.reading`: a
+query, or an app page being drawn; the summing then runs between a live page's refreshes). A one-shot command sums them in its first call, which its next query
 then reuses.
 """
 
@@ -45,7 +45,7 @@ import pandas as pd
 from gradnorm.toolkit import schema
 
 from .catalog import MAX_ABS_STEP, PartInfo, RunFiles
-from .source import _column, _cursor, _querying, seconds_since_last_query
+from .source import _column, _cursor, reading, seconds_since_last_query
 
 #: Steps per block. The cached frame of a 1 M-step x 10-task run holds about 10,000 rows; a block read
 #: again at an edge costs at most one row group of a compacted file (131,072 rows).
@@ -64,9 +64,9 @@ RESCANS = 3
 SYNC_FILL_ROWS = 500_000
 #: The background thread's niceness above the process's (Linux: per thread), so the page's own queries go first.
 BACKGROUND_NICENESS = 10
-#: The background summing starts once the process's own queries have been idle this long (a page's
-#: queries come in a burst: the summing then runs between its refreshes, not during its first view),
-#: or after ``BACKGROUND_MAX_DEFER`` seconds whatever the queries do.
+#: The background summing starts once the process's own reads (queries, app pages: ``source.reading``)
+#: have been idle this long, so that it runs between a page's refreshes and not during its first view; or
+#: after ``BACKGROUND_MAX_DEFER`` seconds whatever the reads do.
 BACKGROUND_QUIET_SECONDS = 0.5
 BACKGROUND_MAX_DEFER = 30.0
 
@@ -177,7 +177,7 @@ def _run(sql: str, params: Mapping[str, Any], opened: Any = None) -> pd.DataFram
     try:
         if opened is not None:  # the background summing's own scan: not a query it should wait for
             return cursor.execute(sql, dict(params)).df()
-        with _querying():
+        with reading():
             return cursor.execute(sql, dict(params)).df()
     finally:
         cursor.close()

@@ -150,8 +150,9 @@ _activity_lock = threading.Lock()
 
 
 @contextmanager
-def _querying() -> Iterator[None]:
-    """Marks a query running, so that background work can wait for the reader's own queries to end."""
+def reading() -> Iterator[None]:
+    """Marks the process's reads in progress (one query, or a reader's burst of them, such as an app page
+    being drawn), so that background work (toolkit/analysis/partials.py) waits until they have ended."""
     global _queries_running, _last_query_ended
     with _activity_lock:
         _queries_running += 1
@@ -164,7 +165,7 @@ def _querying() -> Iterator[None]:
 
 
 def seconds_since_last_query() -> float:
-    """0 while a query runs, else the seconds since the last one ended (background work yields until
+    """0 while a read runs, else the seconds since the last one ended (background work yields until
     this is long enough: toolkit/analysis/partials.py)."""
     with _activity_lock:
         return 0.0 if _queries_running else time.monotonic() - _last_query_ended
@@ -187,7 +188,7 @@ def query(
         sql = f"WITH {cte} {body}"
         cursor = _cursor()
         try:
-            with _querying():
+            with reading():
                 return cursor.execute(sql, bound).df()
         except duckdb.Error as exc:
             recovered = _recover_from(run_list, exc)
