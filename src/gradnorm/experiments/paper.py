@@ -1335,7 +1335,6 @@ def analysis_speed(report: Report, results: Results) -> None:
         report.fragments["tab_analysis.tex"] = not_measured("The analysis' query times.", source_note(file, None))
     if app:
         t = app[1]
-        report.put("app.closed", fmt(number(t.cell("closed", "first view", exact=False)), 2, r"\,s"))
         uncompacted = results.find("app.md", columns=("layout", "first view"), first_cell="no compaction")
         report.put("app.nocompact", fmt(number(uncompacted[1].cell("no compaction", "first view", exact=False)), 1, r"\,s") if uncompacted else None)
         # The live run's first view in a fresh process: the newest side-by-side run (bench_analysis
@@ -1343,17 +1342,25 @@ def analysis_speed(report: Report, results: Results) -> None:
         side = results.find("analysis.md", columns=("run", "cached: first view"), first_cell="live")
         cells = numbers_in(side[1].cell("live", "cached: first view", exact=False)) if side else []
         if len(cells) > 1 and side is not None:
+            # The closed run's first view from the same side-by-side run, at the same load, where it has one.
+            closed_cells = numbers_in(side[1].cell("closed", "cached: first view", exact=False) or "")
+            closed = closed_cells[0] if closed_cells else number(t.cell("closed", "first view", exact=False))
+            report.put("app.closed", fmt(closed, 2, r"\,s"))
             report.put("app.live", fmt(cells[0], 2, r"\,s"))
             report.put("app.live.cpu", fmt(cells[1], 2, r"\,s"))
             load = re.search(r"Load average at the end: ([\d.]+)", side[0].text)
             report.put("app.live.load", f"{load.group(1)} at its end" if load else None)
         else:
+            report.put("app.closed", fmt(number(t.cell("closed", "first view", exact=False)), 2, r"\,s"))
             report.put("app.live", fmt(number(t.cell("live", "first view", exact=False)), 2, r"\,s"))
             report.put("app.live.cpu", None)
             load = re.search(r"load average was ([\d.]+)[-–]([\d.]+)", app[0].text)
             report.put("app.live.load", f"{load.group(1)}--{load.group(2)}" if load else None)
     else:
         report.put_missing("app", ("closed", "live", "nocompact", "live.load", "live.cpu"))
+    busy = results.find("analysis.md", heading="beside a CPU-bound process", columns=("run", "cached: first view"), first_cell="live")
+    busy_cells = numbers_in(busy[1].cell("live", "cached: first view", exact=False)) if busy else []
+    report.put("app.live.busy", fmt(busy_cells[0], 2, r"\,s") if busy_cells else None)
 
 
 def short_layout(header: str) -> str:
