@@ -1344,8 +1344,8 @@ def analysis_speed(report: Report, results: Results) -> None:
         if len(cells) > 1 and side is not None:
             # The closed run's first view from the same side-by-side run, at the same load, where it has one.
             closed_cells = numbers_in(side[1].cell("closed", "cached: first view", exact=False) or "")
-            closed = closed_cells[0] if closed_cells else number(t.cell("closed", "first view", exact=False))
-            report.put("app.closed", fmt(closed, 2, r"\,s"))
+            closed_view = closed_cells[0] if closed_cells else number(t.cell("closed", "first view", exact=False))
+            report.put("app.closed", fmt(closed_view, 2, r"\,s"))
             report.put("app.live", fmt(cells[0], 2, r"\,s"))
             report.put("app.live.cpu", fmt(cells[1], 2, r"\,s"))
             load = re.search(r"Load average at the end: ([\d.]+)", side[0].text)
