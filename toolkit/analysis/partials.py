@@ -23,8 +23,8 @@ long-lived reader, the app, calls :func:`fill_in_background`: a call that meets 
 ``SYNC_FILL_ROWS`` rows it has not summed (a fresh process on a long run) is answered by the uncached
 query at once, and those files are summed on one background thread with one DuckDB thread at a lower
 priority, for the calls after it, once the process's own reads have paused (:func:`source.reading`: a
-query, or an app page being drawn; the summing then runs between a live page's refreshes). A one-shot command sums them in its first call, which its next query
-then reuses.
+query, or an app page being drawn; the summing then runs between a live page's refreshes). A one-shot
+command sums them in its first call, which its next query then reuses.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -45,7 +46,7 @@ import pandas as pd
 from gradnorm.toolkit import schema
 
 from .catalog import MAX_ABS_STEP, PartInfo, RunFiles
-from .source import _column, _cursor, reading, seconds_since_last_query
+from .source import _column, _cursor, reading, seconds_since_last_read
 
 #: Steps per block. The cached frame of a 1 M-step x 10-task run holds about 10,000 rows; a block read
 #: again at an edge costs at most one row group of a compacted file (131,072 rows).
@@ -175,9 +176,8 @@ def _compute(parts: Sequence[PartInfo], family: Family, cursor: Any = None) -> d
 def _run(sql: str, params: Mapping[str, Any], opened: Any = None) -> pd.DataFrame:
     cursor = opened() if opened is not None else _cursor()
     try:
-        if opened is not None:  # the background summing's own scan: not a query it should wait for
-            return cursor.execute(sql, dict(params)).df()
-        with reading():
+        # A scan on a cursor of its own is the background summing's, not a read it should wait for.
+        with reading() if opened is None else nullcontext():
             return cursor.execute(sql, dict(params)).df()
     finally:
         cursor.close()
@@ -391,7 +391,7 @@ def _fill(parts: Sequence[PartInfo], family: Family) -> None:
 def _wait_for_quiet() -> None:
     deadline = time.monotonic() + BACKGROUND_MAX_DEFER
     while time.monotonic() < deadline:
-        idle = seconds_since_last_query()
+        idle = seconds_since_last_read()
         if idle >= BACKGROUND_QUIET_SECONDS:
             return
         time.sleep(max(0.02, BACKGROUND_QUIET_SECONDS - idle))

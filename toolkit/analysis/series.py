@@ -233,12 +233,13 @@ def balance_summary(root: PathLike, run_id: str, edge: float = 0.1, buckets: int
     series = _balance(run_list, buckets, plan[1]) if plan is not None else None
     if plan is not None and series is not None and len(series) != 2 * max(1, int(round(edge * plan[0]))):
         series = None  # not the buckets the sums foretold: read them all
-    last = _cached_last(run) if cached and series is not None else None
-    if series is None or plan is None or last is None:
-        series, last = _balance_and_last(run, buckets)
-        filled = len(series)
-    else:
+    last = _cached_last(run) if cached else None
+    if series is not None and plan is not None and last is not None:
         filled = plan[0]
+    else:
+        # The whole series; the last ratios and skipped steps from the same scan unless the sums gave them.
+        series, last = _balance_and_last(run, buckets) if last is None else (_balance(run_list, buckets), last)
+        filled = len(series)
     figures: dict[str, Any] = {"run_id": run_id, "buckets": filled}
     if len(series):
         count = max(1, int(round(edge * filled)))
@@ -252,8 +253,9 @@ def balance_summary(root: PathLike, run_id: str, edge: float = 0.1, buckets: int
 
 
 def _cached_last(run: RunFiles) -> Optional[pd.DataFrame]:
-    """:func:`_balance_and_last`'s (task, final_loss_ratio, skipped) from the cached per-file sums (each task's ratio at its last step that has one,
-    the skipped steps counted per file); None when the cache cannot answer."""
+    """:func:`_balance_and_last`'s (task, final_loss_ratio, skipped) from the cached per-file sums (each
+    task's ratio at its last step that has one, the skipped steps counted per file); None when the cache
+    cannot answer."""
     try:
         sums = partials.with_rescans(run, lambda: partials.block_sums(run, partials.BALANCE))
     except partials.Uncacheable:

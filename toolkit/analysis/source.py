@@ -144,8 +144,8 @@ def _cursor() -> duckdb.DuckDBPyConnection:
         return _database.cursor()
 
 
-_queries_running = 0
-_last_query_ended = 0.0
+_reads_open = 0
+_last_read_ended = 0.0
 _activity_lock = threading.Lock()
 
 
@@ -153,22 +153,22 @@ _activity_lock = threading.Lock()
 def reading() -> Iterator[None]:
     """Marks the process's reads in progress (one query, or a reader's burst of them, such as an app page
     being drawn), so that background work (toolkit/analysis/partials.py) waits until they have ended."""
-    global _queries_running, _last_query_ended
+    global _reads_open, _last_read_ended
     with _activity_lock:
-        _queries_running += 1
+        _reads_open += 1
     try:
         yield
     finally:
         with _activity_lock:
-            _queries_running -= 1
-            _last_query_ended = time.monotonic()
+            _reads_open -= 1
+            _last_read_ended = time.monotonic()
 
 
-def seconds_since_last_query() -> float:
+def seconds_since_last_read() -> float:
     """0 while a read runs, else the seconds since the last one ended (background work yields until
     this is long enough: toolkit/analysis/partials.py)."""
     with _activity_lock:
-        return 0.0 if _queries_running else time.monotonic() - _last_query_ended
+        return 0.0 if _reads_open else time.monotonic() - _last_read_ended
 
 
 def query(
