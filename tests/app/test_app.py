@@ -73,6 +73,13 @@ def clean(at: AppTest) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
+def opened_clean(monkeypatch, params: dict, root: Path = SAMPLE) -> AppTest:
+    """:func:`opened_with`, checked to have drawn without an exception or an error."""
+    at = opened_with(monkeypatch, params, root)
+    clean(at)
+    return at
+
+
 def test_starts_on_the_bundled_runs_and_draws_every_view(monkeypatch):
     at = start(monkeypatch)
     no_failure(at)

@@ -9,12 +9,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from gradnorm.app import _grouping as grouping
 from gradnorm.app import _state as url
 from gradnorm.toolkit import schema
-from tests.app.test_app import chart_specs, clean, no_failure, opened_with
+from tests.app.test_app import chart_specs, no_failure, opened_clean
 from tests.helpers.synthetic_runs import run_json, write_run
 
 SEEDS = {"qm9-gradnorm-s0": 40, "qm9-gradnorm-s1": 50, "qm9-gradnorm-s2": 60, "qm9-equal-s0": 40, "qm9-equal-s1": 50}
@@ -100,15 +99,9 @@ def _raw(root: Path, metric: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _open(monkeypatch, root: Path, params: dict) -> AppTest:
-    at = opened_with(monkeypatch, params, root)
-    clean(at)
-    return at
-
-
 def test_the_app_draws_one_line_per_group_with_its_band_and_keeps_the_grouping_in_the_url(monkeypatch, tmp_path):
     root = _seed_root(tmp_path)
-    at = _open(monkeypatch, root, {"run": list(SEEDS), "group": "name", "smooth": "0", "view": "Weights"})
+    at = opened_clean(monkeypatch, {"run": list(SEEDS), "group": "name", "smooth": "0", "view": "Weights"}, root)
     assert at.selectbox(key="group").value == "name" and at.radio(key="band").value == "minmax"
     ((spec, datasets),) = chart_specs(at)
     marks = [layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"] for layer in spec["layer"]]
@@ -148,7 +141,7 @@ def test_the_app_draws_one_line_per_group_with_its_band_and_keeps_the_grouping_i
 
 def test_balance_and_the_norms_view_are_grouped_and_overfitting_says_it_is_not(monkeypatch, tmp_path):
     root = _seed_root(tmp_path)
-    at = _open(monkeypatch, root, {"run": list(SEEDS), "group": "balancer", "view": "Balance"})
+    at = opened_clean(monkeypatch, {"run": list(SEEDS), "group": "balancer", "view": "Balance"}, root)
     specs = chart_specs(at)
     assert len(specs) == 2
     for _, datasets in specs:
@@ -156,13 +149,13 @@ def test_balance_and_the_norms_view_are_grouped_and_overfitting_says_it_is_not(m
         assert set(drawn["run_id"].astype(str)) == {"gradnorm", "equal"}
         assert (drawn["band_low"] <= drawn["value"] + 1e-12).all() and (drawn["value"] <= drawn["band_high"] + 1e-12).all()
         assert drawn["runs"].max() == 3
-    at = _open(monkeypatch, root, {"run": list(SEEDS), "group": "balancer", "view": "Gradient norms & loss ratios"})
+    at = opened_clean(monkeypatch, {"run": list(SEEDS), "group": "balancer", "view": "Gradient norms & loss ratios"}, root)
     titles = [m.value for m in at.markdown]  # (a chart's title is Markdown above it)
     assert titles.index("**gradnorm**") < titles.index("**equal**")  # one G_i chart per group
     (_, datasets) = chart_specs(at)[0]
     (drawn,) = [frame for frame in datasets.values() if "band_low" in frame.columns]
     assert set(drawn["run_id"].astype(str)) == {"gradnorm"} and set(drawn["kind"].astype(str)) == {"G_i (solid)", "target (dashed)"}
-    at = _open(monkeypatch, root, {"run": list(SEEDS), "group": "balancer", "view": "Overfitting"})
+    at = opened_clean(monkeypatch, {"run": list(SEEDS), "group": "balancer", "view": "Overfitting"}, root)
     assert at.selectbox(key="group").disabled
 
 
@@ -175,7 +168,7 @@ def test_the_overfitting_view_shows_several_runs_on_one_y_axis_with_each_runs_on
     root = tmp_path
     for index, name in enumerate(chosen):  # long enough for the validation loss to turn up (from step ~460)
         write_run(root, name, steps=800 + 100 * index, per_part=100, meta=run_json(name))
-    at = _open(monkeypatch, root, {"run": chosen, "view": "Overfitting", "smooth": "0"})
+    at = opened_clean(monkeypatch, {"run": chosen, "view": "Overfitting", "smooth": "0"}, root)
     assert at.multiselect(key="overfitting_runs").value == chosen
     specs = chart_specs(at)
     assert len(specs) == len(chosen) + 1

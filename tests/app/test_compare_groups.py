@@ -9,10 +9,9 @@ import statistics
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from gradnorm.app import _grouping as grouping
-from tests.app.test_app import chart_specs, clean, no_failure, opened_with
+from tests.app.test_app import chart_specs, no_failure, opened_clean
 from tests.helpers.synthetic_runs import final_validation_losses, run_json, write_run
 
 #: run -> steps; qm9-gradnorm-s2 validates task a only.
@@ -31,15 +30,9 @@ def _final(root: Path) -> dict[tuple[str, str], float]:
     return final_validation_losses(root, list(SEEDS))
 
 
-def _open(monkeypatch, root: Path, params: dict) -> AppTest:
-    at = opened_with(monkeypatch, params, root)
-    clean(at)
-    return at
-
-
 def test_the_grouped_comparison_has_one_row_per_group_with_mean_spread_and_n(monkeypatch, tmp_path):
     root = _root(tmp_path)
-    at = _open(monkeypatch, root, {"run": list(SEEDS), "view": "Compare runs", "group": "name", "band": "std"})
+    at = opened_clean(monkeypatch, {"run": list(SEEDS), "view": "Compare runs", "group": "name", "band": "std"}, root)
     assert not at.selectbox(key="group").disabled and not at.radio(key="band").disabled
     assert at.selectbox(key="baseline_group").value == "qm9-equal"  # the group of the equal-weights run
     final = _final(root)
@@ -102,7 +95,7 @@ def test_the_better_group_cells_are_marked(monkeypatch, tmp_path):
         assert table_best[task].to_dict() == {g: m == min(means.values()) for g, m in means.items()}
     assert summary_best["Delta_m% vs qm9-equal"].sum() == 1 and not summary_best["group"].any()
     # the page draws those marks (the Styler's cell styles travel with the dataframe element)
-    at = _open(monkeypatch, root, {"run": list(SEEDS), "view": "Compare runs", "group": "name"})
+    at = opened_clean(monkeypatch, {"run": list(SEEDS), "view": "Compare runs", "group": "name"}, root)
     styles = at.dataframe[2].proto.arrow_data.styler.styles
     (marked,) = [rule.split("{")[0] for rule in styles.split("}") if "font-weight: bold" in rule]
     cells = {(int(row), int(col)) for row, col in re.findall(r"row(\d+)_col(\d+)", marked)}

@@ -44,6 +44,15 @@ def recorder(run_path: Path, attempt: int = 1) -> Recorder:
     return Recorder(run_path, TASKS, flush_every=10, compact_above=3, compact_fanout=2, compact_target_rows=400, compact_grace=0.0, attempt=attempt)
 
 
+def finished_run(root: Path, steps: int) -> Path:
+    """A closed run of ``steps`` steps under ``root``, one part file per 50 steps, not compacted."""
+    run_path = runs.create_run(root, RUN, {"tasks": TASKS, "balancer": {"name": "gradnorm"}, "mode": "balance"})
+    rec = Recorder(run_path, TASKS, flush_every=50, compact=False)
+    scenarios._record_steps(rec, range(0, steps), TASKS)
+    rec.close()
+    return run_path
+
+
 def live_rows(run_path: Path) -> dict[str, np.ndarray]:
     """Train rows each (task, step) once, the latest attempt's, from the live part files (pyarrow)."""
     folder = run_path / schema.METRICS_DIR / "rank=0"
@@ -177,10 +186,7 @@ def test_live_queries_after_new_parts_compaction_close_and_a_resume_equal_the_fi
 
 def test_a_file_replaced_under_the_same_name_is_a_new_entry(tmp_path, monkeypatch):
     monkeypatch.setattr(partials, "FILES_PER_SCAN", 2)  # the files of one layout share a scan (file-name column)
-    run_path = runs.create_run(tmp_path, RUN, {"tasks": TASKS, "balancer": {"name": "gradnorm"}, "mode": "balance"})
-    rec = Recorder(run_path, TASKS, flush_every=50, compact=False)
-    scenarios._record_steps(rec, range(0, 200), TASKS)
-    rec.close()
+    run_path = finished_run(tmp_path, 200)
     before = analysis.weight_average(tmp_path, RUN).table.set_index("task")["mean"]
     # Rewrite one file with every weight doubled, under its own name (a new inode, as a copy tool leaves it).
     [first, *_] = sorted((run_path / schema.METRICS_DIR / "rank=0").glob("part-*.parquet"))
@@ -234,10 +240,7 @@ def test_in_background_mode_a_cold_call_answers_with_the_plain_query_and_the_nex
     # and the files are summed on the background thread; a call after that is answered from the sums.
     monkeypatch.setattr(partials, "SYNC_FILL_ROWS", 100)
     monkeypatch.setattr(partials, "_background", False)
-    run_path = runs.create_run(tmp_path, RUN, {"tasks": TASKS, "balancer": {"name": "gradnorm"}, "mode": "balance"})
-    rec = Recorder(run_path, TASKS, flush_every=50, compact=False)
-    scenarios._record_steps(rec, range(0, 400), TASKS)
-    rec.close()
+    run_path = finished_run(tmp_path, 400)
     computed: list[tuple[int, str]] = []
     real_compute = partials._compute
 
@@ -274,10 +277,7 @@ def test_the_background_summing_waits_until_the_readers_own_queries_have_been_id
     monkeypatch.setattr(partials, "SYNC_FILL_ROWS", 100)
     monkeypatch.setattr(partials, "BACKGROUND_QUIET_SECONDS", 0.3)
     monkeypatch.setattr(partials, "_background", False)
-    run_path = runs.create_run(tmp_path, RUN, {"tasks": TASKS, "balancer": {"name": "gradnorm"}, "mode": "balance"})
-    rec = Recorder(run_path, TASKS, flush_every=50, compact=False)
-    scenarios._record_steps(rec, range(0, 400), TASKS)
-    rec.close()
+    finished_run(tmp_path, 400)
     started: list[float] = []
     real_compute = partials._compute
 
@@ -302,10 +302,7 @@ def test_the_background_summing_waits_until_the_readers_own_queries_have_been_id
 
 def test_without_background_mode_the_first_call_sums_the_files_itself(tmp_path, monkeypatch):
     monkeypatch.setattr(partials, "SYNC_FILL_ROWS", 100)
-    run_path = runs.create_run(tmp_path, RUN, {"tasks": TASKS, "balancer": {"name": "gradnorm"}, "mode": "balance"})
-    rec = Recorder(run_path, TASKS, flush_every=50, compact=False)
-    scenarios._record_steps(rec, range(0, 200), TASKS)
-    rec.close()
+    finished_run(tmp_path, 200)
     monkeypatch.setattr(partials, "_background", False)  # a one-shot command's default (the app's pages, run earlier in this process, turn it on)
     analysis.weight_average(tmp_path, RUN)
     assert any(key[1] == partials.WEIGHTS.name for key in partials._cache)
